@@ -1,0 +1,190 @@
+"""Argon2id password hashing into protected memory.
+
+Defaults follow RFC 9106 section 4, second recommended option (t=3, m=64 MiB, p=4, 16-byte
+salt). :meth:`KdfParams.validate` refuses anything below the OWASP minimum (m=19 MiB, t=2) and
+anything above sanity bounds (m <= 4 GiB, t <= 64, p <= 64), so a hostile backup file can neither
+weaken the KDF nor make us allocate unbounded memory. Tests need cheap parameters: they must ask
+for them by name with :meth:`KdfParams.insecure_for_tests`.
+
+The hash is computed with argon2-cffi's ``core`` binding (the reference ``argon2_ctx``) rather
+than ``hash_secret_raw`` so that the password is read straight from the caller's ``bytearray``
+and the output is written straight into a :class:`SecretBuffer`: no immutable ``bytes`` copies.
+The known-answer tests pin this against RFC 9106 and against ``hash_secret_raw``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from argon2.low_level import ARGON2_VERSION, Type, core, error_to_str, ffi, lib
+
+from nexus.crypto.secret_buffer import SecretBuffer
+
+__all__ = [
+    "MAX_MEMORY_KIB",
+    "MAX_PARALLELISM",
+    "MAX_TIME_COST",
+    "OWASP_MIN_MEMORY_KIB",
+    "OWASP_MIN_TIME_COST",
+    "KdfError",
+    "KdfParams",
+    "derive",
+]
+
+OWASP_MIN_MEMORY_KIB = 19456
+OWASP_MIN_TIME_COST = 2
+MAX_MEMORY_KIB = 4 * 1024 * 1024
+MAX_TIME_COST = 64
+MAX_PARALLELISM = 64
+MIN_SALT_LEN = 16
+MAX_SALT_LEN = 64
+MIN_OUT_LEN = 16
+MAX_OUT_LEN = 1024
+
+
+class KdfError(Exception):
+    """Argon2 reported an error (message is the library's error name, never input data)."""
+
+
+@dataclass(frozen=True)
+class KdfParams:
+    """Argon2id parameters. ``memory_kib`` is in KiB (argon2's ``m``)."""
+
+    time_cost: int = 3
+    memory_kib: int = 65536
+    parallelism: int = 4
+    salt_len: int = 16
+    out_len: int = 96
+    insecure_for_tests_only: bool = False
+    """Set only by :meth:`insecure_for_tests`; lets :meth:`validate` accept sub-OWASP costs."""
+
+    @classmethod
+    def insecure_for_tests(
+        cls, time_cost: int = 1, memory_kib: int = 64, parallelism: int = 1
+    ) -> KdfParams:
+        """Cheap parameters for unit tests. Never use in production (see :meth:`require_production`)."""
+        return cls(
+            time_cost=time_cost,
+            memory_kib=memory_kib,
+            parallelism=parallelism,
+            insecure_for_tests_only=True,
+        )
+
+    @property
+    def meets_owasp_minimum(self) -> bool:
+        """True when the costs are at least the OWASP minimum (m=19 MiB, t=2)."""
+        return (
+            self.memory_kib >= OWASP_MIN_MEMORY_KIB and self.time_cost >= OWASP_MIN_TIME_COST
+        )
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` unless these parameters are safe to use (see module docstring)."""
+        for name in ("time_cost", "memory_kib", "parallelism", "salt_len", "out_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"KDF {name} must be an int")
+        if not 1 <= self.parallelism <= MAX_PARALLELISM:
+            raise ValueError(f"KDF parallelism must be in 1..{MAX_PARALLELISM}")
+        if not 1 <= self.time_cost <= MAX_TIME_COST:
+            raise ValueError(f"KDF time cost must be in 1..{MAX_TIME_COST}")
+        if not 8 * self.parallelism <= self.memory_kib <= MAX_MEMORY_KIB:
+            raise ValueError(f"KDF memory must be in 8*parallelism..{MAX_MEMORY_KIB} KiB")
+        if not MIN_SALT_LEN <= self.salt_len <= MAX_SALT_LEN:
+            raise ValueError(f"KDF salt length must be in {MIN_SALT_LEN}..{MAX_SALT_LEN}")
+        if not MIN_OUT_LEN <= self.out_len <= MAX_OUT_LEN:
+            raise ValueError(f"KDF output length must be in {MIN_OUT_LEN}..{MAX_OUT_LEN}")
+        if not self.meets_owasp_minimum and not self.insecure_for_tests_only:
+            raise ValueError(
+                f"KDF parameters below the OWASP minimum (memory >= {OWASP_MIN_MEMORY_KIB} KiB, "
+                f"time cost >= {OWASP_MIN_TIME_COST})"
+            )
+
+    def require_production(self) -> None:
+        """Raise ``ValueError`` for test-only parameters (use in production code paths)."""
+        self.validate()
+        if self.insecure_for_tests_only:
+            raise ValueError("test-only KDF parameters refused in production")
+
+
+def _argon2id_into(
+    out: SecretBuffer,
+    password: bytearray | bytes,
+    salt: bytes,
+    *,
+    time_cost: int,
+    memory_kib: int,
+    parallelism: int,
+    secret: bytes | None = None,
+    associated_data: bytes | None = None,
+) -> None:
+    """Run Argon2id (v1.3) writing ``len(out)`` bytes into ``out``. No policy checks."""
+    keep: list[Any] = []
+
+    def buf(data: bytes | bytearray | None) -> Any:
+        if not data:
+            return ffi.NULL
+        c = ffi.from_buffer("uint8_t[]", data)
+        keep.append(c)
+        return c
+
+    with out.writable_view() as target:
+        cout = ffi.from_buffer("uint8_t[]", target, require_writable=True)
+        try:
+            ctx = ffi.new(
+                "argon2_context *",
+                {
+                    "out": cout,
+                    "outlen": len(target),
+                    "pwd": buf(password),
+                    "pwdlen": len(password),
+                    "salt": buf(salt),
+                    "saltlen": len(salt),
+                    "secret": buf(secret),
+                    "secretlen": len(secret or b""),
+                    "ad": buf(associated_data),
+                    "adlen": len(associated_data or b""),
+                    "t_cost": time_cost,
+                    "m_cost": memory_kib,
+                    "lanes": parallelism,
+                    "threads": parallelism,
+                    "version": ARGON2_VERSION,
+                    "allocate_cbk": ffi.NULL,
+                    "free_cbk": ffi.NULL,
+                    "flags": lib.ARGON2_DEFAULT_FLAGS,
+                },
+            )
+            rc = core(ctx, Type.ID.value)
+        finally:
+            ffi.release(cout)
+            for c in keep:
+                ffi.release(c)
+    if rc != lib.ARGON2_OK:
+        raise KdfError(f"argon2id failed: {error_to_str(rc)}")
+
+
+def derive(password: bytearray, salt: bytes, params: KdfParams) -> SecretBuffer:
+    """Argon2id(``password``, ``salt``) -> ``params.out_len`` bytes in a :class:`SecretBuffer`.
+
+    ``params`` are validated first (``ValueError``). The caller keeps ownership of ``password``
+    and should wipe it (``wipe_bytearray``) when done; it is read in place, never copied here.
+    """
+    params.validate()
+    if not isinstance(password, bytearray):
+        raise TypeError("password must be a bytearray (so that it can be wiped)")
+    if len(salt) != params.salt_len:
+        raise ValueError("salt length does not match the KDF parameters")
+    out = SecretBuffer(params.out_len)
+    try:
+        _argon2id_into(
+            out,
+            password,
+            salt,
+            time_cost=params.time_cost,
+            memory_kib=params.memory_kib,
+            parallelism=params.parallelism,
+        )
+    except BaseException:
+        out.wipe()
+        raise
+    return out
