@@ -1,0 +1,91 @@
+"""spike-nexus: the composition root — config -> identity -> store -> core -> api -> serve."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+import structlog
+
+from nexus.audit import AuditLog
+from nexus.config import NexusConfig, load_config
+from nexus.core.node import HardeningStatus, Node
+from nexus.logs import configure_logging
+from spike.errors import SpikeError
+from spike.identity import IdentitySource
+
+log = structlog.get_logger("nexus")
+
+
+def check_own_identity(config: NexusConfig, identity: IdentitySource) -> None:
+    material = identity.current()
+    if material.spiffe_id != config.nexus_spiffe_id:
+        raise SpikeError(
+            f"this SVID is {material.spiffe_id}, but Nexus must run as {config.nexus_spiffe_id}"
+        )
+    if config.tls_name not in material.dns_names:
+        raise SpikeError(
+            f"Nexus's SVID lacks the DNS SAN {config.tls_name!r} that clients pin "
+            f"(has {list(material.dns_names)}); add it to the Nexus registration entry"
+        )
+
+
+def open_identity(config: NexusConfig) -> IdentitySource:
+    if config.svid_cert and config.svid_key and config.trust_bundle:
+        return IdentitySource(pem_files=(config.svid_cert, config.svid_key, config.trust_bundle))
+    return IdentitySource()
+
+
+def serve(config: NexusConfig) -> int:
+    from nexus.api.server import NexusServer  # noqa: PLC0415 - after logging is configured
+
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    identity = open_identity(config)
+    check_own_identity(config, identity)
+    audit = AuditLog(config.audit_target)
+    node = Node(config.backup_path, config.store, HardeningStatus())
+    server = NexusServer(config, node, identity, audit)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal received, stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    log.info("nexus listening", address=server.address, spiffe_id=config.nexus_spiffe_id,
+             state=node.state, store=config.store)
+    audit.record("nexus.start", caller="(nexus)", outcome="ok", state=node.state, durable=True)
+    try:
+        stop.wait()
+    finally:
+        server.stop(grace=10.0)
+        node.close()
+        audit.record("nexus.stop", caller="(nexus)", outcome="ok", durable=True)
+        audit.close()
+        identity.close()
+        log.info("nexus stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except SpikeError as exc:
+        print(f"spike-nexus: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level)
+    try:
+        return serve(config)
+    except SpikeError as exc:
+        log.error("cannot start", error=str(exc))
+        print(f"spike-nexus: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

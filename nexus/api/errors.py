@@ -1,0 +1,60 @@
+"""One place that turns domain errors into gRPC statuses.
+
+The status code tells the class; the trailing metadata ``spike-error-kind``
+tells Pilot precisely which error it was (for exit codes), so no client ever
+branches on message text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+import structlog
+
+from nexus.core import errors
+
+ERROR_KIND_KEY = "spike-error-kind"
+
+# Most specific class first.
+_STATUS: list[tuple[type[errors.NexusError], grpc.StatusCode]] = [
+    (errors.NotReady, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.AlreadyInitialized, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.PasswordRejected, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.Conflict, grpc.StatusCode.ABORTED),
+    (errors.Forbidden, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.WrongPassword, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.BackupInvalid, grpc.StatusCode.DATA_LOSS),
+    (errors.TooManyAttempts, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+]
+
+_log = structlog.get_logger("nexus.api")
+
+
+def status_for(exc: errors.NexusError) -> grpc.StatusCode:
+    for cls, code in _STATUS:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, kind: str, message: str) -> None:
+    context.set_trailing_metadata(((ERROR_KIND_KEY, kind),))
+    context.abort(code, message)
+
+
+@contextmanager
+def mapped_errors(context: grpc.ServicerContext) -> Iterator[None]:
+    """Map NexusError to its status; anything else is INTERNAL with no detail."""
+    try:
+        yield
+    except errors.NexusError as exc:
+        abort(context, status_for(exc), exc.kind, str(exc))
+    except Exception:
+        # Log the type only: exception text from lower layers is not trusted to be clean.
+        _log.exception("internal error")
+        abort(context, grpc.StatusCode.INTERNAL, "internal", "internal error (see Nexus logs)")

@@ -1,0 +1,90 @@
+"""Builds the gRPC server: mTLS from the SPIFFE identity, authorization, services."""
+
+from __future__ import annotations
+
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nexus.api.authz import AuthorizationInterceptor, Gate, rpc_rules
+from nexus.api.operator import OperatorServicer
+from nexus.audit import AuditLog
+from nexus.config import NexusConfig
+from nexus.core.node import Node
+from spike.identity import IdentitySource
+from spike.tls import MAX_MESSAGE_BYTES, server_credentials
+from spike.v1 import operator_pb2, operator_pb2_grpc, policies_pb2, policies_pb2_grpc
+from spike.v1 import secrets_pb2, secrets_pb2_grpc
+
+SERVICE_NAMES = (
+    operator_pb2.DESCRIPTOR.services_by_name["Operator"].full_name,
+    secrets_pb2.DESCRIPTOR.services_by_name["Secrets"].full_name,
+    policies_pb2.DESCRIPTOR.services_by_name["Policies"].full_name,
+)
+
+
+class NexusServer:
+    """The running gRPC server plus its health servicer."""
+
+    def __init__(
+        self, config: NexusConfig, node: Node, identity: IdentitySource, audit: AuditLog
+    ) -> None:
+        self.node = node
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+
+        def on_denied(method: str, caller: str, reason: str) -> None:
+            audit.record("rpc.denied", caller=caller or "(none)", target=method,
+                         outcome="denied", reason=reason)
+
+        interceptor = AuthorizationInterceptor(
+            rpc_rules(config.trust_domain),
+            Gate(node.is_unsealed, node.sealed_message),
+            on_denied,
+        )
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", 30_000),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
+            interceptors=[interceptor],
+            options=options,
+        )
+        operator_pb2_grpc.add_OperatorServicer_to_server(OperatorServicer(node), self.server)
+        secrets_pb2_grpc.add_SecretsServicer_to_server(
+            secrets_pb2_grpc.SecretsServicer(), self.server
+        )
+        policies_pb2_grpc.add_PoliciesServicer_to_server(
+            policies_pb2_grpc.PoliciesServicer(), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_secure_port(config.listen, server_credentials(identity))
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.listen}")
+        host = config.listen.rsplit(":", 1)[0]
+        self.address = f"{host}:{self.port}"
+        self.update_health()
+
+    def update_health(self) -> None:
+        serving = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.node.is_unsealed()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            self.health.set(name, serving)
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self, grace: float) -> None:
+        self.server.stop(grace).wait()

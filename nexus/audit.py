@@ -1,0 +1,75 @@
+"""The audit trail: append-only JSON lines, hash-chained (see spike.audit_chain).
+
+One event per security-relevant action: who (caller SPIFFE ID), what
+(action, target), and the outcome. Never a value, a password or a key.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+from spike.audit_chain import GENESIS, canonical, last_hash, seal_event
+
+_log = structlog.get_logger("nexus.audit")
+
+
+class AuditLog:
+    def __init__(self, target: str) -> None:
+        self._lock = threading.Lock()
+        self._fsync = True
+        self._stream: TextIO
+        if target == "-":
+            self._stream = sys.stderr
+            self._prev = GENESIS
+            self._fsync = False
+            self._owned = False
+        else:
+            path = Path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._prev = last_hash(path.read_text().splitlines()) if path.exists() else GENESIS
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._stream = os.fdopen(fd, "a", encoding="utf-8")
+            self._owned = True
+        self._seq = 0
+
+    def record(
+        self,
+        action: str,
+        *,
+        caller: str,
+        outcome: str,
+        target: str = "",
+        durable: bool = False,
+        **detail: Any,
+    ) -> None:
+        """Append one event. ``durable`` fsyncs (lifecycle events)."""
+        with self._lock:
+            self._seq += 1
+            event: dict[str, Any] = {
+                "ts": round(time.time(), 6),
+                "action": action,
+                "caller": caller,
+                "target": target,
+                "outcome": outcome,
+            }
+            if detail:
+                event["detail"] = detail
+            sealed = seal_event(self._prev, event)
+            self._stream.write(canonical(sealed).decode() + "\n")
+            self._stream.flush()
+            if durable and self._fsync:
+                os.fsync(self._stream.fileno())
+            self._prev = sealed["hash"]
+        _log.info("audit", action=action, caller=caller, target=target, outcome=outcome)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._owned:
+                self._stream.close()

@@ -1,0 +1,162 @@
+"""Nexus configuration: defaults < TOML file < SPIKE_NEXUS_* environment < flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from spike.errors import ConfigError
+from spike.tls import DEFAULT_TLS_NAME, DEFAULT_TRUST_DOMAIN
+
+ENV_PREFIX = "SPIKE_NEXUS_"
+
+
+@dataclass
+class NexusConfig:
+    listen: str = "127.0.0.1:8553"
+    data_dir: Path = field(default_factory=lambda: Path("./spike-data"))
+    backup_file: Path | None = None
+    store: str = "sqlite"
+    dsn: str = ""
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
+    tls_name: str = DEFAULT_TLS_NAME
+    metrics_listen: str = ""
+    audit_file: str = ""  # "" = DATA_DIR/audit.jsonl; "-" = stderr
+    svid_cert: Path | None = None
+    svid_key: Path | None = None
+    trust_bundle: Path | None = None
+    log_level: str = "info"
+    # Bounds how long a connection may keep an old (even expired) SVID.
+    max_connection_age_seconds: float = 300.0
+    # Argon2id parameters for new backups (RFC 9106 second recommendation).
+    kdf_time_cost: int = 3
+    kdf_memory_kib: int = 65536
+    kdf_parallelism: int = 4
+    # Tests only: allow Argon2id parameters below the OWASP minimum.
+    insecure_test_kdf: bool = False
+    backup_verify_interval_seconds: float = 3600.0
+    max_secret_versions: int = 10
+    max_value_bytes: int = 64 * 1024
+    workers: int = 32
+
+    @property
+    def backup_path(self) -> Path:
+        return self.backup_file or self.data_dir / "root-key.backup"
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "spike.db"
+
+    @property
+    def audit_target(self) -> str:
+        return self.audit_file or str(self.data_dir / "audit.jsonl")
+
+    @property
+    def nexus_spiffe_id(self) -> str:
+        return f"spiffe://{self.trust_domain}/spike/nexus"
+
+
+_TYPES = {f.name: f for f in fields(NexusConfig)}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    default = getattr(NexusConfig(), name)
+    kind = _TYPES[name].type
+    try:
+        if "Path" in str(kind):
+            return Path(str(raw)) if raw not in ("", None) else default
+        if isinstance(default, bool):
+            if isinstance(raw, bool):
+                return raw
+            return str(raw).strip().lower() in {"1", "true", "yes", "on"}
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"invalid value for {name}: {raw!r}") from None
+    return str(raw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spike-nexus",
+        description="SPIKE Nexus: the secrets store server. Every flag also reads "
+        "SPIKE_NEXUS_<FLAG> from the environment (e.g. SPIKE_NEXUS_LISTEN).",
+    )
+    parser.add_argument("--config", help="TOML file with the same keys as the flags")
+    for f in fields(NexusConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "insecure_test_kdf":
+            parser.add_argument(flag, action="store_const", const=True, default=None,
+                                help=argparse.SUPPRESS)
+            continue
+        parser.add_argument(flag, default=None, metavar=f.name.upper(), help=_HELP.get(f.name))
+    return parser
+
+
+_HELP = {
+    "listen": "HOST:PORT to serve gRPC on (default 127.0.0.1:8553)",
+    "data_dir": "directory for the backup, the SQLite store and the audit trail",
+    "backup_file": "encrypted root key backup (default DATA_DIR/root-key.backup)",
+    "store": "sqlite (embedded default) or postgres",
+    "dsn": "PostgreSQL connection string (with --store postgres)",
+    "trust_domain": "SPIFFE trust domain (default spike.internal)",
+    "tls_name": "DNS SAN that Nexus's SVID must carry (default nexus.spike.internal)",
+    "metrics_listen": "HOST:PORT for Prometheus metrics (off by default)",
+    "audit_file": "audit trail file, '-' for stderr (default DATA_DIR/audit.jsonl)",
+    "svid_cert": "PEM SVID certificate chain (instead of the Workload API)",
+    "svid_key": "PEM PKCS#8 private key of the SVID",
+    "trust_bundle": "PEM trust bundle of our trust domain",
+    "log_level": "debug, info, warning or error",
+}
+
+
+def load_config(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> NexusConfig:
+    env = os.environ if env is None else env
+    args = build_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    config_file = args.config or env.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
+        for key, raw in data.items():
+            name = key.replace("-", "_")
+            if name not in _TYPES:
+                raise ConfigError(f"unknown key in {config_file}: {key}")
+            values[name] = _coerce(name, raw)
+    for name in _TYPES:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _coerce(name, raw)
+    for name in _TYPES:
+        raw = getattr(args, name)
+        if raw is not None:
+            values[name] = _coerce(name, raw)
+    config = NexusConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: NexusConfig) -> None:
+    if config.store not in {"sqlite", "postgres"}:
+        raise ConfigError(f"--store must be sqlite or postgres, got {config.store!r}")
+    if config.store == "postgres" and not config.dsn:
+        raise ConfigError("--store postgres needs --dsn (or SPIKE_NEXUS_DSN)")
+    pem = [config.svid_cert, config.svid_key, config.trust_bundle]
+    if any(pem) and not all(pem):
+        raise ConfigError("--svid-cert, --svid-key and --trust-bundle go together")
+    if ":" not in config.listen:
+        raise ConfigError(f"--listen must be HOST:PORT, got {config.listen!r}")
+    if config.max_secret_versions < 1:
+        raise ConfigError("max_secret_versions must be at least 1")

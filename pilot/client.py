@@ -1,0 +1,124 @@
+"""A typed client for Nexus: one channel per invocation, gRPC errors -> PilotError."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from pilot import errors
+from spike.errors import IdentityError
+from spike.identity import SvidMaterial, fetch_svid, load_pem_files
+from spike.tls import DEFAULT_NEXUS_ADDR, DEFAULT_TLS_NAME, client_channel
+
+T = TypeVar("T")
+
+ERROR_KIND_KEY = "spike-error-kind"
+DEFAULT_TIMEOUT = 30.0
+
+
+def load_identity() -> SvidMaterial:
+    cert = os.environ.get("SPIKE_SVID_CERT")
+    key = os.environ.get("SPIKE_SVID_KEY")
+    bundle = os.environ.get("SPIKE_TRUST_BUNDLE")
+    try:
+        if cert or key or bundle:
+            if not (cert and key and bundle):
+                raise errors.UsageError(
+                    "SPIKE_SVID_CERT, SPIKE_SVID_KEY and SPIKE_TRUST_BUNDLE go together"
+                )
+            return load_pem_files(Path(cert), Path(key), Path(bundle))
+        return fetch_svid(timeout=float(os.environ.get("SPIKE_AGENT_TIMEOUT", "5")))
+    except IdentityError as exc:
+        raise errors.IdentityUnavailable(
+            str(exc),
+            "start the SPIRE agent (or `spike-dev-agent --dir DIR`) and set "
+            "SPIFFE_ENDPOINT_SOCKET=unix:///DIR/pilot.sock",
+        ) from None
+
+
+def _kind(err: grpc.RpcError) -> str:
+    call: Any = err
+    try:
+        for key, value in call.trailing_metadata() or ():
+            if key == ERROR_KIND_KEY:
+                return str(value)
+    except Exception:  # noqa: S110 - no trailers on transport errors
+        pass
+    return ""
+
+
+def translate(err: grpc.RpcError, address: str) -> errors.PilotError:
+    call: Any = err
+    code = call.code()
+    detail = call.details() or ""
+    kind = _kind(err)
+    if code == grpc.StatusCode.UNAVAILABLE and not kind:
+        lowered = detail.lower()
+        if "ssl" in lowered or "handshake" in lowered or "certificate" in lowered:
+            return errors.Unreachable(
+                f"TLS handshake with Nexus at {address} failed: {detail}",
+                "check that Nexus's SVID is from our trust domain and carries the DNS SAN "
+                "in SPIKE_NEXUS_TLS_NAME, and that our SVID is valid",
+            )
+        return errors.Unreachable(
+            f"Nexus at {address} is unreachable: {detail}",
+            "is spike-nexus running? check --nexus / SPIKE_NEXUS_ADDR",
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return errors.Unreachable(f"Nexus at {address} did not answer in time", "")
+    if code in (grpc.StatusCode.PERMISSION_DENIED,) or kind in ("permission_denied",
+                                                                 "unauthenticated"):
+        return errors.PermissionDenied(
+            f"permission denied: {detail}",
+            "use an identity allowed for this command (superuser Pilot, or a policy)",
+        )
+    if kind in ("sealed", "uninitialized"):
+        hint = "run `spike init`" if kind == "uninitialized" else "run `spike recover`"
+        return errors.NotReady(detail, hint)
+    if kind in ("wrong_password", "backup_invalid"):
+        return errors.PasswordOrBackup(detail)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return errors.NotFound(detail)
+    if kind == "conflict" or code == grpc.StatusCode.ABORTED:
+        return errors.Conflict(detail)
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return errors.UsageError(detail)
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return errors.PilotError(f"this Nexus does not implement that call yet: {detail}")
+    return errors.PilotError(f"{code.name}: {detail}")
+
+
+class NexusClient:
+    def __init__(self, address: str | None = None, tls_name: str | None = None) -> None:
+        self.address = address or os.environ.get("SPIKE_NEXUS_ADDR") or DEFAULT_NEXUS_ADDR
+        self.tls_name = tls_name or os.environ.get("SPIKE_NEXUS_TLS_NAME") or DEFAULT_TLS_NAME
+        self._channel: grpc.Channel | None = None
+
+    @property
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = client_channel(self.address, load_identity(), self.tls_name)
+        return self._channel
+
+    def stub(self, factory: Callable[[grpc.Channel], T]) -> T:
+        return factory(self.channel)
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        try:
+            yield
+        except grpc.RpcError as err:
+            raise translate(err, self.address) from None
+
+    def call(self, method: Callable[..., T], request: Any, timeout: float = DEFAULT_TIMEOUT) -> T:
+        with self.errors():
+            return method(request, timeout=timeout, wait_for_ready=False)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()

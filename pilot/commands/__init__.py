@@ -1,0 +1,1 @@
+"""Pilot's commands: one module per command group; each registers its subparsers."""

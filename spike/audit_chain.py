@@ -1,0 +1,76 @@
+"""The audit trail's hash chain, shared by Nexus (writer) and Pilot (verifier).
+
+Each audit line is a JSON object whose ``hash`` is
+``sha256(prev_hash_hex + canonical_json(event_without_hash))`` and whose
+``prev`` is the previous line's ``hash`` (``GENESIS`` for the first line). An
+edited, deleted, inserted or reordered line breaks the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+GENESIS = "0" * 64
+
+
+def canonical(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def chain_hash(prev: str, event: dict[str, Any]) -> str:
+    body = {k: v for k, v in event.items() if k != "hash"}
+    return hashlib.sha256(prev.encode() + canonical(body)).hexdigest()
+
+
+def seal_event(prev: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Return ``event`` with ``prev`` and ``hash`` filled in."""
+    sealed = dict(event, prev=prev)
+    sealed["hash"] = chain_hash(prev, sealed)
+    return sealed
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    ok: bool
+    lines: int
+    error: str = ""
+    bad_line: int = 0
+
+
+def verify_lines(lines: Iterable[str]) -> ChainReport:
+    """Check a whole audit file's lines; reports the first broken line (1-based)."""
+    prev = GENESIS
+    count = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        count += 1
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            return ChainReport(False, count, "not valid JSON", number)
+        if not isinstance(event, dict) or "hash" not in event or "prev" not in event:
+            return ChainReport(False, count, "missing hash or prev field", number)
+        if event["prev"] != prev:
+            return ChainReport(False, count, "chain broken: a line before was removed, "
+                               "inserted or reordered", number)
+        if chain_hash(prev, event) != event["hash"]:
+            return ChainReport(False, count, "line content does not match its hash (edited)",
+                               number)
+        prev = event["hash"]
+    return ChainReport(True, count)
+
+
+def last_hash(lines: Iterable[str]) -> str:
+    prev = GENESIS
+    for line in lines:
+        if line.strip():
+            try:
+                prev = json.loads(line)["hash"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return prev

@@ -1,0 +1,19 @@
+"""Errors shared by Nexus and Pilot.
+
+``SpikeError`` is the root. Messages are built in the exception and never
+contain a password, a key or a secret value.
+"""
+
+from __future__ import annotations
+
+
+class SpikeError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class IdentityError(SpikeError):
+    """No usable SPIFFE identity (agent socket missing, not answering, bad PEM files)."""
+
+
+class ConfigError(SpikeError):
+    """Invalid configuration (flag, environment variable or config file)."""
