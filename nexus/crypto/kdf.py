@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from argon2.low_level import ARGON2_VERSION, Type, core, error_to_str, ffi, lib
+from _argon2_cffi_bindings import ffi, lib
+from argon2.low_level import ARGON2_VERSION, Type, core, error_to_str
 
 from nexus.crypto.secret_buffer import SecretBuffer
 
@@ -63,7 +64,7 @@ class KdfParams:
     def insecure_for_tests(
         cls, time_cost: int = 1, memory_kib: int = 64, parallelism: int = 1
     ) -> KdfParams:
-        """Cheap parameters for unit tests. Never use in production (see :meth:`require_production`)."""
+        """Cheap parameters for unit tests; refused by :meth:`require_production`."""
         return cls(
             time_cost=time_cost,
             memory_kib=memory_kib,

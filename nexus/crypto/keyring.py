@@ -102,7 +102,9 @@ class Keyring:
 
     __slots__ = ("_active", "_entries")
 
-    def __init__(self, entries: Mapping[int, KeyringEntry] | None = None, active: int | None = None):
+    def __init__(
+        self, entries: Mapping[int, KeyringEntry] | None = None, active: int | None = None
+    ) -> None:
         entries = dict(entries or {})
         for generation, entry in entries.items():
             if entry.generation != generation:
@@ -216,7 +218,7 @@ class Keyring:
         return envelope.encrypt(entry.aead(purpose), entry.generation, plaintext, identity)
 
     def decrypt(self, purpose: Purpose, blob: bytes, identity: bytes) -> bytes:
-        """Decrypt with the generation named in the envelope (:class:`DecryptionError` if absent)."""
+        """Decrypt with the generation the header names (:class:`DecryptionError` if absent)."""
         generation = envelope.peek_generation(blob)
         entry = self._entries.get(generation)
         if entry is None:

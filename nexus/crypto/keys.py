@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import hmac
+from typing import NoReturn
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
@@ -46,7 +47,8 @@ class Purpose(enum.Enum):
     @property
     def label(self) -> bytes:
         """The HKDF ``info`` label."""
-        return self.value  # type: ignore[no-any-return]
+        label: bytes = self.value
+        return label
 
     @property
     def is_encryption(self) -> bool:
@@ -130,8 +132,8 @@ class AeadKey:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("AeadKey cannot be pickled")
 
-    def __reduce_ex__(self, protocol: object) -> object:
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
         raise TypeError("AeadKey cannot be pickled")

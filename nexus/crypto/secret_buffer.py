@@ -19,7 +19,7 @@ import os
 import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from types import TracebackType
 from typing import NoReturn
 
@@ -70,10 +70,8 @@ def _munlock(address: int, size: int) -> None:
     libc = _load_libc()
     if libc is None or not hasattr(libc, "munlock"):
         return
-    try:
+    with suppress(OSError, AttributeError):
         libc.munlock(ctypes.c_void_p(address), ctypes.c_size_t(size))
-    except (OSError, AttributeError):
-        pass
 
 
 def _address_of(mapping: mmap.mmap) -> int:
@@ -126,7 +124,7 @@ def wipe_bytearray(data: bytearray) -> None:
 
 
 def live_buffer_counts() -> tuple[int, int]:
-    """Return ``(live, locked)``: how many un-wiped secret buffers exist and how many are mlocked."""
+    """Return ``(live, locked)``: how many un-wiped secret buffers exist, how many mlocked."""
     with _live_lock:
         buffers = list(_live)
     live = [b for b in buffers if not b.wiped]
@@ -158,10 +156,8 @@ class SecretBuffer:
         self._locked = _mlock(self._address, size)
         madv = getattr(mmap, "MADV_DONTDUMP", None)
         if madv is not None:
-            try:
+            with suppress(OSError):
                 self._map.madvise(madv)
-            except OSError:
-                pass
         with _live_lock:
             _live.add(self)
 
@@ -254,12 +250,10 @@ class SecretBuffer:
             if self._locked:
                 _munlock(self._address, self._size)
             self._map = None
-            try:
+            # If a view is still exported, close() fails: the pages are already zeroed and
+            # the mapping is unmapped when the last view goes away.
+            with suppress(BufferError):
                 mapping.close()
-            except BufferError:
-                # A view is still exported; the pages are already zeroed and the mapping
-                # is unmapped when the last view goes away.
-                pass
 
     def __enter__(self) -> SecretBuffer:
         return self
@@ -273,10 +267,9 @@ class SecretBuffer:
         self.wipe()
 
     def __del__(self) -> None:
-        try:
+        # Best effort: this can run at interpreter shutdown.
+        with suppress(Exception):
             self.wipe()
-        except Exception:  # noqa: S110 - best effort at interpreter shutdown
-            pass
 
     def __repr__(self) -> str:
         state = "wiped" if self.wiped else ("locked" if self._locked else "unlocked")

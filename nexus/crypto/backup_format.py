@@ -1,0 +1,540 @@
+"""The password-sealed root key backup (DESIGN.md section 4, "Password backup — decision").
+
+How it works::
+
+    Argon2id(password, salt, params) -> 96 bytes
+        -> ML-KEM-768 seed (64 bytes) || X25519 private key (32 bytes)
+        -> HPKE key pair, suite MLKEM768_X25519 / HKDF-SHA256 / AES-256-GCM (RFC 9180)
+
+Only the public key is stored. Every root key generation is sealed to it with HPKE single-shot
+``Suite.encrypt`` whose ``info`` binds the backup format version, the generation and the key's
+fingerprint, so Nexus can re-seal after every rotation without knowing the password, and a
+sealed key cannot be relabelled as another generation.
+
+File format (UTF-8 JSON, one object, no other keys allowed)::
+
+    {
+      "format": "spike-nexus-backup",
+      "version": 1,
+      "kdf": {"algorithm": "argon2id", "argon2_version": 19, "time_cost": 3,
+              "memory_kib": 65536, "parallelism": 4, "out_len": 96},
+      "salt": "<base64, 16..64 bytes>",
+      "hpke": {"kem": "MLKEM768_X25519", "kdf": "HKDF_SHA256", "aead": "AES_256_GCM"},
+      "public_key": "<base64: ML-KEM-768 encapsulation key (1184) || X25519 public key (32)>",
+      "generations": [
+        {"generation": 1, "fingerprint": "<32 hex chars>", "sealed": "<base64, 1168 bytes>"}
+      ],
+      "checksum": "sha256:<hex SHA-256 of the canonical JSON of every other field>"
+    }
+
+The canonical JSON is ``json.dumps(obj, sort_keys=True, separators=(",", ":"),
+ensure_ascii=True)``. The checksum needs no password: it tells a corrupt file
+(:class:`BackupCorrupt`) apart from a wrong password (:class:`WrongPassword`).
+
+Exceptions: :class:`BackupError` is the root; :class:`WrongPassword`; :class:`BackupCorrupt`
+with the subclasses :class:`BackupVersionUnsupported`, :class:`BackupKdfRejected` and
+:class:`FingerprintMismatch`. ``ValueError`` is for programmer misuse. No message ever
+contains key material or the password.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
+
+from nexus.crypto import kdf
+from nexus.crypto.envelope import MAX_GENERATION
+from nexus.crypto.kdf import KdfParams
+from nexus.crypto.keys import FINGERPRINT_SIZE, fingerprint, fingerprints_equal
+from nexus.crypto.secret_buffer import ROOT_KEY_SIZE, SecretKey
+
+__all__ = [
+    "BACKUP_FORMAT",
+    "BACKUP_FORMAT_VERSION",
+    "MAX_BACKUP_SIZE",
+    "MAX_GENERATIONS",
+    "Backup",
+    "BackupCorrupt",
+    "BackupError",
+    "BackupKdfRejected",
+    "BackupPublicKey",
+    "BackupVersionUnsupported",
+    "FingerprintMismatch",
+    "SealedGeneration",
+    "WrongPassword",
+    "create_backup",
+    "open_backup",
+    "verify_structure",
+]
+
+BACKUP_FORMAT = "spike-nexus-backup"
+BACKUP_FORMAT_VERSION = 1
+MAX_BACKUP_SIZE = 1024 * 1024
+MAX_GENERATIONS = 256
+
+_SEED_LEN = 96  # 64-byte ML-KEM-768 seed || 32-byte X25519 private key
+_MLKEM_SEED_LEN = 64
+_MLKEM_PUBLIC_LEN = 1184
+_X25519_PUBLIC_LEN = 32
+PUBLIC_KEY_LEN = _MLKEM_PUBLIC_LEN + _X25519_PUBLIC_LEN
+_AEAD_TAG_LEN = 16
+SEALED_LEN = hpke.KEM.MLKEM768_X25519.enc_length() + ROOT_KEY_SIZE + _AEAD_TAG_LEN
+_INFO_LABEL = b"spike/v1/backup/root-key"
+_HPKE_NAMES = {"kem": "MLKEM768_X25519", "kdf": "HKDF_SHA256", "aead": "AES_256_GCM"}
+_ARGON2_VERSION = 0x13
+_HEX_FP = re.compile(r"[0-9a-f]{32}")
+_HEX_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def _suite() -> hpke.Suite:
+    return hpke.Suite(hpke.KEM.MLKEM768_X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+
+
+# --- exceptions -------------------------------------------------------------------------------
+
+
+class BackupError(Exception):
+    """Root of every backup error."""
+
+
+class WrongPassword(BackupError):
+    """The password does not derive the backup's public key."""
+
+    def __init__(self) -> None:
+        super().__init__("the password does not open this backup")
+
+
+class BackupCorrupt(BackupError):
+    """The backup is damaged, truncated, malformed or was tampered with."""
+
+
+class BackupVersionUnsupported(BackupCorrupt):
+    """The backup declares a format version this build does not know."""
+
+
+class BackupKdfRejected(BackupCorrupt):
+    """The backup's KDF parameters are unsafe (too weak, or absurdly expensive)."""
+
+
+class FingerprintMismatch(BackupCorrupt):
+    """A recovered key does not have the fingerprint recorded for its generation."""
+
+
+# --- values -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackupPublicKey:
+    """The HPKE public key a backup seals to: ML-KEM-768 key || X25519 key (1216 bytes)."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != PUBLIC_KEY_LEN:
+            raise ValueError("backup public key has the wrong length")
+
+    def to_hpke(self) -> hpke.MLKEM768X25519PublicKey:
+        """Build the ``cryptography`` public key object (``ValueError`` if malformed)."""
+        return hpke.MLKEM768X25519PublicKey(
+            mlkem.MLKEM768PublicKey.from_public_bytes(self.raw[:_MLKEM_PUBLIC_LEN]),
+            x25519.X25519PublicKey.from_public_bytes(self.raw[_MLKEM_PUBLIC_LEN:]),
+        )
+
+    @property
+    def digest_hex(self) -> str:
+        """SHA-256 of the raw public key, hex (handy to show which password-key is in use)."""
+        return hashlib.sha256(self.raw).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"BackupPublicKey(sha256={self.digest_hex[:16]}...)"
+
+
+@dataclass(frozen=True)
+class SealedGeneration:
+    """One root key generation sealed to the backup public key."""
+
+    generation: int
+    fingerprint: bytes
+    sealed: bytes
+
+    def __repr__(self) -> str:
+        return (
+            f"SealedGeneration(generation={self.generation}, "
+            f"fingerprint={self.fingerprint.hex()}, sealed=<{len(self.sealed)} bytes>)"
+        )
+
+
+def _info(generation: int, fp: bytes) -> bytes:
+    return _INFO_LABEL + struct.pack(">BI", BACKUP_FORMAT_VERSION, generation) + fp
+
+
+def _check_keys(keys: Mapping[int, SecretKey]) -> None:
+    if not keys:
+        raise ValueError("a backup needs at least one root key generation")
+    if len(keys) > MAX_GENERATIONS:
+        raise ValueError(f"a backup holds at most {MAX_GENERATIONS} generations")
+    for generation, key in keys.items():
+        if not isinstance(generation, int) or isinstance(generation, bool):
+            raise ValueError("generations must be ints")
+        if not 1 <= generation <= MAX_GENERATION:
+            raise ValueError("generation must be in 1 .. 2**32-1")
+        if not isinstance(key, SecretKey) or key.wiped:
+            raise ValueError(f"generation {generation}: not a live SecretKey")
+
+
+def _seal_all(
+    public_key: BackupPublicKey, keys: Mapping[int, SecretKey]
+) -> tuple[SealedGeneration, ...]:
+    _check_keys(keys)
+    suite = _suite()
+    pk = public_key.to_hpke()
+    sealed = []
+    for generation in sorted(keys):
+        key = keys[generation]
+        fp = fingerprint(key)
+        with key.view() as plaintext:
+            blob = suite.encrypt(plaintext, pk, info=_info(generation, fp))
+        sealed.append(SealedGeneration(generation, fp, blob))
+    return tuple(sealed)
+
+
+def _private_key(seed: memoryview) -> hpke.MLKEM768X25519PrivateKey:
+    # OpenSSL keeps its own copy of the expanded key inside these objects; they are dropped as
+    # soon as the caller is done (best effort, as documented in secret_buffer).
+    return hpke.MLKEM768X25519PrivateKey(
+        mlkem.MLKEM768PrivateKey.from_seed_bytes(seed[:_MLKEM_SEED_LEN]),
+        x25519.X25519PrivateKey.from_private_bytes(seed[_MLKEM_SEED_LEN:_SEED_LEN]),
+    )
+
+
+def _public_bytes(seed: memoryview) -> bytes:
+    # The hybrid key object exposes no serialisation: rebuild each half's public key.
+    mlkem_pub = mlkem.MLKEM768PrivateKey.from_seed_bytes(seed[:_MLKEM_SEED_LEN]).public_key()
+    x_pub = x25519.X25519PrivateKey.from_private_bytes(seed[_MLKEM_SEED_LEN:_SEED_LEN]).public_key()
+    return mlkem_pub.public_bytes_raw() + x_pub.public_bytes_raw()
+
+
+@dataclass(frozen=True)
+class Backup:
+    """A parsed or freshly created backup. Immutable; :meth:`reseal` returns a new one."""
+
+    params: KdfParams
+    salt: bytes
+    public_key: BackupPublicKey
+    sealed: tuple[SealedGeneration, ...]
+
+    @property
+    def generations(self) -> tuple[int, ...]:
+        """Sealed generations, ascending."""
+        return tuple(s.generation for s in self.sealed)
+
+    def fingerprints(self) -> dict[int, bytes]:
+        """Generation -> recorded fingerprint."""
+        return {s.generation: s.fingerprint for s in self.sealed}
+
+    def matches(self, fingerprints: Mapping[int, bytes]) -> bool:
+        """True when the backup holds exactly these generations with these fingerprints."""
+        mine = self.fingerprints()
+        if set(mine) != set(fingerprints):
+            return False
+        ok = True
+        for generation, fp in fingerprints.items():
+            ok &= fingerprints_equal(mine[generation], fp)
+        return ok
+
+    def reseal(self, keys: Mapping[int, SecretKey]) -> Backup:
+        """Return a backup sealing exactly ``keys`` to the same public key. No password needed.
+
+        ``keys`` must be every generation still needed (during a rotation: old and new). A key
+        whose generation is already sealed here must have the recorded fingerprint
+        (``ValueError`` otherwise: a different key under a known generation would orphan data).
+        """
+        _check_keys(keys)
+        recorded = self.fingerprints()
+        for generation, key in keys.items():
+            if generation in recorded and not fingerprints_equal(
+                recorded[generation], fingerprint(key)
+            ):
+                raise ValueError(
+                    f"generation {generation}: key does not match the fingerprint in the backup"
+                )
+        return replace(self, sealed=_seal_all(self.public_key, keys))
+
+    def to_bytes(self) -> bytes:
+        """Serialise to the JSON file format (see module docstring)."""
+        body = _body(self)
+        body["checksum"] = _checksum(body)
+        return (json.dumps(body, sort_keys=True, indent=2, ensure_ascii=True) + "\n").encode()
+
+    @classmethod
+    def parse(cls, data: bytes, *, allow_insecure_kdf_for_tests: bool = False) -> Backup:
+        """Parse and verify a backup file (no password needed).
+
+        Raises :class:`BackupVersionUnsupported` for an unknown format version,
+        :class:`BackupKdfRejected` for unsafe KDF parameters (sub-OWASP costs are accepted only
+        with ``allow_insecure_kdf_for_tests``) and :class:`BackupCorrupt` for anything else wrong.
+        """
+        return _parse(data, allow_insecure_kdf_for_tests)
+
+    def __repr__(self) -> str:
+        return (
+            f"Backup(version={BACKUP_FORMAT_VERSION}, generations={list(self.generations)}, "
+            f"kdf=argon2id(t={self.params.time_cost}, m={self.params.memory_kib}KiB, "
+            f"p={self.params.parallelism}), public_key={self.public_key!r})"
+        )
+
+
+# --- create / open ------------------------------------------------------------------------------
+
+
+def create_backup(
+    password: bytearray, keys: Mapping[int, SecretKey], params: KdfParams | None = None
+) -> tuple[Backup, BackupPublicKey]:
+    """Derive the backup key pair from ``password`` and seal every key in ``keys`` to it.
+
+    ``params`` default to :class:`KdfParams` (RFC 9106); they are validated (``ValueError``).
+    The caller keeps ownership of ``password`` and should wipe it afterwards.
+    """
+    params = params or KdfParams()
+    params.validate()
+    if params.out_len != _SEED_LEN:
+        raise ValueError(f"backup KDF output must be {_SEED_LEN} bytes")
+    _check_keys(keys)
+    salt = os.urandom(params.salt_len)
+    with kdf.derive(password, salt, params) as seed_buf, seed_buf.view() as seed:
+        public_key = BackupPublicKey(_public_bytes(seed))
+    backup = Backup(params, salt, public_key, _seal_all(public_key, keys))
+    return backup, public_key
+
+
+def open_backup(backup: Backup, password: bytearray) -> dict[int, SecretKey]:
+    """Recover every sealed root key with ``password``.
+
+    Checks first that the password derives the stored public key (:class:`WrongPassword`), then
+    opens every generation and checks its fingerprint (:class:`BackupCorrupt`,
+    :class:`FingerprintMismatch`). Either all keys are returned or none (partial results are
+    wiped). The caller keeps ownership of ``password``.
+    """
+    verify_structure(backup)
+    suite = _suite()
+    recovered: dict[int, SecretKey] = {}
+    try:
+        with kdf.derive(password, backup.salt, backup.params) as seed_buf, seed_buf.view() as seed:
+            # Check the password before touching any sealed blob.
+            if not hmac.compare_digest(_public_bytes(seed), backup.public_key.raw):
+                raise WrongPassword()
+            private_key = _private_key(seed)
+            for item in backup.sealed:
+                try:
+                    plain = bytearray(
+                        suite.decrypt(
+                            item.sealed, private_key, info=_info(item.generation, item.fingerprint)
+                        )
+                    )
+                except Exception:
+                    raise BackupCorrupt(
+                        f"generation {item.generation}: sealed key failed to open"
+                    ) from None
+                if len(plain) != ROOT_KEY_SIZE:
+                    raise BackupCorrupt(f"generation {item.generation}: wrong key length")
+                key = SecretKey.from_bytes_consuming(plain)
+                recovered[item.generation] = key
+                if not fingerprints_equal(fingerprint(key), item.fingerprint):
+                    raise FingerprintMismatch(
+                        f"generation {item.generation}: recovered key does not match its "
+                        "recorded fingerprint"
+                    )
+            del private_key
+    except BaseException:
+        for key in recovered.values():
+            key.wipe()
+        raise
+    return recovered
+
+
+# --- structure ----------------------------------------------------------------------------------
+
+
+def verify_structure(backup: Backup) -> None:
+    """Check a backup's structure without the password (:class:`BackupCorrupt` if wrong)."""
+    try:
+        backup.params.validate()
+    except ValueError as exc:
+        raise BackupKdfRejected(f"unsafe KDF parameters: {exc}") from None
+    if backup.params.out_len != _SEED_LEN:
+        raise BackupKdfRejected(f"KDF output must be {_SEED_LEN} bytes")
+    if len(backup.salt) != backup.params.salt_len:
+        raise BackupCorrupt("salt length does not match the KDF parameters")
+    try:
+        backup.public_key.to_hpke()
+    except ValueError:
+        raise BackupCorrupt("public key is malformed") from None
+    if not backup.sealed:
+        raise BackupCorrupt("backup holds no root key generation")
+    if len(backup.sealed) > MAX_GENERATIONS:
+        raise BackupCorrupt("backup holds too many generations")
+    previous = 0
+    for item in backup.sealed:
+        if not isinstance(item.generation, int) or isinstance(item.generation, bool):
+            raise BackupCorrupt("generation is not an integer")
+        if not previous < item.generation <= MAX_GENERATION:
+            raise BackupCorrupt("generations must be unique, ascending and in range")
+        previous = item.generation
+        if len(item.fingerprint) != FINGERPRINT_SIZE:
+            raise BackupCorrupt(f"generation {item.generation}: fingerprint has the wrong length")
+        if len(item.sealed) != SEALED_LEN:
+            raise BackupCorrupt(f"generation {item.generation}: sealed key has the wrong length")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _body(backup: Backup) -> dict[str, Any]:
+    p = backup.params
+    return {
+        "format": BACKUP_FORMAT,
+        "version": BACKUP_FORMAT_VERSION,
+        "kdf": {
+            "algorithm": "argon2id",
+            "argon2_version": _ARGON2_VERSION,
+            "time_cost": p.time_cost,
+            "memory_kib": p.memory_kib,
+            "parallelism": p.parallelism,
+            "out_len": p.out_len,
+        },
+        "salt": _b64(backup.salt),
+        "hpke": dict(_HPKE_NAMES),
+        "public_key": _b64(backup.public_key.raw),
+        "generations": [
+            {
+                "generation": s.generation,
+                "fingerprint": s.fingerprint.hex(),
+                "sealed": _b64(s.sealed),
+            }
+            for s in backup.sealed
+        ],
+    }
+
+
+def _checksum(body: Mapping[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise BackupCorrupt("duplicate field in backup")
+        out[key] = value
+    return out
+
+
+def _obj(value: Any, keys: set[str], what: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) != keys:
+        raise BackupCorrupt(f"{what}: unexpected structure")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BackupCorrupt(f"{what}: not an integer")
+    return value
+
+
+def _unb64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise BackupCorrupt(f"{what}: not a string")
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise BackupCorrupt(f"{what}: not valid base64") from None
+    if _b64(raw) != value:
+        raise BackupCorrupt(f"{what}: non-canonical base64")
+    return raw
+
+
+_TOP_KEYS = {"format", "version", "kdf", "salt", "hpke", "public_key", "generations", "checksum"}
+_KDF_KEYS = {"algorithm", "argon2_version", "time_cost", "memory_kib", "parallelism", "out_len"}
+
+
+def _parse(data: bytes, allow_insecure: bool) -> Backup:
+    if not isinstance(data, bytes | bytearray):
+        raise ValueError("backup data must be bytes")
+    if len(data) > MAX_BACKUP_SIZE:
+        raise BackupCorrupt("backup file is too large")
+    try:
+        doc = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise BackupCorrupt("backup is not valid JSON (truncated or damaged)") from None
+    if not isinstance(doc, dict) or doc.get("format") != BACKUP_FORMAT:
+        raise BackupCorrupt("not a SPIKE Nexus backup")
+    version = doc.get("version")
+    if version != BACKUP_FORMAT_VERSION or isinstance(version, bool):
+        raise BackupVersionUnsupported(
+            f"backup format version {version!r} is not supported "
+            f"(this build reads version {BACKUP_FORMAT_VERSION})"
+            if isinstance(version, int) and not isinstance(version, bool)
+            else "backup format version is missing or malformed"
+        )
+    doc = _obj(doc, _TOP_KEYS, "backup")
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    checksum = doc["checksum"]
+    if not isinstance(checksum, str) or not _HEX_SHA256.fullmatch(checksum):
+        raise BackupCorrupt("checksum field is malformed")
+    if not hmac.compare_digest(_checksum(body), checksum):
+        raise BackupCorrupt("checksum mismatch: the backup is damaged or was modified")
+
+    kdf_doc = _obj(doc["kdf"], _KDF_KEYS, "kdf")
+    if kdf_doc["algorithm"] != "argon2id" or kdf_doc["argon2_version"] != _ARGON2_VERSION:
+        raise BackupKdfRejected("unsupported KDF")
+    if doc["hpke"] != _HPKE_NAMES:
+        raise BackupCorrupt("unsupported HPKE suite")
+    salt = _unb64(doc["salt"], "salt")
+    params = KdfParams(
+        time_cost=_int(kdf_doc["time_cost"], "time_cost"),
+        memory_kib=_int(kdf_doc["memory_kib"], "memory_kib"),
+        parallelism=_int(kdf_doc["parallelism"], "parallelism"),
+        salt_len=len(salt),
+        out_len=_int(kdf_doc["out_len"], "out_len"),
+    )
+    if allow_insecure and not params.meets_owasp_minimum:
+        params = replace(params, insecure_for_tests_only=True)
+    try:
+        public_key = BackupPublicKey(_unb64(doc["public_key"], "public_key"))
+    except ValueError:
+        raise BackupCorrupt("public key has the wrong length") from None
+    generations = doc["generations"]
+    if not isinstance(generations, list):
+        raise BackupCorrupt("generations: not a list")
+    if len(generations) > MAX_GENERATIONS:
+        raise BackupCorrupt("backup holds too many generations")
+    sealed = []
+    for entry in generations:
+        item = _obj(entry, {"generation", "fingerprint", "sealed"}, "generation entry")
+        fp = item["fingerprint"]
+        if not isinstance(fp, str) or not _HEX_FP.fullmatch(fp):
+            raise BackupCorrupt("fingerprint is malformed")
+        sealed.append(
+            SealedGeneration(
+                generation=_int(item["generation"], "generation"),
+                fingerprint=bytes.fromhex(fp),
+                sealed=_unb64(item["sealed"], "sealed"),
+            )
+        )
+    backup = Backup(params, salt, public_key, tuple(sealed))
+    verify_structure(backup)
+    return backup
