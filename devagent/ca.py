@@ -75,6 +75,10 @@ def validate_spiffe_id(spiffe_id: str, trust_domain: str | None = None) -> str:
         parsed = SpiffeId(spiffe_id)
     except PySpiffeError as err:
         raise CAError(str(err)) from err
+    if str(parsed) != spiffe_id:
+        raise CAError(
+            f"SPIFFE ID {spiffe_id!r} is not in canonical form (expected {str(parsed)!r})"
+        )
     if not parsed.path:
         raise CAError(f"SPIFFE ID {spiffe_id!r} has no path; workload IDs need one")
     if trust_domain is not None:

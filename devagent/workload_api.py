@@ -295,7 +295,7 @@ class AgentServers:
         store: SvidStore,
         directory: str | os.PathLike[str],
         *,
-        max_workers: int = 32,
+        max_workers: int = 64,
         log: Logger | None = None,
     ) -> None:
         self._store = store
@@ -318,7 +318,9 @@ class AgentServers:
                 pool = ThreadPoolExecutor(
                     max_workers=self._max_workers, thread_name_prefix=f"wlapi-{name}"
                 )
-                server = grpc.server(pool)
+                # Each open stream holds a worker thread; beyond the limit, calls fail
+                # fast with RESOURCE_EXHAUSTED instead of queueing forever.
+                server = grpc.server(pool, maximum_concurrent_rpcs=self._max_workers)
                 self._servers.append((server, pool))
                 servicer = WorkloadApiServicer(self._store, name, self._log)
                 workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(  # type: ignore[no-untyped-call]
