@@ -28,6 +28,7 @@ lint: $(STAMP)
 	$(BIN)/mypy spike nexus pilot devagent
 
 test: $(STAMP)
+	$(PY) -m spike._protogen --check
 	$(BIN)/pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

@@ -59,7 +59,8 @@ def translate(err: grpc.RpcError, address: str) -> errors.PilotError:
     kind = _kind(err)
     if code == grpc.StatusCode.UNAVAILABLE and not kind:
         lowered = detail.lower()
-        if "ssl" in lowered or "handshake" in lowered or "certificate" in lowered:
+        tls_words = ("ssl", "handshake", "certificate", "verification", "tls")
+        if any(word in lowered for word in tls_words):
             return errors.Unreachable(
                 f"TLS handshake with Nexus at {address} failed: {detail}",
                 "check that Nexus's SVID is from our trust domain and carries the DNS SAN "
