@@ -108,7 +108,8 @@ class PgServer:
         """initdb + start a new cluster; raises :class:`PgUnavailable` when impossible."""
         bindir = find_bindir()
         as_postgres = os.geteuid() == 0
-        base = "/tmp" if os.path.isdir("/tmp") else None  # short path: unix socket limit
+        # mkdtemp makes a private 0700 directory; /tmp keeps the socket path short.
+        base = "/tmp" if os.path.isdir("/tmp") else None  # noqa: S108
         root = Path(tempfile.mkdtemp(prefix="spg-", dir=base))
         server = cls(bindir=bindir, root=root, as_postgres=as_postgres)
         try:
