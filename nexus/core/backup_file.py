@@ -63,10 +63,13 @@ def read_backup_file(path: str | os.PathLike[str]) -> bytes:
         if isinstance(exc, FileNotFoundError):
             raise
         raise BackupFileError(exc.errno, f"cannot open backup file: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BackupFileError("backup path is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_BACKUP_FILE_SIZE + 1)
     if len(data) > MAX_BACKUP_FILE_SIZE:
         raise BackupFileError("backup file is larger than 1 MiB")
