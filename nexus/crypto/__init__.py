@@ -1,0 +1,57 @@
+"""Pure cryptography for Nexus: the only package that imports cryptography hazmat or argon2.
+
+Key hierarchy: password -(Argon2id)-> backup key pair -(HPKE)-> root keys (one per generation)
+-(HKDF)-> per-purpose AES-256-GCM sub-keys -> record envelopes. See the module docstrings of
+``secret_buffer``, ``keys``, ``envelope``, ``keyring``, ``kdf`` and ``backup_format``.
+"""
+
+from nexus.crypto.backup_format import (
+    Backup,
+    BackupCorrupt,
+    BackupError,
+    BackupKdfRejected,
+    BackupPublicKey,
+    BackupVersionUnsupported,
+    FingerprintMismatch,
+    WrongPassword,
+    create_backup,
+    open_backup,
+    verify_structure,
+)
+from nexus.crypto.envelope import DecryptionError, peek_generation, record_identity
+from nexus.crypto.hardening import HardeningReport, harden_process, secret_memory_status
+from nexus.crypto.kdf import KdfParams
+from nexus.crypto.keyring import Keyring, KeyringEntry, UnknownGeneration
+from nexus.crypto.keys import Purpose, fingerprint, fingerprint_hex, fingerprints_equal
+from nexus.crypto.secret_buffer import SecretBuffer, SecretKey, wipe_bytearray
+
+__all__ = [
+    "Backup",
+    "BackupCorrupt",
+    "BackupError",
+    "BackupKdfRejected",
+    "BackupPublicKey",
+    "BackupVersionUnsupported",
+    "DecryptionError",
+    "FingerprintMismatch",
+    "HardeningReport",
+    "KdfParams",
+    "Keyring",
+    "KeyringEntry",
+    "Purpose",
+    "SecretBuffer",
+    "SecretKey",
+    "UnknownGeneration",
+    "WrongPassword",
+    "create_backup",
+    "fingerprint",
+    "fingerprint_hex",
+    "fingerprints_equal",
+    "harden_process",
+    "open_backup",
+    "peek_generation",
+    "record_identity",
+    "secret_memory_status",
+    "verify_structure",
+    "wipe_bytearray",
+]
