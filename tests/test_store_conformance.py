@@ -1,0 +1,508 @@
+"""One conformance suite for every Store backend (SQLite and a real PostgreSQL)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from nexus.store import (
+    KIND_POLICY,
+    KIND_SECRET,
+    BlobUpdate,
+    CasMismatch,
+    NotFound,
+    RecordKey,
+    SchemaTooNew,
+    Store,
+    open_store,
+)
+from nexus.store import postgres as pg_backend
+from nexus.store import sqlite as sqlite_backend
+from tests import pg
+
+pg_server = pg.pg_server
+pg_dsn = pg.pg_dsn
+
+BIG = 1_000_000
+
+
+@dataclass
+class Backend:
+    """How to (re)open one backend's database and poke at it behind the store's back."""
+
+    name: str
+    open: Callable[[], Store]
+    raw: Callable[[str, tuple[object, ...]], list[tuple[object, ...]]]
+    versions_sql: str
+    bump_sql: str
+    known_version: int
+
+    def secret_versions(self, path: str) -> list[int]:
+        """Versions physically present in the records table (pruned ones must be gone)."""
+        return [int(str(r[0])) for r in self.raw(self.versions_sql, (path,))]
+
+    def set_schema_version(self, version: int) -> None:
+        """Write a schema version directly into the database."""
+        self.raw(self.bump_sql, (version,))
+
+
+def _sqlite_backend(path: Path) -> Backend:
+    def raw(query: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
+        conn = sqlite3.connect(path)
+        try:
+            with conn:
+                return conn.execute(query, params).fetchall()
+        finally:
+            conn.close()
+
+    return Backend(
+        "sqlite", lambda: open_store("sqlite", path=path), raw,
+        "SELECT version FROM records WHERE kind = 'secret' AND path = ? ORDER BY version",
+        "UPDATE schema_version SET version = ?",
+        sqlite_backend.SCHEMA_VERSION,
+    )
+
+
+def _pg_backend(dsn: str) -> Backend:
+    def raw(query: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
+        with psycopg.connect(dsn) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    return Backend(
+        "postgres", lambda: open_store("postgres", dsn=dsn), raw,
+        "SELECT version FROM records WHERE kind = 'secret' AND path = %s ORDER BY version",
+        "UPDATE schema_version SET version = %s",
+        pg_backend.SCHEMA_VERSION,
+    )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        return _sqlite_backend(tmp_path / "spike.db")
+    return _pg_backend(request.getfixturevalue("pg_dsn"))
+
+
+@pytest.fixture()
+def store(backend: Backend) -> Iterator[Store]:
+    opened = backend.open()
+    yield opened
+    opened.close()
+
+
+def sealer(generation: int = 1, tag: bytes = b"v") -> Callable[[int], tuple[int, bytes]]:
+    """A fake encryption that binds the version into the blob, as the real one does."""
+
+    def seal(version: int) -> tuple[int, bytes]:
+        return generation, tag + b":" + str(version).encode()
+
+    return seal
+
+
+def put(store: Store, path: str, *, cas: int | None = None, max_versions: int = 10,
+        now: float = 100.0, generation: int = 1, tag: bytes = b"v") -> int:
+    return store.put_secret(path, cas=cas, max_versions=max_versions, now=now,
+                            seal=sealer(generation, tag))
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_put_and_get(store: Store) -> None:
+    assert store.is_empty()
+    assert put(store, "app/db", now=10.0) == 1
+    assert put(store, "app/db", now=11.0) == 2
+    assert not store.is_empty()
+    cur = store.get_secret("app/db")
+    assert (cur.path, cur.version, cur.generation, cur.blob) == ("app/db", 2, 1, b"v:2")
+    assert cur.created_at == 11.0 and not cur.deleted and not cur.destroyed
+    assert cur.key == RecordKey(KIND_SECRET, "app/db", 2)
+    assert store.get_secret("app/db", 1).blob == b"v:1"
+    meta = store.secret_meta("app/db")
+    assert (meta.current_version, meta.oldest_version) == (2, 1)
+    assert (meta.created_at, meta.updated_at) == (10.0, 11.0)
+    assert [v.version for v in meta.versions] == [1, 2]
+
+
+def test_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        store.get_secret("nope")
+    with pytest.raises(NotFound):
+        store.secret_meta("nope")
+    put(store, "x")
+    with pytest.raises(NotFound):
+        store.get_secret("x", 2)
+    with pytest.raises(NotFound):
+        store.delete_versions("nope", [], 1.0)
+    with pytest.raises(NotFound):
+        store.undelete_versions("nope", [1])
+    with pytest.raises(NotFound):
+        store.destroy_versions("nope", [1])
+
+
+def test_pruning_really_deletes_rows(store: Store, backend: Backend) -> None:
+    for _ in range(5):
+        put(store, "p", max_versions=3)
+    put(store, "other", max_versions=3)
+    assert backend.secret_versions("p") == [3, 4, 5]
+    meta = store.secret_meta("p")
+    assert (meta.current_version, meta.oldest_version) == (5, 3)
+    assert [v.version for v in meta.versions] == [3, 4, 5]
+    with pytest.raises(NotFound):
+        store.get_secret("p", 2)
+    # A smaller retention prunes harder; a larger one never resurrects anything.
+    put(store, "p", max_versions=1)
+    assert backend.secret_versions("p") == [6]
+    put(store, "p", max_versions=10)
+    assert backend.secret_versions("p") == [6, 7]
+    assert store.secret_meta("p").oldest_version == 6
+    with pytest.raises(ValueError, match="max_versions"):
+        put(store, "p", max_versions=0)
+
+
+def test_cas_semantics(store: Store) -> None:
+    assert put(store, "c", cas=0) == 1
+    with pytest.raises(CasMismatch) as info:
+        put(store, "c", cas=0)
+    assert (info.value.expected, info.value.actual) == (0, 1)
+    assert put(store, "c", cas=1) == 2
+    with pytest.raises(CasMismatch) as info:
+        put(store, "c", cas=1)
+    assert (info.value.expected, info.value.actual) == (1, 2)
+    with pytest.raises(CasMismatch):
+        put(store, "fresh", cas=3)
+    with pytest.raises(NotFound):
+        store.secret_meta("fresh")
+    assert put(store, "c", cas=None) == 3
+    with pytest.raises(ValueError, match="cas"):
+        put(store, "c", cas=-1)
+
+
+def test_seal_gets_version_and_failure_rolls_back(store: Store, backend: Backend) -> None:
+    seen: list[int] = []
+
+    def seal(version: int) -> tuple[int, bytes]:
+        seen.append(version)
+        return 7, b"blob"
+
+    put(store, "s")
+    assert store.put_secret("s", cas=1, max_versions=5, now=1.0, seal=seal) == 2
+    assert seen == [2]
+    assert store.get_secret("s").generation == 7
+
+    def boom(version: int) -> tuple[int, bytes]:
+        raise RuntimeError("encryption failed")
+
+    with pytest.raises(RuntimeError, match="encryption failed"):
+        store.put_secret("s", cas=None, max_versions=5, now=1.0, seal=boom)
+    with pytest.raises(RuntimeError):
+        store.put_secret("new", cas=None, max_versions=5, now=1.0, seal=boom)
+    assert store.secret_meta("s").current_version == 2
+    assert backend.secret_versions("s") == [1, 2]
+    assert store.list_secret_paths("") == ["s"]
+
+
+def test_soft_delete_undelete_destroy(store: Store) -> None:
+    for _ in range(3):
+        put(store, "d")
+    assert store.delete_versions("d", [], 50.0) == 1  # empty = current
+    assert store.get_secret("d").deleted_at == 50.0
+    assert store.delete_versions("d", [3], 60.0) == 0  # already deleted
+    assert store.get_secret("d").deleted_at == 50.0
+    assert store.delete_versions("d", [1, 2, 99], 70.0) == 2  # unknown versions ignored
+    assert store.undelete_versions("d", [1, 3]) == 2
+    assert not store.get_secret("d", 1).deleted
+    assert store.get_secret("d", 2).deleted
+    assert store.destroy_versions("d", [2, 3]) == 2
+    gone = store.get_secret("d", 3)
+    assert gone.destroyed and gone.blob is None
+    assert store.destroy_versions("d", [3]) == 0
+    assert store.undelete_versions("d", [2]) == 0  # destroyed stays destroyed
+    meta = store.secret_meta("d")
+    assert [(v.version, v.deleted_at is not None, v.destroyed) for v in meta.versions] == [
+        (1, False, False), (2, True, True), (3, False, True)]
+    assert store.count_by_generation() == {1: 1}
+    # Writing again works after deletes and destroys.
+    assert put(store, "d", cas=3) == 4
+    with pytest.raises(ValueError):
+        store.undelete_versions("d", [])
+    with pytest.raises(ValueError):
+        store.destroy_versions("d", [])
+
+
+def test_list_by_prefix(store: Store) -> None:
+    for path in ["b", "a/c", "a/b", "ab/x", "a%/y", "a_/z", "a/b/deep"]:
+        put(store, path)
+    assert store.list_secret_paths("") == sorted(
+        ["b", "a/c", "a/b", "ab/x", "a%/y", "a_/z", "a/b/deep"])
+    assert store.list_secret_paths("a/") == ["a/b", "a/b/deep", "a/c"]
+    assert store.list_secret_paths("a") == ["a%/y", "a/b", "a/b/deep", "a/c", "a_/z", "ab/x"]
+    assert store.list_secret_paths("a%") == ["a%/y"]  # literal, no wildcard
+    assert store.list_secret_paths("a_") == ["a_/z"]
+    assert store.list_secret_paths("zzz") == []
+    store.delete_versions("b", [], 1.0)
+    store.destroy_versions("b", [1])
+    assert "b" in store.list_secret_paths("")  # documented: listed while metadata exists
+
+
+# --------------------------------------------------------------------------- policies
+
+
+def test_policies(store: Store) -> None:
+    with pytest.raises(NotFound):
+        store.get_policy("ops")
+    store.put_policy("ops", 1, b"p1", 5.0)
+    store.put_policy("admins", 1, b"p2", 6.0)
+    put(store, "ops")  # same name as a secret path: separate kinds never collide
+    got = store.get_policy("ops")
+    assert (got.kind, got.path, got.version, got.generation, got.blob) == (
+        KIND_POLICY, "ops", 0, 1, b"p1")
+    store.put_policy("ops", 2, b"p1b", 9.0)
+    got = store.get_policy("ops")
+    assert (got.generation, got.blob, got.created_at) == (2, b"p1b", 5.0)
+    assert [p.path for p in store.list_policies()] == ["admins", "ops"]
+    assert store.delete_policy("ops") is True
+    assert store.delete_policy("ops") is False
+    assert [p.path for p in store.list_policies()] == ["admins"]
+    assert store.get_secret("ops").blob == b"v:1"
+
+
+# --------------------------------------------------------------------------- state, counters
+
+
+def test_state(store: Store) -> None:
+    assert store.get_state("rotation") is None
+    store.put_state("rotation", '{"phase": "reencrypt"}')
+    assert store.get_state("rotation") == '{"phase": "reencrypt"}'
+    store.put_state("rotation", '{"phase": "done"}')
+    assert store.get_state("rotation") == '{"phase": "done"}'
+    store.delete_state("rotation")
+    store.delete_state("rotation")
+    assert store.get_state("rotation") is None
+
+
+def test_encryption_counters(store: Store) -> None:
+    assert store.encryption_counts() == {}
+    store.add_encryptions(1, 5)
+    store.add_encryptions(1, 7)
+    store.add_encryptions(2, 3_000_000_000)  # beyond 32 bits
+    store.add_encryptions(3, 0)
+    assert store.encryption_counts() == {1: 12, 2: 3_000_000_000}
+
+
+def test_check_writable_and_empty(store: Store) -> None:
+    store.check_writable()
+    store.check_writable()
+    assert store.is_empty()
+    store.put_policy("p", 1, b"x", 1.0)
+    assert not store.is_empty()
+
+
+# --------------------------------------------------------------------------- rotation support
+
+
+def _fill_for_rotation(store: Store) -> None:
+    for i in range(7):
+        put(store, f"s/{i}", generation=1)
+    put(store, "s/3", generation=2)  # s/3 v2 already under the new generation
+    store.destroy_versions("s/5", [1])  # no blob: never scanned
+    store.put_policy("pa", 1, b"pa", 1.0)
+    store.put_policy("pb", 2, b"pb", 1.0)
+
+
+def _scan_all(scan: Callable[[RecordKey | None, int], list[object]], limit: int) -> list[object]:
+    out: list[object] = []
+    after: RecordKey | None = None
+    while True:
+        page = scan(after, limit)
+        assert len(page) <= limit
+        if not page:
+            return out
+        out.extend(page)
+        after = page[-1].key  # type: ignore[attr-defined]
+
+
+def test_count_and_scan_pagination(store: Store) -> None:
+    _fill_for_rotation(store)
+    assert store.count_by_generation() == {1: 7, 2: 2}
+    rows = _scan_all(lambda a, n: list(store.scan_not_in_generation(2, a, n)), 3)
+    keys = [r.key for r in rows]  # type: ignore[attr-defined]
+    assert keys == sorted(keys)
+    assert len(set(keys)) == len(keys) == 7
+    assert RecordKey(KIND_POLICY, "pa", 0) in keys
+    assert RecordKey(KIND_SECRET, "s/5", 1) not in keys
+    assert RecordKey(KIND_SECRET, "s/3", 2) not in keys
+    assert all(r.generation == 1 and r.blob for r in rows)  # type: ignore[attr-defined]
+    rows2 = _scan_all(lambda a, n: list(store.scan_generation(2, a, n)), 1)
+    assert [r.key for r in rows2] == [  # type: ignore[attr-defined]
+        RecordKey(KIND_POLICY, "pb", 0), RecordKey(KIND_SECRET, "s/3", 2)]
+    assert store.scan_not_in_generation(1, None, 100)[0].generation == 2
+    with pytest.raises(ValueError):
+        store.scan_generation(1, None, 0)
+
+
+def test_replace_blobs_is_conditional(store: Store) -> None:
+    _fill_for_rotation(store)
+    rows = store.scan_not_in_generation(2, None, 100)
+    # Meanwhile users write: a policy replaced, a version destroyed, a secret deleted.
+    store.put_policy("pa", 2, b"pa-user", 2.0)
+    store.destroy_versions("s/0", [1])
+    store.delete_versions("s/1", [1], 3.0)
+    updates = [BlobUpdate(r.key, r.generation, r.blob or b"", 2, b"re:" + (r.blob or b""))
+               for r in rows]
+    # s/2 was re-encrypted by someone else already (different generation): not touched.
+    s2 = next(u for u in updates if u.key.path == "s/2")
+    assert store.replace_blobs([BlobUpdate(s2.key, 1, s2.expected_blob, 3, b"other")]) == 1
+    changed = store.replace_blobs(updates)
+    assert changed == len(updates) - 3  # pa, s/0 and s/2 lost the race
+    assert store.get_policy("pa").blob == b"pa-user"
+    assert store.get_secret("s/0", 1).blob is None
+    assert store.get_secret("s/2", 1).blob == b"other"
+    assert store.get_secret("s/2", 1).generation == 3
+    s1 = store.get_secret("s/1", 1)  # a soft delete does not change the ciphertext
+    assert (s1.blob, s1.generation, s1.deleted_at) == (b"re:v:1", 2, 3.0)
+    assert store.count_by_generation() == {2: 7, 3: 1}
+    assert store.scan_not_in_generation(2, None, 100)[0].key.path == "s/2"
+    assert store.replace_blobs(updates) == 0  # idempotent: nothing matches any more
+    assert store.replace_blobs([]) == 0
+    with pytest.raises(ValueError, match="duplicate"):
+        store.replace_blobs([updates[1], updates[1]])
+
+
+# --------------------------------------------------------------------------- schema, durability
+
+
+def test_schema_too_new_is_refused(backend: Backend) -> None:
+    first = backend.open()
+    put(first, "keep")
+    first.close()
+    backend.set_schema_version(backend.known_version + 1)
+    with pytest.raises(SchemaTooNew) as info:
+        backend.open()
+    assert (info.value.found, info.value.known) == (backend.known_version + 1,
+                                                     backend.known_version)
+    backend.set_schema_version(backend.known_version)
+    again = backend.open()
+    assert again.get_secret("keep").blob == b"v:1"
+    again.close()
+
+
+def test_reopen_keeps_everything(backend: Backend) -> None:
+    first = backend.open()
+    put(first, "a/b", tag=b"x")
+    put(first, "a/b", tag=b"y")
+    first.put_policy("ops", 1, b"pol", 1.0)
+    first.put_state("k", "v")
+    first.add_encryptions(1, 3)
+    first.close()
+    second = backend.open()  # migrations already applied: a no-op
+    assert second.get_secret("a/b").blob == b"y:2"
+    assert second.get_secret("a/b", 1).blob == b"x:1"
+    assert second.get_policy("ops").blob == b"pol"
+    assert second.get_state("k") == "v"
+    assert second.encryption_counts() == {1: 3}
+    assert second.list_secret_paths("a/") == ["a/b"]
+    second.close()
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def _cas_writers(stores: list[Store], path: str, threads: int, writes: int) -> list[int]:
+    won: list[int] = []
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def worker(store: Store) -> None:
+        try:
+            start.wait()
+            for _ in range(writes):
+                while True:
+                    try:
+                        current = store.secret_meta(path).current_version
+                    except NotFound:
+                        current = 0
+                    try:
+                        version = put(store, path, cas=current, max_versions=BIG)
+                    except CasMismatch:
+                        continue
+                    with lock:
+                        won.append(version)
+                    break
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(stores[i % len(stores)],))
+            for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=120)
+    assert not errors, errors
+    return won
+
+
+def test_concurrent_cas_writers_never_lose_updates(store: Store, backend: Backend) -> None:
+    won = _cas_writers([store], "hot", threads=8, writes=50)
+    assert sorted(won) == list(range(1, 401))
+    assert backend.secret_versions("hot") == list(range(1, 401))
+    assert store.secret_meta("hot").current_version == 400
+
+
+def test_two_store_instances_share_one_database(backend: Backend) -> None:
+    """Two opened stores (two Nexus nodes / processes) on the same database."""
+    first, second = backend.open(), backend.open()
+    try:
+        won = _cas_writers([first, second], "shared", threads=4, writes=15)
+        assert sorted(won) == list(range(1, 61))
+        assert backend.secret_versions("shared") == list(range(1, 61))
+    finally:
+        first.close()
+        second.close()
+
+
+def test_concurrent_create_only_has_one_winner(store: Store) -> None:
+    winners: list[int] = []
+    losers: list[int] = []
+    start = threading.Barrier(8)
+
+    def worker() -> None:
+        start.wait()
+        try:
+            winners.append(put(store, "once", cas=0))
+        except CasMismatch as exc:
+            losers.append(exc.actual)
+
+    pool = [threading.Thread(target=worker) for _ in range(8)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=60)
+    assert winners == [1]
+    assert losers == [1] * 7
+
+
+def test_unconditional_concurrent_writes_get_distinct_versions(store: Store) -> None:
+    versions: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(25):
+            v = put(store, "free", max_versions=BIG)
+            with lock:
+                versions.append(v)
+
+    pool = [threading.Thread(target=worker) for _ in range(6)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(timeout=60)
+    assert sorted(versions) == list(range(1, 151))
