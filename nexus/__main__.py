@@ -12,9 +12,13 @@ import structlog
 
 from nexus.audit import AuditLog
 from nexus.config import NexusConfig, load_config
-from nexus.core.node import HardeningStatus, Node
+from nexus.core.keymanager import KeyManager
+from nexus.core.node import Node
+from nexus.crypto.hardening import harden_process
+from nexus.crypto.kdf import KdfParams
 from nexus.logs import configure_logging
 from spike.errors import SpikeError
+from nexus.store.base import Store
 from spike.identity import IdentitySource
 
 log = structlog.get_logger("nexus")
@@ -39,15 +43,51 @@ def open_identity(config: NexusConfig) -> IdentitySource:
     return IdentitySource()
 
 
+def kdf_params(config: NexusConfig) -> KdfParams:
+    if config.insecure_test_kdf:
+        log.warning("INSECURE test-only Argon2id parameters in use: never in production")
+        return KdfParams.insecure_for_tests()
+    params = KdfParams(time_cost=config.kdf_time_cost, memory_kib=config.kdf_memory_kib,
+                       parallelism=config.kdf_parallelism)
+    try:
+        params.require_production()
+    except ValueError as exc:
+        raise SpikeError(f"invalid Argon2id parameters: {exc}") from None
+    return params
+
+
+def open_configured_store(config: NexusConfig) -> Store:
+    from nexus.store import open_store  # noqa: PLC0415
+    from nexus.store.base import StoreError  # noqa: PLC0415
+
+    try:
+        if config.store == "postgres":
+            return open_store("postgres", dsn=config.dsn)
+        return open_store("sqlite", path=config.sqlite_path)
+    except StoreError as exc:
+        raise SpikeError(f"cannot open the {config.store} store: {exc}") from None
+
+
 def serve(config: NexusConfig) -> int:
     from nexus.api.server import NexusServer  # noqa: PLC0415 - after logging is configured
 
+    hardening = harden_process()
+    if not hardening.fully_hardened:
+        log.warning("process hardening incomplete", core_dumps_disabled=hardening.core_dumps_disabled,
+                    dumpable_off=hardening.dumpable_off, mlock_available=hardening.mlock_available)
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = open_identity(config)
     check_own_identity(config, identity)
     audit = AuditLog(config.audit_target)
-    node = Node(config.backup_path, config.store, HardeningStatus())
+    store = open_configured_store(config)
+    keys = KeyManager(store, config.backup_path, kdf_params(config),
+                      allow_insecure_kdf=config.insecure_test_kdf,
+                      backoff_base=config.recover_backoff_seconds)
+    node = Node(store, config.store, keys, audit, hardening, str(config.backup_path),
+                backup_verify_interval=config.backup_verify_interval_seconds)
     server = NexusServer(config, node, identity, audit)
+    node.on_state_change(server.update_health)
+    node.start()
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

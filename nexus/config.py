@@ -40,6 +40,8 @@ class NexusConfig:
     # Tests only: allow Argon2id parameters below the OWASP minimum.
     insecure_test_kdf: bool = False
     backup_verify_interval_seconds: float = 3600.0
+    # First delay after a wrong password; doubles per failure (capped at 300 s).
+    recover_backoff_seconds: float = 1.0
     max_secret_versions: int = 10
     max_value_bytes: int = 64 * 1024
     workers: int = 32

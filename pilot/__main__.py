@@ -14,7 +14,7 @@ from typing import Any
 
 from pilot.errors import PilotError
 
-COMMAND_MODULES = ("status",)
+COMMAND_MODULES = ("status", "keys")
 
 
 def build_parser() -> argparse.ArgumentParser:

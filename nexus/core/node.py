@@ -1,11 +1,20 @@
-"""The Nexus node: composes key manager, store and services for the API layer."""
+"""The Nexus node: composes store, key manager and services for the API layer."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+
+import structlog
 
 from nexus import __version__
+from nexus.audit import AuditLog
+from nexus.core.keymanager import KeyManager
+from nexus.crypto.hardening import HardeningReport
+from nexus.store.base import Store
+
+log = structlog.get_logger("nexus.node")
 
 
 @dataclass(frozen=True)
@@ -41,39 +50,104 @@ class StatusReport:
 
 
 class Node:
-    """Foundation stage: knows only whether a backup exists."""
-
-    def __init__(self, backup_path: Path, store_name: str, hardening: HardeningStatus) -> None:
-        self._backup_path = backup_path
-        self._store_name = store_name
+    def __init__(
+        self,
+        store: Store,
+        store_name: str,
+        keys: KeyManager,
+        audit: AuditLog,
+        hardening: HardeningReport,
+        backup_path: str,
+        backup_verify_interval: float = 3600.0,
+    ) -> None:
+        self.store = store
+        self.store_name = store_name
+        self.keys = keys
+        self.audit = audit
         self._hardening = hardening
+        self._backup_path = backup_path
+        self._stop = threading.Event()
+        self._state_listeners: list[Callable[[], None]] = []
+        self._verifier = threading.Thread(
+            target=self._verify_loop, args=(backup_verify_interval,), daemon=True,
+            name="backup-verify",
+        )
+        keys.on_unsealed(self._on_unsealed)
+
+    def start(self) -> None:
+        self._verifier.start()
+
+    # ------------------------------------------------------------------ state
 
     @property
     def state(self) -> str:
-        return "sealed" if self._backup_path.exists() else "uninitialized"
+        return self.keys.state
 
     def is_unsealed(self) -> bool:
-        return self.state == "unsealed"
+        return self.keys.is_unsealed()
 
     def sealed_message(self) -> tuple[str, str]:
-        if self.state == "uninitialized":
-            return "uninitialized", "Nexus is not initialized: run `spike init`"
-        return "sealed", "Nexus is sealed: run `spike recover` with the administrator password"
+        return self.keys.sealed_message()
+
+    def on_state_change(self, listener: Callable[[], None]) -> None:
+        self._state_listeners.append(listener)
+
+    def _on_unsealed(self) -> None:
+        for listener in self._state_listeners:
+            listener()
+
+    # ------------------------------------------------------------------ backup checks
+
+    def _verify_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.verify_backup_now()
+
+    def verify_backup_now(self) -> None:
+        before = self.keys.backup_health.status
+        health = self.keys.verify_backup_file()
+        if health.status != before or health.status != "ok":
+            self.audit.record("backup.check", caller="(nexus)", outcome=health.status,
+                              detail_text=health.detail)
+
+    # ------------------------------------------------------------------ status
 
     def status(self) -> StatusReport:
-        present = self._backup_path.exists()
+        keyring = self.keys.keyring
+        generation = keyring.active_generation or 0
+        recorded = self.keys.generations_recorded()
+        info = recorded.get(generation)
+        health = self.keys.backup_health
+        try:
+            counts = self.store.count_by_generation()
+        except Exception:
+            counts = {}
+        import os  # noqa: PLC0415
+
         return StatusReport(
-            state=self.state,
-            generation=0,
-            fingerprint="",
-            key_created=None,
-            hardening=self._hardening,
-            backup=BackupStatus(
-                present=present, path=str(self._backup_path),
-                status="unknown" if present else "missing",
+            state=self.keys.state,
+            generation=generation,
+            fingerprint=keyring.entry(generation).fingerprint_hex if generation else "",
+            key_created=info.created if info else None,
+            hardening=HardeningStatus(
+                core_dumps_disabled=self._hardening.core_dumps_disabled,
+                dumpable_off=self._hardening.dumpable_off,
+                key_memory_locked=bool(generation) and keyring.all_locked,
             ),
-            store=self._store_name,
+            backup=BackupStatus(
+                present=os.path.exists(self._backup_path),
+                path=self._backup_path,
+                status=health.status,
+                detail=health.detail,
+                last_written=health.last_written,
+                last_verified=health.last_verified,
+                generations=self.keys.backup_generations(),
+                kdf=self.keys.kdf_description(),
+            ),
+            store=self.store_name,
+            records_by_generation=counts,
         )
 
     def close(self) -> None:
-        pass
+        self._stop.set()
+        self.keys.seal()
+        self.store.close()

@@ -1,0 +1,478 @@
+"""The root key's lifecycle: UNINITIALIZED -> UNSEALED -> (restart) SEALED -> UNSEALED.
+
+The key manager owns the keyring (root keys by generation, in wipeable,
+mlock'ed buffers) and the password-sealed backup. The keyring is an immutable
+value swapped under a lock, so readers never see a half-built one. Only the
+backup's *public* key stays in memory after init/recover, which lets Nexus
+re-seal the backup after each rotation without the password.
+
+Durable facts kept in the store (never the key): each generation's
+fingerprint and creation time (state key ``root_keys``). After recovery every
+fingerprint is checked against them, so a foreign backup or a wrong key can
+never be installed silently.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from nexus.core import errors
+from nexus.core.backup_file import BackupFileError, read_backup_file, write_backup_file
+from nexus.core.password_policy import PasswordRejected, check_password, normalize_password
+from nexus.crypto.backup_format import (
+    Backup,
+    BackupCorrupt,
+    BackupVersionUnsupported,
+    WrongPassword,
+    create_backup,
+    open_backup,
+)
+from nexus.crypto.kdf import KdfParams
+from nexus.crypto.keyring import Keyring
+from nexus.crypto.keys import fingerprint, fingerprints_equal
+from nexus.crypto.secret_buffer import SecretKey, wipe_bytearray
+from nexus.store.base import Store
+
+log = structlog.get_logger("nexus.keys")
+
+ROOT_KEYS_STATE = "root_keys"
+
+
+@dataclass(frozen=True)
+class GenerationInfo:
+    generation: int
+    fingerprint: str  # hex
+    created: float
+
+
+@dataclass
+class BackupHealth:
+    status: str = "unknown"  # ok | missing | corrupt | mismatch | unknown
+    detail: str = ""
+    last_written: float | None = None
+    last_verified: float | None = None
+
+
+class Backoff:
+    """A growing delay after failed password attempts (per Nexus)."""
+
+    def __init__(self, base: float, cap: float, clock: Callable[[], float]) -> None:
+        self._base = base
+        self._cap = cap
+        self._clock = clock
+        self.failures = 0
+        self._not_before = 0.0
+
+    def check(self) -> None:
+        remaining = self._not_before - self._clock()
+        if remaining > 0:
+            raise errors.TooManyAttempts(remaining)
+
+    def failed(self) -> float:
+        self.failures += 1
+        delay = min(self._cap, self._base * (2 ** (self.failures - 1)))
+        self._not_before = self._clock() + delay
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self._not_before = 0.0
+
+
+def _password_bytes(raw: bytes) -> bytearray:
+    """Copy the request's password into a wipeable buffer, NFKC-normalised like at init."""
+    try:
+        return bytearray(normalize_password(raw).encode("utf-8"))
+    except PasswordRejected as exc:
+        raise errors.WrongPassword("the password does not open the backup") from exc
+
+
+class KeyManager:
+    def __init__(
+        self,
+        store: Store,
+        backup_path: Path,
+        kdf_params: KdfParams,
+        *,
+        allow_insecure_kdf: bool = False,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._backup_path = backup_path
+        self._kdf_params = kdf_params
+        self._allow_insecure_kdf = allow_insecure_kdf
+        self._clock = clock
+        self._lock = threading.RLock()  # serializes lifecycle changes
+        self._keyring = Keyring.empty()
+        self._backup: Backup | None = None
+        self._backoff = Backoff(backoff_base, backoff_cap, time.monotonic)
+        self.backup_health = BackupHealth()
+        self.recover_failures = 0
+        self._unseal_listeners: list[Callable[[], None]] = []
+        if backup_path.exists():
+            self.backup_health.last_written = backup_path.stat().st_mtime
+        self.backup_health.status = "unknown" if backup_path.exists() else "missing"
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def keyring(self) -> Keyring:
+        """The current keyring value (immutable; grab it once per operation)."""
+        return self._keyring
+
+    @property
+    def state(self) -> str:
+        if self._keyring.active_generation is not None:
+            return "unsealed"
+        if self._backup_path.exists() or self.generations_recorded():
+            return "sealed"
+        return "uninitialized"
+
+    def is_unsealed(self) -> bool:
+        return self._keyring.active_generation is not None
+
+    def sealed_message(self) -> tuple[str, str]:
+        state = self.state
+        if state == "uninitialized":
+            return "uninitialized", "Nexus is not initialized: run `spike init`"
+        if not self._backup_path.exists():
+            return "sealed", (
+                "Nexus is sealed and its backup file is missing: run `spike recover "
+                "--backup-file EXPORTED_COPY`"
+            )
+        return "sealed", "Nexus is sealed: run `spike recover` with the administrator password"
+
+    def on_unsealed(self, listener: Callable[[], None]) -> None:
+        self._unseal_listeners.append(listener)
+
+    def require_unsealed(self) -> Keyring:
+        keyring = self._keyring
+        if keyring.active_generation is None:
+            kind, message = self.sealed_message()
+            raise errors.NotReady(kind, message)
+        return keyring
+
+    def generations_recorded(self) -> dict[int, GenerationInfo]:
+        raw = self._store.get_state(ROOT_KEYS_STATE)
+        if not raw:
+            return {}
+        doc = json.loads(raw)
+        return {
+            int(g): GenerationInfo(int(g), v["fingerprint"], float(v["created"]))
+            for g, v in doc.items()
+        }
+
+    def _record_generations(self, infos: dict[int, GenerationInfo]) -> None:
+        doc = {str(g): {"fingerprint": i.fingerprint, "created": i.created}
+               for g, i in sorted(infos.items())}
+        self._store.put_state(ROOT_KEYS_STATE, json.dumps(doc, sort_keys=True))
+
+    # ------------------------------------------------------------------ init
+
+    def init(self, password: bytes) -> GenerationInfo:
+        with self._lock:
+            if self.state != "uninitialized":
+                raise errors.AlreadyInitialized(
+                    "Nexus is already initialized; after a restart use `spike recover`"
+                )
+            if not self._store.is_empty():
+                raise errors.AlreadyInitialized(
+                    "the store already holds records but no root key is known: recover "
+                    "from the backup instead of initializing a new key"
+                )
+            try:
+                pw = check_password(password)
+            except PasswordRejected as exc:
+                raise errors.PasswordRejected(str(exc)) from None
+            key = SecretKey.generate()
+            try:
+                backup, _ = create_backup(pw, {1: key}, self._kdf_params)
+            except BaseException:
+                key.wipe()
+                raise
+            finally:
+                wipe_bytearray(pw)
+            info = GenerationInfo(1, fingerprint(key).hex(), self._clock())
+            self._write_backup(backup)
+            self._record_generations({1: info})
+            self._backup = backup
+            self._keyring = Keyring.from_keys({1: key}, active=1)
+            self.backup_health.status = "ok"
+            self.backup_health.last_verified = self._clock()
+        log.info("root key generated", generation=1, fingerprint=info.fingerprint)
+        self._notify_unsealed()
+        return info
+
+    # ------------------------------------------------------------------ recover
+
+    def recover(self, password: bytes, exported: bytes = b"") -> Keyring:
+        with self._lock:
+            if self.is_unsealed():
+                raise errors.AlreadyInitialized("Nexus is already unsealed")
+            self._backoff.check()
+            backup, raw = self._load_backup_for_recovery(exported)
+            pw = _password_bytes(password)
+            try:
+                keys = open_backup(backup, pw)
+            except WrongPassword:
+                self._failed_attempt()
+                raise errors.WrongPassword(
+                    "the password does not open this backup"
+                ) from None
+            except BackupCorrupt as exc:
+                raise errors.BackupInvalid(f"the backup is invalid: {exc}") from None
+            finally:
+                wipe_bytearray(pw)
+            try:
+                self._check_against_store(keys)
+            except BaseException:
+                for key in keys.values():
+                    key.wipe()
+                raise
+            self._backoff.succeeded()
+            if exported and self._file_bytes() != raw:
+                # The server's copy is lost or differs: restore the one that opened.
+                self._write_backup(backup)
+            self._backup = backup
+            self._keyring = Keyring.from_keys(keys, active=max(keys))
+            self.backup_health.status = "ok"
+            self.backup_health.detail = ""
+            self.backup_health.last_verified = self._clock()
+            keyring = self._keyring
+        log.info("unsealed", generations=list(keys), active=max(keys))
+        self._notify_unsealed()
+        return keyring
+
+    def _failed_attempt(self) -> None:
+        self.recover_failures += 1
+        delay = self._backoff.failed()
+        log.warning("wrong password", failures=self._backoff.failures, next_attempt_in=delay)
+
+    def _file_bytes(self) -> bytes | None:
+        try:
+            return read_backup_file(self._backup_path)
+        except (FileNotFoundError, BackupFileError, OSError):
+            return None
+
+    def _parse(self, raw: bytes) -> Backup:
+        try:
+            return Backup.parse(raw, allow_insecure_kdf_for_tests=self._allow_insecure_kdf)
+        except BackupVersionUnsupported as exc:
+            raise errors.BackupInvalid(f"unsupported backup format: {exc}") from None
+        except BackupCorrupt as exc:
+            raise errors.BackupInvalid(f"the backup is corrupt: {exc}") from None
+
+    def _load_backup_for_recovery(self, exported: bytes) -> tuple[Backup, bytes]:
+        if exported:
+            return self._parse(exported), exported
+        raw = self._file_bytes()
+        if raw is None:
+            raise errors.BackupInvalid(
+                f"the backup file {self._backup_path} is missing or unreadable: run "
+                "`spike recover --backup-file EXPORTED_COPY`"
+            )
+        return self._parse(raw), raw
+
+    def _check_against_store(self, keys: dict[int, SecretKey]) -> None:
+        recorded = self.generations_recorded()
+        for generation, info in recorded.items():
+            key = keys.get(generation)
+            if key is None:
+                continue
+            if not fingerprints_equal(fingerprint(key), bytes.fromhex(info.fingerprint)):
+                raise errors.BackupInvalid(
+                    f"generation {generation} in this backup does not match this Nexus's "
+                    "records: is it a backup of another Nexus?"
+                )
+        needed = {g for g, n in self._store.count_by_generation().items() if n}
+        missing = sorted(needed - set(keys))
+        if missing:
+            raise errors.BackupInvalid(
+                f"the backup lacks generation(s) {missing} that stored records still need"
+            )
+        if recorded and not set(keys) & set(recorded):
+            raise errors.BackupInvalid("this backup belongs to another Nexus")
+
+    def _notify_unsealed(self) -> None:
+        for listener in self._unseal_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("unseal listener failed")
+
+    # ------------------------------------------------------------------ backup
+
+    def _write_backup(self, backup: Backup) -> None:
+        try:
+            write_backup_file(self._backup_path, backup.to_bytes())
+        except OSError as exc:
+            self.backup_health.status = "unknown"
+            self.backup_health.detail = f"write failed: {exc.strerror or exc}"
+            raise errors.Unavailable(f"cannot write the backup file: {exc.strerror}") from None
+        self.backup_health.last_written = self._clock()
+
+    def backup_generations(self) -> tuple[int, ...]:
+        return self._backup.generations if self._backup else ()
+
+    def kdf_description(self) -> str:
+        params = self._backup.params if self._backup else None
+        if params is None:
+            return ""
+        return (f"argon2id t={params.time_cost} m={params.memory_kib}KiB "
+                f"p={params.parallelism}")
+
+    def verify_backup_file(self) -> BackupHealth:
+        """Check the file's structure and that it matches the keys in memory (no password)."""
+        health = self.backup_health
+        raw = self._file_bytes()
+        now = self._clock()
+        if raw is None:
+            health.status, health.detail = "missing", f"{self._backup_path} is missing"
+        else:
+            try:
+                parsed = self._parse(raw)
+            except errors.BackupInvalid as exc:
+                health.status, health.detail = "corrupt", str(exc)
+            else:
+                keyring = self._keyring
+                if keyring.active_generation is None:
+                    health.status, health.detail = "ok", "structure ok (sealed: keys not checked)"
+                elif parsed.matches(keyring.fingerprints()):
+                    health.status, health.detail = "ok", ""
+                else:
+                    health.status = "mismatch"
+                    health.detail = (f"backup holds generations {list(parsed.generations)}, "
+                                     f"memory holds {list(keyring.generations)}")
+        health.last_verified = now
+        if health.status != "ok":
+            log.warning("backup check failed", status=health.status, detail=health.detail)
+        return health
+
+    def verify_with_password(self, password: bytes) -> tuple[int, ...]:
+        """Prove that ``password`` opens the backup and that it matches memory."""
+        keyring = self.require_unsealed()
+        self._backoff.check()
+        raw = self._file_bytes()
+        if raw is None:
+            raise errors.BackupInvalid(f"the backup file {self._backup_path} is missing")
+        backup = self._parse(raw)
+        pw = _password_bytes(password)
+        try:
+            keys = open_backup(backup, pw)
+        except WrongPassword:
+            self._failed_attempt()
+            raise errors.WrongPassword("the password does not open the backup") from None
+        except BackupCorrupt as exc:
+            raise errors.BackupInvalid(f"the backup is invalid: {exc}") from None
+        finally:
+            wipe_bytearray(pw)
+        try:
+            fps = {g: fingerprint(k) for g, k in keys.items()}
+        finally:
+            for key in keys.values():
+                key.wipe()
+        self._backoff.succeeded()
+        if set(fps) != set(keyring.generations) or not all(
+            fingerprints_equal(fps[g], keyring.fingerprint_for(g)) for g in fps
+        ):
+            self.backup_health.status = "mismatch"
+            raise errors.BackupInvalid("the backup does not match the keys in memory")
+        self.backup_health.status = "ok"
+        self.backup_health.detail = ""
+        self.backup_health.last_verified = self._clock()
+        return tuple(sorted(fps))
+
+    def export_backup(self) -> tuple[bytes, tuple[int, ...]]:
+        self.require_unsealed()
+        raw = self._file_bytes()
+        if raw is None:
+            if self._backup is None:
+                raise errors.BackupInvalid("no backup is available")
+            raw = self._backup.to_bytes()
+        return raw, self._parse(raw).generations
+
+    def change_password(self, old: bytes, new: bytes) -> tuple[int, ...]:
+        with self._lock:
+            keyring = self.require_unsealed()
+            self.verify_with_password(old)
+            try:
+                pw = check_password(new)
+            except PasswordRejected as exc:
+                raise errors.PasswordRejected(str(exc)) from None
+            try:
+                backup, _ = create_backup(pw, keyring.keys(), self._kdf_params)
+            finally:
+                wipe_bytearray(pw)
+            self._write_backup(backup)
+            self._backup = backup
+            self.backup_health.status = "ok"
+            self.backup_health.last_verified = self._clock()
+            return backup.generations
+
+    # ------------------------------------------------------------------ rotation support
+
+    def add_generation(self) -> GenerationInfo:
+        """Generate RK(g+1) and seal it into the backup *before* it is used; activate it."""
+        with self._lock:
+            keyring = self.require_unsealed()
+            assert self._backup is not None
+            new_generation = max(keyring.generations) + 1
+            key = SecretKey.generate()
+            try:
+                keys = dict(keyring.keys())
+                keys[new_generation] = key
+                backup = self._backup.reseal(keys)
+                self._write_backup(backup)
+            except BaseException:
+                key.wipe()
+                raise
+            info = GenerationInfo(new_generation, fingerprint(key).hex(), self._clock())
+            recorded = self.generations_recorded()
+            recorded[new_generation] = info
+            self._record_generations(recorded)
+            self._backup = backup
+            self._keyring = keyring.with_key(new_generation, key, activate=True)
+        log.info("root key generation added", generation=new_generation,
+                 fingerprint=info.fingerprint)
+        return info
+
+    def activate(self, generation: int) -> None:
+        with self._lock:
+            self._keyring = self.require_unsealed().with_active(generation)
+
+    def drop_generation(self, generation: int) -> None:
+        """Remove a generation from the backup first, then from memory (wiped)."""
+        with self._lock:
+            keyring = self.require_unsealed()
+            assert self._backup is not None
+            if generation not in keyring.generations:
+                return
+            remaining = keyring.without(generation)
+            backup = self._backup.reseal(remaining.keys())
+            self._write_backup(backup)
+            self._backup = backup
+            old_entry = keyring.entry(generation)
+            self._keyring = remaining
+            recorded = self.generations_recorded()
+            recorded.pop(generation, None)
+            self._record_generations(recorded)
+        old_entry.wipe()
+        log.info("root key generation dropped", generation=generation)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def seal(self) -> None:
+        """Wipe every root key from memory (shutdown)."""
+        with self._lock:
+            keyring = self._keyring
+            self._keyring = Keyring.empty()
+        keyring.wipe()

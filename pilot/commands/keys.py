@@ -1,0 +1,175 @@
+"""spike init | recover | backup status/verify/export | password change."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from pilot.errors import UsageError
+from pilot.output import emit_json, info
+from pilot.passwords import add_password_options, read_new_password, read_password, wipe
+
+
+def register(sub: Any, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("init", parents=[parent],
+                       help="first start: set the admin password; Nexus generates the root key")
+    add_password_options(p)
+    p.set_defaults(func=run_init)
+
+    p = sub.add_parser("recover", parents=[parent],
+                       help="after a restart: unseal from the backup with the password")
+    p.add_argument("--backup-file", type=Path, metavar="F",
+                   help="an exported backup, when the server's own file is lost")
+    add_password_options(p)
+    p.set_defaults(func=run_recover)
+
+    backup = sub.add_parser("backup", parents=[parent], help="the encrypted root key backup")
+    bsub = backup.add_subparsers(dest="backup_command", metavar="COMMAND", required=True)
+    p = bsub.add_parser("status", parents=[parent], help="backup file state and last checks")
+    p.set_defaults(func=run_backup_status)
+    p = bsub.add_parser("verify", parents=[parent],
+                        help="prove the password opens the backup and it matches memory")
+    add_password_options(p)
+    p.set_defaults(func=run_backup_verify)
+    p = bsub.add_parser("export", parents=[parent], help="write the encrypted backup to F")
+    p.add_argument("--out", type=Path, required=True, metavar="F")
+    p.add_argument("--force", action="store_true", help="overwrite F if it exists")
+    p.set_defaults(func=run_backup_export)
+
+    password = sub.add_parser("password", parents=[parent], help="the administrator password")
+    psub = password.add_subparsers(dest="password_command", metavar="COMMAND", required=True)
+    p = psub.add_parser("change", parents=[parent],
+                        help="re-seal every live generation under a new password")
+    add_password_options(p, new=True)
+    p.set_defaults(func=run_password_change)
+
+
+def _operator(client: Any) -> tuple[Any, Any]:
+    from spike.v1 import operator_pb2 as pb  # noqa: PLC0415
+    from spike.v1 import operator_pb2_grpc as pb_grpc  # noqa: PLC0415
+
+    return pb, client.stub(pb_grpc.OperatorStub)
+
+
+# Argon2id with production parameters takes a while on the server.
+SLOW = 120.0
+
+
+def run_init(args: argparse.Namespace, client: Any) -> int:
+    pb, stub = _operator(client)
+    password = read_password(args, "New administrator password", confirm=True)
+    try:
+        resp = client.call(stub.Init, pb.InitRequest(password=bytes(password)), timeout=SLOW)
+    finally:
+        wipe(password)
+    data = {"root_key_generation": resp.root_key_generation,
+            "root_key_fingerprint": resp.root_key_fingerprint,
+            "backup_path": resp.backup_path, "state": "unsealed"}
+    if args.output == "json":
+        emit_json(data)
+    else:
+        print(f"initialized: root key generation {resp.root_key_generation}, "
+              f"fingerprint {resp.root_key_fingerprint}")
+        print(f"encrypted backup written to {resp.backup_path} on the Nexus host")
+        info("keep the password safe: without it the backup cannot be opened, and "
+             "`spike backup export --out F` gives you an off-host copy")
+    return 0
+
+
+def run_recover(args: argparse.Namespace, client: Any) -> int:
+    pb, stub = _operator(client)
+    exported = b""
+    if args.backup_file:
+        try:
+            exported = args.backup_file.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.backup_file}: {exc.strerror}") from None
+        if not exported:
+            raise UsageError(f"{args.backup_file} is empty")
+    password = read_password(args, "Administrator password")
+    try:
+        resp = client.call(stub.Recover, pb.RecoverRequest(password=bytes(password),
+                                                           backup=exported), timeout=SLOW)
+    finally:
+        wipe(password)
+    data = {"state": "unsealed", "root_key_generation": resp.root_key_generation,
+            "root_key_fingerprint": resp.root_key_fingerprint,
+            "generations": list(resp.generations)}
+    if args.output == "json":
+        emit_json(data)
+    else:
+        print(f"unsealed: root key generation {resp.root_key_generation}, fingerprint "
+              f"{resp.root_key_fingerprint}, generations in memory {list(resp.generations)}")
+    return 0
+
+
+def run_backup_status(args: argparse.Namespace, client: Any) -> int:
+    from pilot.commands.status import status_dict  # noqa: PLC0415
+
+    pb, stub = _operator(client)
+    resp = client.call(stub.BackupStatus, pb.BackupStatusRequest())
+    wrapper = pb.StatusResponse(backup=resp.backup)
+    data = status_dict(wrapper)["backup"]
+    if args.output == "json":
+        emit_json(data)
+    else:
+        for key in ("status", "path", "detail", "generations", "kdf", "last_written",
+                    "last_verified"):
+            print(f"{key:14} {data[key] if data[key] not in (None, '', []) else '-'}")
+    return 0 if data["status"] == "ok" else 1
+
+
+def run_backup_verify(args: argparse.Namespace, client: Any) -> int:
+    pb, stub = _operator(client)
+    password = read_password(args, "Administrator password")
+    try:
+        resp = client.call(stub.BackupVerify, pb.BackupVerifyRequest(password=bytes(password)),
+                           timeout=SLOW)
+    finally:
+        wipe(password)
+    if args.output == "json":
+        emit_json({"ok": resp.ok, "generations": list(resp.generations), "detail": resp.detail})
+    else:
+        print(f"backup verified: {resp.detail} (generations {list(resp.generations)})")
+    return 0 if resp.ok else 8
+
+
+def run_backup_export(args: argparse.Namespace, client: Any) -> int:
+    pb, stub = _operator(client)
+    if args.out.exists() and not args.force:
+        raise UsageError(f"{args.out} exists: choose another file or pass --force")
+    resp = client.call(stub.BackupExport, pb.BackupExportRequest())
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(resp.backup)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, args.out)
+    if args.output == "json":
+        emit_json({"out": str(args.out), "bytes": len(resp.backup),
+                   "generations": list(resp.generations)})
+    else:
+        print(f"encrypted backup ({len(resp.backup)} bytes, generations "
+              f"{list(resp.generations)}) written to {args.out}")
+    return 0
+
+
+def run_password_change(args: argparse.Namespace, client: Any) -> int:
+    pb, stub = _operator(client)
+    old = read_password(args, "Current password")
+    new = bytearray()
+    try:
+        new = read_new_password(args)
+        resp = client.call(stub.ChangePassword, pb.ChangePasswordRequest(
+            old_password=bytes(old), new_password=bytes(new)), timeout=SLOW)
+    finally:
+        wipe(old)
+        wipe(new)
+    if args.output == "json":
+        emit_json({"ok": True, "generations": list(resp.generations)})
+    else:
+        print(f"password changed; backup re-sealed (generations {list(resp.generations)})")
+    return 0
