@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -161,6 +162,21 @@ def _translate_errors() -> Iterator[None]:
         raise StoreError(f"postgres: {exc}") from exc
 
 
+def _hung_up(conn: Conn) -> bool:
+    """True if an idle connection is unusable (closed, or the server sent something/EOF).
+
+    An idle connection has nothing to read unless the server terminated it (an error message
+    then EOF) or sent an asynchronous notice; either way a fresh connection is the safe choice.
+    """
+    if conn.closed or conn.broken:
+        return True
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
+
+
 class _Connections:
     """A lock-guarded set of idle connections with an upper bound on open ones."""
 
@@ -177,16 +193,26 @@ class _Connections:
         )
         return conn
 
+    def _take_idle(self) -> Conn | None:
+        """Pop a healthy idle connection, discarding ones the server has hung up on."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise StoreUnavailable("store is closed")
+                if not self._idle:
+                    return None
+                conn = self._idle.pop()
+            if not _hung_up(conn):
+                return conn
+            conn.close()
+
     @contextlib.contextmanager
     def connection(self) -> Iterator[Conn]:
         """Borrow a connection (autocommit mode; use ``conn.transaction()`` for atomicity)."""
         if not self._slots.acquire(timeout=_POOL_WAIT_S):
             raise StoreUnavailable("postgres: no free database connection")
         try:
-            with self._lock:
-                if self._closed:
-                    raise StoreUnavailable("store is closed")
-                conn = self._idle.pop() if self._idle else None
+            conn = self._take_idle()
             if conn is None:
                 conn = self._connect()
             try:
