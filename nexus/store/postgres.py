@@ -580,8 +580,8 @@ class PostgresStore:
         def tx(conn: Conn) -> int:
             cur = conn.execute(
                 "UPDATE records AS r SET generation = v.new_generation, blob = v.new_blob"
-                " FROM unnest(%s::text[], %s::text[], %s::integer[], %s::integer[],"
-                " %s::bytea[], %s::integer[], %s::bytea[])"
+                " FROM unnest(%b::text[], %b::text[], %b::integer[], %b::integer[],"
+                " %b::bytea[], %b::integer[], %b::bytea[])"
                 " AS v(kind, path, version, expected_generation, expected_blob,"
                 " new_generation, new_blob)"
                 " WHERE r.kind = v.kind AND r.path = v.path AND r.version = v.version"
