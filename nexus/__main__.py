@@ -84,7 +84,10 @@ def serve(config: NexusConfig) -> int:
                       allow_insecure_kdf=config.insecure_test_kdf,
                       backoff_base=config.recover_backoff_seconds)
     node = Node(store, config.store, keys, audit, hardening, str(config.backup_path),
-                backup_verify_interval=config.backup_verify_interval_seconds)
+                backup_verify_interval=config.backup_verify_interval_seconds,
+                superuser_id=f"spiffe://{config.trust_domain}/spike/pilot/role/superuser",
+                max_versions=config.max_secret_versions,
+                max_value_bytes=config.max_value_bytes)
     server = NexusServer(config, node, identity, audit)
     node.on_state_change(server.update_health)
     node.start()

@@ -30,6 +30,7 @@ _STATUS: list[tuple[type[errors.NexusError], grpc.StatusCode]] = [
     (errors.BackupInvalid, grpc.StatusCode.DATA_LOSS),
     (errors.TooManyAttempts, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
 ]
 
 _log = structlog.get_logger("nexus.api")

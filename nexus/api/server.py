@@ -11,8 +11,11 @@ from grpc_reflection.v1alpha import reflection
 
 from nexus.api.authz import AuthorizationInterceptor, Gate, rpc_rules
 from nexus.api.operator import OperatorServicer
+from nexus.api.policies import PoliciesServicer
+from nexus.api.secrets import SecretsServicer
 from nexus.audit import AuditLog
 from nexus.config import NexusConfig
+from nexus.core.backup_file import MAX_BACKUP_FILE_SIZE
 from nexus.core.node import Node
 from spike.identity import IdentitySource
 from spike.tls import MAX_MESSAGE_BYTES, server_credentials
@@ -47,7 +50,10 @@ class NexusServer:
         options: list[tuple[str, Any]] = [
             ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
             ("grpc.max_connection_age_grace_ms", 30_000),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # A request carries at most one secret (bounded by max_value_bytes) or one
+            # backup (bounded at 1 MiB), plus framing.
+            ("grpc.max_receive_message_length",
+             max(config.max_value_bytes, MAX_BACKUP_FILE_SIZE) + 64 * 1024),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ]
@@ -58,10 +64,10 @@ class NexusServer:
         )
         operator_pb2_grpc.add_OperatorServicer_to_server(OperatorServicer(node), self.server)
         secrets_pb2_grpc.add_SecretsServicer_to_server(
-            secrets_pb2_grpc.SecretsServicer(), self.server
+            SecretsServicer(node.secrets, audit), self.server
         )
         policies_pb2_grpc.add_PoliciesServicer_to_server(
-            policies_pb2_grpc.PoliciesServicer(), self.server
+            PoliciesServicer(node.policies, audit), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -71,3 +71,9 @@ class TooManyAttempts(NexusError):
 
 class Unavailable(NexusError):
     kind = "unavailable"
+
+
+class IntegrityError(NexusError):
+    """A stored record failed to decrypt (tampered, moved, or its key is gone)."""
+
+    kind = "integrity"

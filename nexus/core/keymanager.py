@@ -207,6 +207,7 @@ class KeyManager:
             self._backup = backup
             self._keyring = Keyring.from_keys({1: key}, active=1)
             self.backup_health.status = "ok"
+            self.backup_health.detail = ""
             self.backup_health.last_verified = self._clock()
         log.info("root key generated", generation=1, fingerprint=info.fingerprint)
         self._notify_unsealed()
@@ -415,6 +416,7 @@ class KeyManager:
             self._write_backup(backup)
             self._backup = backup
             self.backup_health.status = "ok"
+            self.backup_health.detail = ""
             self.backup_health.last_verified = self._clock()
             return backup.generations
 

@@ -10,7 +10,10 @@ import structlog
 
 from nexus import __version__
 from nexus.audit import AuditLog
+from nexus.core.counter import EncryptionCounter
 from nexus.core.keymanager import KeyManager
+from nexus.core.policies import PolicyEngine
+from nexus.core.secrets import SecretsService
 from nexus.crypto.hardening import HardeningReport
 from nexus.store.base import Store
 
@@ -59,8 +62,17 @@ class Node:
         hardening: HardeningReport,
         backup_path: str,
         backup_verify_interval: float = 3600.0,
+        *,
+        superuser_id: str,
+        max_versions: int = 10,
+        max_value_bytes: int = 64 * 1024,
     ) -> None:
         self.store = store
+        self.counter = EncryptionCounter(store)
+        self.policies = PolicyEngine(store, keys, superuser_id, self.counter)
+        self.secrets = SecretsService(store, keys, self.policies, self.counter,
+                                      max_versions=max_versions,
+                                      max_value_bytes=max_value_bytes)
         self.store_name = store_name
         self.keys = keys
         self.audit = audit
@@ -99,6 +111,7 @@ class Node:
     # ------------------------------------------------------------------ backup checks
 
     def _verify_loop(self, interval: float) -> None:
+        self.verify_backup_now()
         while not self._stop.wait(interval):
             self.verify_backup_now()
 
@@ -149,5 +162,9 @@ class Node:
 
     def close(self) -> None:
         self._stop.set()
+        try:
+            self.counter.flush()
+        except Exception:
+            log.exception("could not persist encryption counts")
         self.keys.seal()
         self.store.close()

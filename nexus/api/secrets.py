@@ -1,0 +1,72 @@
+"""Secrets servicer: thin — decode, call core, encode. Every call is audited."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from nexus.api.calls import rpc_call
+from nexus.api.operator import timestamp
+from nexus.audit import AuditLog
+from nexus.core.secrets import SecretsService
+from spike.v1 import secrets_pb2 as pb
+from spike.v1 import secrets_pb2_grpc as pb_grpc
+
+
+class SecretsServicer(pb_grpc.SecretsServicer):
+    def __init__(self, secrets: SecretsService, audit: AuditLog) -> None:
+        self._secrets = secrets
+        self._audit = audit
+
+    def Put(self, request: pb.PutSecretRequest, context: grpc.ServicerContext) -> Any:
+        cas = request.cas if request.HasField("cas") else None
+        with rpc_call(context, self._audit, "secret.put", request.path) as caller:
+            version = self._secrets.put(caller, request.path, dict(request.data), cas)
+            return pb.PutSecretResponse(path=request.path, version=version)
+
+    def Get(self, request: pb.GetSecretRequest, context: grpc.ServicerContext) -> Any:
+        with rpc_call(context, self._audit, "secret.get", request.path) as caller:
+            found = self._secrets.get(caller, request.path, request.version or None)
+            return pb.GetSecretResponse(path=found.path, version=found.version,
+                                        data=found.data, created=timestamp(found.created))
+
+    def List(self, request: pb.ListSecretsRequest, context: grpc.ServicerContext) -> Any:
+        with rpc_call(context, self._audit, "secret.list", request.prefix) as caller:
+            return pb.ListSecretsResponse(paths=self._secrets.list(caller, request.prefix))
+
+    def Delete(self, request: pb.DeleteSecretRequest, context: grpc.ServicerContext) -> Any:
+        with rpc_call(context, self._audit, "secret.delete", request.path,
+                      versions=list(request.versions)) as caller:
+            self._secrets.delete(caller, request.path, list(request.versions))
+            return pb.DeleteSecretResponse()
+
+    def Undelete(self, request: pb.UndeleteSecretRequest,
+                 context: grpc.ServicerContext) -> Any:
+        with rpc_call(context, self._audit, "secret.undelete", request.path,
+                      versions=list(request.versions)) as caller:
+            self._secrets.undelete(caller, request.path, list(request.versions))
+            return pb.UndeleteSecretResponse()
+
+    def Destroy(self, request: pb.DestroySecretRequest, context: grpc.ServicerContext) -> Any:
+        with rpc_call(context, self._audit, "secret.destroy", request.path,
+                      versions=list(request.versions)) as caller:
+            self._secrets.destroy(caller, request.path, list(request.versions))
+            return pb.DestroySecretResponse()
+
+    def Metadata(self, request: pb.SecretMetadataRequest,
+                 context: grpc.ServicerContext) -> Any:
+        with rpc_call(context, self._audit, "secret.metadata", request.path) as caller:
+            meta = self._secrets.metadata(caller, request.path)
+            return pb.SecretMetadataResponse(
+                path=meta.path,
+                current_version=meta.current_version,
+                oldest_version=meta.oldest_version,
+                created=timestamp(meta.created_at),
+                updated=timestamp(meta.updated_at),
+                versions=[pb.SecretVersionInfo(version=v.version,
+                                               created=timestamp(v.created_at),
+                                               deleted=timestamp(v.deleted_at),
+                                               destroyed=v.destroyed)
+                          for v in meta.versions],
+            )

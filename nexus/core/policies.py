@@ -1,0 +1,181 @@
+"""Policies: who (SPIFFE ID pattern) may do what (permissions) where (path pattern).
+
+Patterns are RE2 expressions matched in full (anchored), so evaluation is
+linear in the input and a hostile pattern cannot stall Nexus. Default deny.
+The superuser Pilot identity may do everything. Policies are stored encrypted
+(purpose POLICIES, identity bound to the policy name) and cached in memory;
+the cache is rebuilt on every change here and at most ``cache_seconds`` after
+a change made by another Nexus node sharing the store.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import re2
+import structlog
+
+from nexus.core.counter import EncryptionCounter
+from nexus.core.errors import Forbidden, InvalidInput, NotFound
+from nexus.core.keymanager import KeyManager
+from nexus.core.validation import MAX_PATTERN_CHARS, check_policy_name
+from nexus.crypto.envelope import DecryptionError, record_identity
+from nexus.crypto.keys import Purpose
+from nexus.store.base import KIND_POLICY, POLICY_VERSION, Store
+from nexus.store.base import NotFound as StoreNotFound
+
+log = structlog.get_logger("nexus.policies")
+
+PERMISSIONS = ("read", "write", "list", "super")
+# RE2 memory budget per compiled pattern: bounds what a hostile pattern can cost.
+_RE2_MAX_MEM = 1 << 20
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    spiffe_id_pattern: str
+    path_pattern: str
+    permissions: frozenset[str]
+    created: float = 0.0
+    updated: float = 0.0
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "name": self.name,
+            "spiffe_id_pattern": self.spiffe_id_pattern,
+            "path_pattern": self.path_pattern,
+            "permissions": sorted(self.permissions),
+        }, sort_keys=True).encode()
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    policy: Policy
+    spiffe_id: Any
+    path: Any
+
+
+def compile_pattern(pattern: str, what: str) -> Any:
+    if not pattern:
+        raise InvalidInput(f"the {what} pattern is empty")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise InvalidInput(f"the {what} pattern is longer than {MAX_PATTERN_CHARS} characters")
+    options = re2.Options()
+    options.max_mem = _RE2_MAX_MEM
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except re2.error:
+        raise InvalidInput(f"the {what} pattern is not a valid RE2 expression (RE2 has no "
+                           "backreferences or lookaround)") from None
+
+
+def validate_policy(policy: Policy) -> Policy:
+    check_policy_name(policy.name)
+    unknown = set(policy.permissions) - set(PERMISSIONS)
+    if unknown or not policy.permissions:
+        raise InvalidInput(f"permissions must be a non-empty subset of {', '.join(PERMISSIONS)}")
+    compile_pattern(policy.spiffe_id_pattern, "SPIFFE ID")
+    compile_pattern(policy.path_pattern, "path")
+    return policy
+
+
+class PolicyEngine:
+    def __init__(self, store: Store, keys: KeyManager, superuser_id: str,
+                 counter: EncryptionCounter, cache_seconds: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._keys = keys
+        self._superuser = superuser_id
+        self._counter = counter
+        self._cache_seconds = cache_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cache: tuple[float, list[_Compiled]] | None = None
+
+    # ------------------------------------------------------------------ decisions
+
+    def allowed(self, caller: str, path: str, permission: str) -> bool:
+        if caller == self._superuser:
+            return True
+        for compiled in self._policies():
+            perms = compiled.policy.permissions
+            if permission not in perms and "super" not in perms:
+                continue
+            if compiled.spiffe_id.fullmatch(caller) and compiled.path.fullmatch(path):
+                return True
+        return False
+
+    def require(self, caller: str, path: str, permission: str) -> None:
+        if not self.allowed(caller, path, permission):
+            raise Forbidden(f"no policy allows {caller} to {permission} {path}")
+
+    def _policies(self) -> list[_Compiled]:
+        cached = self._cache
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self._cache_seconds:
+            return cached[1]
+        with self._lock:
+            compiled = []
+            for row in self._store.list_policies():
+                try:
+                    policy = self._decode(row)
+                except DecryptionError:
+                    # Deny-safe: a tampered policy grants nothing; the rest still apply.
+                    log.error("policy failed its integrity check; ignored", policy=row.path)
+                    continue
+                compiled.append(_Compiled(
+                    policy, compile_pattern(policy.spiffe_id_pattern, "SPIFFE ID"),
+                    compile_pattern(policy.path_pattern, "path")))
+            self._cache = (now, compiled)
+        return compiled
+
+    def invalidate(self) -> None:
+        self._cache = None
+
+    # ------------------------------------------------------------------ CRUD (superuser)
+
+    def _decode(self, row: Any) -> Policy:
+        keyring = self._keys.require_unsealed()
+        plain = keyring.decrypt(Purpose.POLICIES, row.blob,
+                                record_identity(KIND_POLICY, row.path, POLICY_VERSION))
+        doc = json.loads(plain)
+        return Policy(doc["name"], doc["spiffe_id_pattern"], doc["path_pattern"],
+                      frozenset(doc["permissions"]), row.created_at, row.created_at)
+
+    def put(self, policy: Policy) -> Policy:
+        validate_policy(policy)
+        keyring = self._keys.require_unsealed()
+        generation = keyring.active_generation
+        assert generation is not None
+        blob = keyring.encrypt(Purpose.POLICIES, policy.to_json(),
+                               record_identity(KIND_POLICY, policy.name, POLICY_VERSION))
+        now = self._clock()
+        self._store.put_policy(policy.name, generation, blob, now)
+        self._counter.add(generation)
+        self.invalidate()
+        return self.get(policy.name)
+
+    def get(self, name: str) -> Policy:
+        check_policy_name(name)
+        try:
+            row = self._store.get_policy(name)
+        except StoreNotFound:
+            raise NotFound(f"no policy named {name}") from None
+        return self._decode(row)
+
+    def list(self) -> list[Policy]:
+        self._keys.require_unsealed()
+        return [self._decode(row) for row in self._store.list_policies()]
+
+    def delete(self, name: str) -> None:
+        check_policy_name(name)
+        if not self._store.delete_policy(name):
+            raise NotFound(f"no policy named {name}")
+        self.invalidate()

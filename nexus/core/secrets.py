@@ -1,0 +1,153 @@
+"""Secrets: path -> versioned map<string,string>, each version encrypted under the root key.
+
+Plaintext is canonical JSON of the map; the associated data binds the record
+identity (kind, path, version) so a ciphertext moved to another row fails to
+decrypt. Authorization is checked here, per path, through the policy engine.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from nexus.core.counter import EncryptionCounter
+from nexus.core.errors import Conflict, IntegrityError, InvalidInput, NotFound
+from nexus.core.keymanager import KeyManager
+from nexus.core.policies import PolicyEngine
+from nexus.core.validation import check_data, check_path, check_prefix, check_versions
+from nexus.crypto.envelope import DecryptionError, record_identity
+from nexus.crypto.keys import Purpose
+from nexus.store.base import KIND_SECRET, CasMismatch, SecretMeta, Store
+from nexus.store.base import NotFound as StoreNotFound
+
+log = structlog.get_logger("nexus.secrets")
+
+
+@dataclass(frozen=True)
+class SecretVersion:
+    path: str
+    version: int
+    data: dict[str, str]
+    created: float
+
+
+def encode_data(data: Mapping[str, str]) -> bytes:
+    return json.dumps(dict(data), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=False).encode()
+
+
+class SecretsService:
+    def __init__(self, store: Store, keys: KeyManager, policies: PolicyEngine,
+                 counter: EncryptionCounter, *, max_versions: int = 10,
+                 max_value_bytes: int = 64 * 1024,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._keys = keys
+        self._policies = policies
+        self._counter = counter
+        self._max_versions = max_versions
+        self._max_value_bytes = max_value_bytes
+        self._clock = clock
+
+    def put(self, caller: str, path: str, data: Mapping[str, str], cas: int | None) -> int:
+        check_path(path)
+        check_data(data, self._max_value_bytes)
+        self._policies.require(caller, path, "write")
+        plaintext = encode_data(data)
+        used: list[int] = []
+
+        def seal(version: int) -> tuple[int, bytes]:
+            # Grab the keyring inside the transaction: a rotation that switched the
+            # active generation meanwhile is honoured.
+            keyring = self._keys.require_unsealed()
+            generation = keyring.active_generation
+            assert generation is not None
+            used.append(generation)
+            return generation, keyring.encrypt(
+                Purpose.SECRETS, plaintext, record_identity(KIND_SECRET, path, version))
+
+        try:
+            version = self._store.put_secret(path, cas=cas, max_versions=self._max_versions,
+                                             now=self._clock(), seal=seal)
+        except CasMismatch as exc:
+            raise Conflict(f"check-and-set failed for {path}: expected version "
+                           f"{exc.expected}, current is {exc.actual}") from None
+        for generation in used:
+            self._counter.add(generation)
+        return version
+
+    def get(self, caller: str, path: str, version: int | None = None) -> SecretVersion:
+        check_path(path)
+        self._policies.require(caller, path, "read")
+        keyring = self._keys.require_unsealed()
+        try:
+            row = self._store.get_secret(path, version or None)
+        except StoreNotFound:
+            what = f"version {version} of {path}" if version else path
+            raise NotFound(f"no secret {what}") from None
+        if row.destroyed or row.blob is None:
+            raise NotFound(f"version {row.version} of {path} was destroyed")
+        if row.deleted:
+            raise NotFound(f"version {row.version} of {path} is deleted (undelete it to read)")
+        try:
+            plain = keyring.decrypt(Purpose.SECRETS, row.blob,
+                                    record_identity(KIND_SECRET, path, row.version))
+        except DecryptionError:
+            log.error("secret failed its integrity check", path=path, version=row.version)
+            raise IntegrityError(f"version {row.version} of {path} failed its integrity "
+                                 "check") from None
+        return SecretVersion(path, row.version, json.loads(plain), row.created_at)
+
+    def list(self, caller: str, prefix: str) -> list[str]:
+        check_prefix(prefix)
+        self._keys.require_unsealed()
+        return [p for p in self._store.list_secret_paths(prefix)
+                if self._policies.allowed(caller, p, "list")]
+
+    def metadata(self, caller: str, path: str) -> SecretMeta:
+        check_path(path)
+        self._policies.require(caller, path, "read")
+        self._keys.require_unsealed()
+        try:
+            return self._store.secret_meta(path)
+        except StoreNotFound:
+            raise NotFound(f"no secret {path}") from None
+
+    def _versions(self, path: str, versions: list[int], *, required: bool = False) -> list[int]:
+        if required and not versions:
+            raise InvalidInput(f"name the versions of {path} (--version N)")
+        return check_versions(versions)
+
+    def delete(self, caller: str, path: str, versions: list[int]) -> int:
+        check_path(path)
+        self._policies.require(caller, path, "write")
+        self._keys.require_unsealed()
+        try:
+            return self._store.delete_versions(path, self._versions(path, versions),
+                                               self._clock())
+        except StoreNotFound:
+            raise NotFound(f"no secret {path}") from None
+
+    def undelete(self, caller: str, path: str, versions: list[int]) -> int:
+        check_path(path)
+        self._policies.require(caller, path, "write")
+        self._keys.require_unsealed()
+        try:
+            return self._store.undelete_versions(path, self._versions(path, versions,
+                                                                         required=True))
+        except StoreNotFound:
+            raise NotFound(f"no secret {path}") from None
+
+    def destroy(self, caller: str, path: str, versions: list[int]) -> int:
+        check_path(path)
+        self._policies.require(caller, path, "write")
+        self._keys.require_unsealed()
+        try:
+            return self._store.destroy_versions(path, self._versions(path, versions,
+                                                                       required=True))
+        except StoreNotFound:
+            raise NotFound(f"no secret {path}") from None

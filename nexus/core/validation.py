@@ -1,0 +1,76 @@
+"""Input rules for paths, names and secret data. Every refusal is an InvalidInput with
+a message that says what is allowed (and never echoes a value)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from nexus.core.errors import InvalidInput
+
+MAX_PATH_CHARS = 512
+MAX_SEGMENT_CHARS = 128
+MAX_KEY_CHARS = 256
+MAX_KEYS = 1024
+MAX_POLICY_NAME_CHARS = 128
+MAX_PATTERN_CHARS = 1024
+
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_path(path: str) -> str:
+    if not path:
+        raise InvalidInput("the secret path is empty")
+    if len(path) > MAX_PATH_CHARS:
+        raise InvalidInput(f"the secret path is longer than {MAX_PATH_CHARS} characters")
+    segments = path.split("/")
+    for segment in segments:
+        if not segment:
+            raise InvalidInput("the secret path has an empty segment (leading, trailing or "
+                               "double '/')")
+        if segment in (".", ".."):
+            raise InvalidInput("the secret path may not contain '.' or '..' segments")
+        if len(segment) > MAX_SEGMENT_CHARS:
+            raise InvalidInput(f"a path segment is longer than {MAX_SEGMENT_CHARS} characters")
+        if not _SEGMENT.fullmatch(segment):
+            raise InvalidInput("path segments may contain only letters, digits, '.', '_' "
+                               "and '-', separated by '/'")
+    return path
+
+
+def check_prefix(prefix: str) -> str:
+    if not prefix:
+        return prefix
+    trimmed = prefix.rstrip("/")
+    if trimmed:
+        check_path(trimmed)
+    return prefix
+
+
+def check_data(data: Mapping[str, str], max_bytes: int) -> None:
+    if not data:
+        raise InvalidInput("a secret needs at least one KEY=VALUE")
+    if len(data) > MAX_KEYS:
+        raise InvalidInput(f"a secret may hold at most {MAX_KEYS} keys")
+    total = 0
+    for key, value in data.items():
+        if not key or len(key) > MAX_KEY_CHARS:
+            raise InvalidInput(f"secret keys must be 1..{MAX_KEY_CHARS} characters")
+        total += len(key.encode()) + len(value.encode())
+    if total > max_bytes:
+        raise InvalidInput(f"the secret's keys and values exceed {max_bytes} bytes")
+
+
+def check_policy_name(name: str) -> str:
+    if not name or len(name) > MAX_POLICY_NAME_CHARS or not _NAME.fullmatch(name):
+        raise InvalidInput(f"policy names are 1..{MAX_POLICY_NAME_CHARS} letters, digits, "
+                           "'.', '_' or '-'")
+    return name
+
+
+def check_versions(versions: list[int]) -> list[int]:
+    for v in versions:
+        if v <= 0:
+            raise InvalidInput("versions are positive integers")
+    return versions
