@@ -181,3 +181,10 @@ def test_postgres_survives_killed_connections(pg_dsn: str) -> None:
         assert store.get_state("k") == "w"
     finally:
         store.close()
+
+
+def test_pg_helper_reports_missing_binaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tests.pg.glob.glob", lambda pattern: [])
+    monkeypatch.setattr("tests.pg.shutil.which", lambda name: None)
+    with pytest.raises(pg.PgUnavailable, match=r"install-postgres\.sh"):
+        pg.find_bindir()
