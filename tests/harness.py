@@ -91,11 +91,13 @@ class Nexus:
         env: Mapping[str, str],
         args: Sequence[str] = (),
         wait: bool = True,
+        insecure_kdf: bool = True,
     ) -> None:
         self.data_dir = data_dir
+        # Cheap Argon2id for tests; benchmarks pass insecure_kdf=False for production costs.
         self.args = [
             PY, "-m", "nexus", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir),
-            "--insecure-test-kdf", *args,
+            *(["--insecure-test-kdf"] if insecure_kdf else []), *args,
         ]
         self.env = dict(env)
         self.lines: list[str] = []

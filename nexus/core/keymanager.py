@@ -15,6 +15,7 @@ never be installed silently.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -242,6 +243,7 @@ class KeyManager:
             self._backoff.succeeded()
             if exported and self._file_bytes() != raw:
                 # The server's copy is lost or differs: restore the one that opened.
+                self._set_aside_unusable_file(keys)
                 self._write_backup(backup)
             self._backup = backup
             self._keyring = Keyring.from_keys(keys, active=max(keys))
@@ -252,6 +254,30 @@ class KeyManager:
         log.info("unsealed", generations=list(keys), active=max(keys))
         self._notify_unsealed()
         return keyring
+
+    def _set_aside_unusable_file(self, keys: dict[int, SecretKey]) -> None:
+        """Move a corrupt or non-matching server file to ``<file>.corrupt`` before restoring.
+
+        Otherwise writing the restored copy would rotate the bad file into ``<file>.prev``
+        and push out the previous *good* copy.
+        """
+        path = self._backup_path
+        if not path.exists() and not path.is_symlink():
+            return
+        raw = self._file_bytes()
+        if raw is not None:
+            try:
+                if self._parse(raw).matches({g: fingerprint(k) for g, k in keys.items()}):
+                    return  # a good copy of these keys (another password): keep it as .prev
+            except errors.BackupInvalid:
+                pass
+        aside = path.with_name(path.name + ".corrupt")
+        try:
+            os.replace(path, aside)
+        except OSError as exc:
+            log.warning("cannot move the unusable backup file aside", error=exc.strerror)
+        else:
+            log.warning("unusable backup file moved aside", path=str(aside))
 
     def _failed_attempt(self) -> None:
         self.recover_failures += 1
