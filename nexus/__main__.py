@@ -87,7 +87,9 @@ def serve(config: NexusConfig) -> int:
                 backup_verify_interval=config.backup_verify_interval_seconds,
                 superuser_id=f"spiffe://{config.trust_domain}/spike/pilot/role/superuser",
                 max_versions=config.max_secret_versions,
-                max_value_bytes=config.max_value_bytes)
+                max_value_bytes=config.max_value_bytes,
+                data_dir=str(config.data_dir) if config.store == "sqlite" else None,
+                scheduler_check_every=config.scheduler_check_seconds)
     server = NexusServer(config, node, identity, audit)
     node.on_state_change(server.update_health)
     node.start()
@@ -106,6 +108,7 @@ def serve(config: NexusConfig) -> int:
     try:
         stop.wait()
     finally:
+        node.rotation.shutdown()  # checkpoint; ends watch streams
         server.stop(grace=10.0)
         node.close()
         audit.record("nexus.stop", caller="(nexus)", outcome="ok", durable=True)

@@ -42,6 +42,8 @@ class NexusConfig:
     backup_verify_interval_seconds: float = 3600.0
     # First delay after a wrong password; doubles per failure (capped at 300 s).
     recover_backoff_seconds: float = 1.0
+    # How often the rotation scheduler checks whether a rotation is due.
+    scheduler_check_seconds: float = 60.0
     max_secret_versions: int = 10
     max_value_bytes: int = 64 * 1024
     workers: int = 32

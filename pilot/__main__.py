@@ -14,7 +14,7 @@ from typing import Any
 
 from pilot.errors import PilotError
 
-COMMAND_MODULES = ("status", "keys", "secrets", "policies")
+COMMAND_MODULES = ("status", "keys", "secrets", "policies", "rotation")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,11 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from nexus.api.calls import rpc_call
+from google.protobuf.duration_pb2 import Duration
+
 from nexus.core.node import Node, StatusReport
+from nexus.core.rotation import RotationState
+from nexus.core.schedule import Schedule
 from spike.v1 import operator_pb2 as pb
 from spike.v1 import operator_pb2_grpc as pb_grpc
 
@@ -41,6 +45,53 @@ def backup_message(report: StatusReport) -> pb.BackupInfo:
     )
 
 
+_PHASES = {
+    "idle": pb.ROTATION_PHASE_IDLE,
+    "precheck": pb.ROTATION_PHASE_PRECHECK,
+    "new_key": pb.ROTATION_PHASE_NEW_KEY,
+    "reencrypt": pb.ROTATION_PHASE_REENCRYPT,
+    "validate": pb.ROTATION_PHASE_VALIDATE,
+    "finalize": pb.ROTATION_PHASE_FINALIZE,
+    "rollback": pb.ROTATION_PHASE_ROLLBACK,
+    "completed": pb.ROTATION_PHASE_COMPLETED,
+    "failed": pb.ROTATION_PHASE_FAILED,
+    "aborted": pb.ROTATION_PHASE_ABORTED,
+}
+
+
+def rotation_event(state: RotationState | None) -> pb.RotationEvent:
+    if state is None:
+        return pb.RotationEvent(phase=pb.ROTATION_PHASE_IDLE, terminal=True,
+                                message="no rotation has run yet")
+    return pb.RotationEvent(
+        rotation_id=state.rotation_id,
+        phase=_PHASES[state.phase],
+        from_generation=state.from_generation,
+        to_generation=state.to_generation,
+        total=state.total,
+        done=state.done,
+        reencrypted=state.reencrypted,
+        skipped=state.skipped,
+        failed=state.failed,
+        rate_per_second=state.rate,
+        eta_seconds=state.eta,
+        emergency=state.emergency,
+        terminal=state.terminal,
+        message=state.message,
+        started=timestamp(state.started),
+        updated=timestamp(state.updated),
+        sequence=state.sequence,
+    )
+
+
+def schedule_message(schedule: Schedule) -> pb.RotationSchedule:
+    return pb.RotationSchedule(
+        interval=Duration(seconds=int(schedule.interval_seconds)),
+        window=schedule.window,
+        max_encryptions=schedule.max_encryptions,
+    )
+
+
 def status_message(report: StatusReport, caller: str) -> pb.StatusResponse:
     return pb.StatusResponse(
         state=_STATES[report.state],
@@ -57,6 +108,9 @@ def status_message(report: StatusReport, caller: str) -> pb.StatusResponse:
         caller_spiffe_id=caller,
         store=report.store,
         records_by_generation=report.records_by_generation,
+        rotation=rotation_event(report.rotation) if report.rotation else None,
+        schedule=schedule_message(report.schedule) if report.schedule else None,
+        next_rotation=timestamp(report.next_rotation),
     )
 
 
@@ -115,3 +169,73 @@ class OperatorServicer(pb_grpc.OperatorServicer):
             generations = self._node.keys.change_password(request.old_password,
                                                           request.new_password)
             return pb.ChangePasswordResponse(generations=list(generations))
+
+    # ------------------------------------------------------------------ rotation
+
+    def StartRotation(self, request: pb.StartRotationRequest,
+                      context: grpc.ServicerContext) -> Any:
+        with rpc_call(context) as caller:
+            state = self._node.rotation.start(
+                caller=caller, emergency=request.emergency, batch_size=request.batch_size,
+                max_rate=request.max_rate, reason=request.reason or "requested by operator")
+            return pb.StartRotationResponse(rotation_id=state.rotation_id,
+                                            from_generation=state.from_generation,
+                                            to_generation=state.from_generation + 1)
+
+    def WatchRotation(self, request: pb.WatchRotationRequest,
+                      context: grpc.ServicerContext) -> Any:
+        with rpc_call(context):
+            engine = self._node.rotation
+            current = engine.current
+            if request.rotation_id and (current is None
+                                        or current.rotation_id != request.rotation_id):
+                from nexus.core.errors import NotFound  # noqa: PLC0415
+
+                raise NotFound(f"no rotation {request.rotation_id}")
+        if engine.current is None:
+            yield rotation_event(None)
+            return
+        for state in engine.watch():
+            if not context.is_active():
+                return  # the watcher left; the rotation goes on
+            yield rotation_event(state)
+
+    def RotationStatus(self, request: pb.RotationStatusRequest,
+                       context: grpc.ServicerContext) -> Any:
+        with rpc_call(context):
+            return rotation_event(self._node.rotation.current)
+
+    def AbortRotation(self, request: pb.AbortRotationRequest,
+                      context: grpc.ServicerContext) -> Any:
+        with rpc_call(context) as caller:
+            state = self._node.rotation.abort(caller, request.reason)
+            return pb.AbortRotationResponse(rotation_id=state.rotation_id)
+
+    def ResumeRotation(self, request: pb.ResumeRotationRequest,
+                       context: grpc.ServicerContext) -> Any:
+        with rpc_call(context) as caller:
+            state = self._node.rotation.resume(caller)
+            return pb.ResumeRotationResponse(rotation_id=state.rotation_id)
+
+    def GetRotationSchedule(self, request: pb.GetRotationScheduleRequest,
+                            context: grpc.ServicerContext) -> Any:
+        with rpc_call(context):
+            return schedule_message(self._node.scheduler.get())
+
+    def SetRotationSchedule(self, request: pb.SetRotationScheduleRequest,
+                            context: grpc.ServicerContext) -> Any:
+        fields = set(request.update_fields)
+        with rpc_call(context, self._audit, "rotation.schedule", ",".join(sorted(fields))):
+            changes: dict[str, object] = {}
+            unknown = fields - {"interval", "window", "max_encryptions"}
+            if unknown:
+                from nexus.core.errors import InvalidInput  # noqa: PLC0415
+
+                raise InvalidInput(f"unknown schedule fields: {sorted(unknown)}")
+            if "interval" in fields:
+                changes["interval_seconds"] = float(request.schedule.interval.ToSeconds())
+            if "window" in fields:
+                changes["window"] = request.schedule.window
+            if "max_encryptions" in fields:
+                changes["max_encryptions"] = int(request.schedule.max_encryptions)
+            return schedule_message(self._node.scheduler.set(**changes))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import structlog
 
-from nexus.core import errors
+from nexus.core import errors, testpoints
 from nexus.core.backup_file import BackupFileError, read_backup_file, write_backup_file
 from nexus.core.password_policy import PasswordRejected, check_password, normalize_password
 from nexus.crypto.backup_format import (
@@ -456,6 +456,7 @@ class KeyManager:
             new_generation = max(keyring.generations) + 1
             key = SecretKey.generate()
             try:
+                testpoints.reached("new_key_generated")
                 keys = dict(keyring.keys())
                 keys[new_generation] = key
                 backup = self._backup.reseal(keys)
@@ -463,6 +464,7 @@ class KeyManager:
             except BaseException:
                 key.wipe()
                 raise
+            testpoints.reached("backup_updated")
             info = GenerationInfo(new_generation, fingerprint(key).hex(), self._clock())
             recorded = self.generations_recorded()
             recorded[new_generation] = info
@@ -472,6 +474,17 @@ class KeyManager:
         log.info("root key generation added", generation=new_generation,
                  fingerprint=info.fingerprint)
         return info
+
+    def ensure_recorded(self) -> None:
+        """Record the fingerprint of every generation in memory (after a crash mid-change)."""
+        with self._lock:
+            keyring = self.require_unsealed()
+            recorded = self.generations_recorded()
+            missing = [g for g in keyring.generations if g not in recorded]
+            for g in missing:
+                recorded[g] = GenerationInfo(g, keyring.entry(g).fingerprint_hex, self._clock())
+            if missing:
+                self._record_generations(recorded)
 
     def activate(self, generation: int) -> None:
         with self._lock:
@@ -487,6 +500,7 @@ class KeyManager:
             remaining = keyring.without(generation)
             backup = self._backup.reseal(remaining.keys())
             self._write_backup(backup)
+            testpoints.reached("generation_dropped_from_backup")
             self._backup = backup
             old_entry = keyring.entry(generation)
             self._keyring = remaining

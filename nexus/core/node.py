@@ -13,6 +13,8 @@ from nexus.audit import AuditLog
 from nexus.core.counter import EncryptionCounter
 from nexus.core.keymanager import KeyManager
 from nexus.core.policies import PolicyEngine
+from nexus.core.rotation import RotationEngine, RotationState
+from nexus.core.schedule import Schedule, Scheduler
 from nexus.core.secrets import SecretsService
 from nexus.crypto.hardening import HardeningReport
 from nexus.store.base import Store
@@ -50,6 +52,10 @@ class StatusReport:
     version: str = __version__
     store: str = ""
     records_by_generation: dict[int, int] = field(default_factory=dict)
+    rotation: RotationState | None = None
+    schedule: Schedule | None = None
+    next_rotation: float | None = None
+    encryptions: dict[int, int] = field(default_factory=dict)
 
 
 class Node:
@@ -66,6 +72,8 @@ class Node:
         superuser_id: str,
         max_versions: int = 10,
         max_value_bytes: int = 64 * 1024,
+        data_dir: str | None = None,
+        scheduler_check_every: float = 60.0,
     ) -> None:
         self.store = store
         self.counter = EncryptionCounter(store)
@@ -73,6 +81,12 @@ class Node:
         self.secrets = SecretsService(store, keys, self.policies, self.counter,
                                       max_versions=max_versions,
                                       max_value_bytes=max_value_bytes)
+        from pathlib import Path  # noqa: PLC0415
+
+        self.rotation = RotationEngine(store, keys, self.counter, audit,
+                                       data_dir=Path(data_dir) if data_dir else None)
+        self.scheduler = Scheduler(store, keys, self.rotation, self.counter,
+                                   check_every=scheduler_check_every)
         self.store_name = store_name
         self.keys = keys
         self.audit = audit
@@ -88,6 +102,7 @@ class Node:
 
     def start(self) -> None:
         self._verifier.start()
+        self.scheduler.start()
 
     # ------------------------------------------------------------------ state
 
@@ -107,6 +122,7 @@ class Node:
     def _on_unsealed(self) -> None:
         for listener in self._state_listeners:
             listener()
+        self.rotation.resume_after_unseal()
 
     # ------------------------------------------------------------------ backup checks
 
@@ -158,10 +174,15 @@ class Node:
             ),
             store=self.store_name,
             records_by_generation=counts,
+            rotation=self.rotation.current,
+            schedule=self.scheduler.get(),
+            next_rotation=self.scheduler.next_rotation() if generation else None,
         )
 
     def close(self) -> None:
         self._stop.set()
+        self.scheduler.stop()
+        self.rotation.shutdown()
         try:
             self.counter.flush()
         except Exception:

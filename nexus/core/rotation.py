@@ -1,0 +1,598 @@
+"""Root key rotation: online re-encryption of every stored record, crash-safe.
+
+Phases (DESIGN.md section 7):
+
+1. ``precheck``  unsealed, store writable, free space, backup present and matching,
+                 no rotation running;
+2. ``new_key``   RK(g+1) is generated and sealed into the backup *before* anything is
+                 written under it; new writes use g+1 at once;
+3. ``reencrypt`` batches of records not yet under g+1: decrypt, encrypt under g+1,
+                 conditional write (a user write that landed meanwhile wins);
+                 throttled; the cursor is persisted after every batch;
+4. ``validate``  nothing left outside g+1, every record decrypts under g+1;
+5. ``finalize``  g is dropped from the backup first, then wiped from memory.
+
+``rollback`` (abort) moves records back under g and drops g+1. The job's state
+lives in the store (state key ``rotation``) so that after a crash and
+``spike recover`` the rotation resumes by itself. Progress is published as
+events with a monotone sequence number; any number of watchers read them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from nexus.audit import AuditLog
+from nexus.core import testpoints
+from nexus.core.counter import EncryptionCounter
+from nexus.core.errors import Conflict, InvalidInput, NotFound, NotReady
+from nexus.core.keymanager import KeyManager
+from nexus.crypto import envelope
+from nexus.crypto.envelope import DecryptionError, record_identity
+from nexus.crypto.keys import Purpose
+from nexus.store.base import KIND_SECRET, BlobUpdate, RecordKey, RecordRow, Store
+
+log = structlog.get_logger("nexus.rotation")
+
+STATE_KEY = "rotation"
+
+PRECHECK = "precheck"
+NEW_KEY = "new_key"
+REENCRYPT = "reencrypt"
+VALIDATE = "validate"
+FINALIZE = "finalize"
+ROLLBACK = "rollback"
+COMPLETED = "completed"
+FAILED = "failed"
+ABORTED = "aborted"
+IDLE = "idle"
+TERMINAL = frozenset({COMPLETED, FAILED, ABORTED})
+
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_MAX_RATE = 20_000  # records/s when throttled
+MAX_BATCH_SIZE = 10_000
+MIN_FREE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RotationState:
+    """One rotation's progress: persisted after every step, published as events."""
+
+    rotation_id: str
+    phase: str
+    from_generation: int
+    to_generation: int = 0
+    emergency: bool = False
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_rate: int = DEFAULT_MAX_RATE
+    reason: str = ""
+    caller: str = ""
+    total: int = 0
+    done: int = 0
+    reencrypted: int = 0
+    skipped: int = 0
+    failed: int = 0
+    rate: float = 0.0
+    eta: float = 0.0
+    message: str = ""
+    started: float = 0.0
+    updated: float = 0.0
+    sequence: int = 0
+    cursor: tuple[str, str, int] | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RotationState:
+        doc = json.loads(text)
+        if doc.get("cursor") is not None:
+            doc["cursor"] = tuple(doc["cursor"])
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in doc.items() if k in known})
+
+
+def purpose_for(kind: str) -> Purpose:
+    return Purpose.SECRETS if kind == KIND_SECRET else Purpose.POLICIES
+
+
+@dataclass
+class _Stop:
+    """Why the worker should stop at the next batch boundary."""
+
+    shutdown: threading.Event = field(default_factory=threading.Event)
+    abort: threading.Event = field(default_factory=threading.Event)
+
+
+class RotationEngine:
+    def __init__(
+        self,
+        store: Store,
+        keys: KeyManager,
+        counter: EncryptionCounter,
+        audit: AuditLog,
+        *,
+        data_dir: Path | None = None,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._store = store
+        self._keys = keys
+        self._counter = counter
+        self._audit = audit
+        self._data_dir = data_dir
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._state: RotationState | None = self._load()
+        self._thread: threading.Thread | None = None
+        self._stop = _Stop()
+        self._listeners: list[Callable[[RotationState], None]] = []
+
+    # ------------------------------------------------------------------ queries
+
+    def _load(self) -> RotationState | None:
+        raw = self._store.get_state(STATE_KEY)
+        return RotationState.from_json(raw) if raw else None
+
+    @property
+    def current(self) -> RotationState | None:
+        """The running rotation, or the last one (terminal), or None."""
+        return self._state
+
+    def running(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def add_listener(self, listener: Callable[[RotationState], None]) -> None:
+        self._listeners.append(listener)
+
+    def watch(self, timeout: float = 15.0) -> Iterator[RotationState]:
+        """A snapshot first, then each new state, until a terminal one.
+
+        Yields the unchanged state again every ``timeout`` seconds as a keep-alive,
+        so a caller can notice its client has gone.
+        """
+        with self._lock:
+            state = self._state
+        if state is None:
+            return
+        yield state
+        last = state.sequence
+        while not state.terminal:
+            with self._changed:
+                self._changed.wait_for(
+                    lambda seen=last: self._state is not None  # type: ignore[misc]
+                    and self._state.sequence != seen,
+                    timeout=timeout,
+                )
+                state = self._state
+            assert state is not None
+            if state.sequence == last and not state.terminal:
+                if not self.running() and self._stop.shutdown.is_set():
+                    return  # Nexus is stopping: the watcher reconnects later
+                yield state  # keep-alive
+                continue
+            last = state.sequence
+            yield state
+
+    # ------------------------------------------------------------------ commands
+
+    def start(
+        self,
+        *,
+        caller: str,
+        emergency: bool = False,
+        batch_size: int = 0,
+        max_rate: int = 0,
+        reason: str = "",
+    ) -> RotationState:
+        if batch_size < 0 or batch_size > MAX_BATCH_SIZE:
+            raise InvalidInput(f"--batch-size must be in 1..{MAX_BATCH_SIZE}")
+        if max_rate < 0:
+            raise InvalidInput("--max-rate must be >= 0")
+        with self._lock:
+            previous = self._state
+            if self.running() or (previous is not None and not previous.terminal):
+                raise Conflict("a rotation is already running: watch it with "
+                               "`spike rotation watch` or stop it with `spike rotation abort`")
+            if previous is not None and previous.phase == FAILED:
+                raise Conflict("the last rotation failed: fix its cause, then "
+                               "`spike rotation resume` or `spike rotation abort`")
+            keyring = self._keys.require_unsealed()
+            active = keyring.active_generation
+            assert active is not None
+            now = self._clock()
+            state = RotationState(
+                rotation_id=uuid.uuid4().hex[:12],
+                phase=PRECHECK,
+                from_generation=active,
+                emergency=emergency,
+                batch_size=batch_size or DEFAULT_BATCH_SIZE,
+                max_rate=0 if emergency else (max_rate or DEFAULT_MAX_RATE),
+                reason=reason,
+                caller=caller,
+                started=now,
+                updated=now,
+                sequence=(previous.sequence + 1) if previous else 1,
+            )
+            self._precheck(state)
+            self._publish_locked(state)
+        self._audit.record("rotation.start", caller=caller, target=state.rotation_id,
+                           outcome="ok", durable=True, from_generation=active,
+                           emergency=emergency, reason=reason)
+        self._spawn()
+        return state
+
+    def abort(self, caller: str, reason: str = "") -> RotationState:
+        with self._lock:
+            state = self._state
+            if state is None or (state.terminal and state.phase != FAILED):
+                raise NotFound("no rotation to abort")
+            if state.phase in (FINALIZE,):
+                raise Conflict("the rotation is finalizing and can no longer be aborted")
+        self._audit.record("rotation.abort", caller=caller, target=state.rotation_id,
+                           outcome="ok", durable=True, reason=reason)
+        if self.running():
+            self._stop.abort.set()
+        else:
+            self._enter_rollback(state, f"abort requested by {caller}")
+            self._spawn()
+        return state
+
+    def resume(self, caller: str) -> RotationState:
+        with self._lock:
+            state = self._state
+            if state is None or state.phase in (COMPLETED, ABORTED):
+                raise NotFound("no interrupted or failed rotation to resume")
+            if self.running():
+                raise Conflict("the rotation is already running")
+            if state.phase == FAILED:
+                self._publish_locked(replace(state, phase=REENCRYPT, cursor=None, failed=0,
+                                             message=f"resumed by {caller}"))
+        self._audit.record("rotation.resume", caller=caller, target=state.rotation_id,
+                           outcome="ok", durable=True)
+        self._spawn()
+        assert self._state is not None
+        return self._state
+
+    def resume_after_unseal(self) -> bool:
+        """Called when Nexus unseals: continue an interrupted rotation by itself."""
+        state = self._load()
+        with self._lock:
+            self._state = state
+        if state is None or state.terminal or self.running():
+            return False
+        log.info("resuming interrupted rotation", rotation_id=state.rotation_id,
+                 phase=state.phase)
+        self._audit.record("rotation.resume", caller="(nexus)", target=state.rotation_id,
+                           outcome="ok", durable=True, phase=state.phase)
+        self._spawn()
+        return True
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Checkpoint: stop at the next batch boundary; the state stays resumable."""
+        self._stop.shutdown.set()
+        with self._changed:
+            self._changed.notify_all()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    # ------------------------------------------------------------------ worker
+
+    def _spawn(self) -> None:
+        self._stop = _Stop()
+        self._thread = threading.Thread(target=self._run, name="rotation", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._drive()
+        except _Interrupted:
+            log.info("rotation checkpointed for shutdown")
+        except Exception as exc:  # never leave a rotation silently half-done
+            log.exception("rotation failed")
+            state = self._state
+            if state is not None and not state.terminal:
+                self._fail(state, f"internal error ({type(exc).__name__}); keys are "
+                                  "kept: check the logs, then `spike rotation resume`")
+
+    def _drive(self) -> None:
+        while True:
+            state = self._state
+            assert state is not None
+            if state.terminal:
+                return
+            if self._stop.abort.is_set() and state.phase not in (ROLLBACK, FINALIZE):
+                self._stop.abort.clear()
+                self._enter_rollback(state, "abort requested")
+                continue
+            step = {
+                PRECHECK: self._step_new_key,
+                NEW_KEY: self._step_new_key,
+                REENCRYPT: self._step_reencrypt,
+                VALIDATE: self._step_validate,
+                FINALIZE: self._step_finalize,
+                ROLLBACK: self._step_rollback,
+            }[state.phase]
+            try:
+                step(state)
+            except _AbortRequested:
+                self._stop.abort.clear()
+                self._enter_rollback(self._state or state, "abort requested")
+
+    # -- phases
+
+    def _precheck(self, state: RotationState) -> None:
+        self._keys.require_unsealed()
+        try:
+            self._store.check_writable()
+        except Exception:
+            raise NotReady("store", "the store is not writable: rotation refused") from None
+        if self._data_dir is not None:
+            free = shutil.disk_usage(self._data_dir).free
+            if free < MIN_FREE_BYTES:
+                raise Conflict(f"only {free // (1024 * 1024)} MiB free in the data directory: "
+                               "rotation refused")
+        health = self._keys.verify_backup_file()
+        if health.status != "ok":
+            raise Conflict(f"the backup is {health.status} ({health.detail}): fix it before "
+                           "rotating (`spike backup status`)")
+
+    def _step_new_key(self, state: RotationState) -> None:
+        testpoints.reached("rotation_precheck_done")
+        keyring = self._keys.require_unsealed()
+        newer = [g for g in keyring.generations if g > state.from_generation]
+        if state.phase == NEW_KEY and newer:
+            # A crash after the backup was updated: the new key came back with the backup.
+            to = max(newer)
+            self._keys.ensure_recorded()
+        else:
+            state = self._publish(replace(state, phase=NEW_KEY, message="generating new key"))
+            info = self._keys.add_generation()
+            to = info.generation
+        self._keys.activate(to)
+        total = sum(n for g, n in self._store.count_by_generation().items() if g != to)
+        self._publish(replace(state, phase=REENCRYPT, to_generation=to, total=total,
+                              cursor=None, message=f"re-encrypting under generation {to}"))
+        self._audit.record("rotation.new_key", caller="(nexus)", target=state.rotation_id,
+                           outcome="ok", durable=True, generation=to)
+        testpoints.reached("rotation_new_key_done")
+
+    def _step_reencrypt(self, state: RotationState) -> None:
+        self._keys.activate(state.to_generation)
+        state = self._move_records(state, target=state.to_generation, forward=True)
+        self._publish(replace(state, phase=VALIDATE, cursor=None, message="validating"))
+
+    def _step_validate(self, state: RotationState) -> None:
+        testpoints.reached("rotation_validate")
+        target = state.to_generation
+        counts = self._store.count_by_generation()
+        leftover = sum(n for g, n in counts.items() if g != target)
+        if leftover:
+            if state.failed:
+                self._fail(state, f"{state.failed} record(s) failed their integrity check and "
+                                  f"stay under generation {state.from_generation}: destroy or "
+                                  "rewrite them, then `spike rotation resume`")
+                return
+            # Writes that raced the switch: sweep again.
+            self._publish(replace(state, phase=REENCRYPT, cursor=None,
+                                  message=f"{leftover} record(s) left; sweeping again"))
+            return
+        keyring = self._keys.require_unsealed()
+        after: RecordKey | None = None
+        checked = 0
+        while True:
+            self._check_interrupt(allow_abort=True)
+            rows = self._store.scan_generation(target, after, MAX_BATCH_SIZE)
+            if not rows:
+                break
+            for row in rows:
+                assert row.blob is not None
+                try:
+                    keyring.decrypt(purpose_for(row.kind), row.blob,
+                                    record_identity(row.kind, row.path, row.version))
+                except DecryptionError:
+                    self._fail(state, f"validation: {row.kind} {row.path} v{row.version} does "
+                                      f"not decrypt under generation {target}; both keys kept")
+                    return
+            checked += len(rows)
+            after = rows[-1].key
+        self._publish(replace(state, phase=FINALIZE,
+                              message=f"validated {checked} record(s) under generation {target}"))
+        testpoints.reached("rotation_validated")
+
+    def _step_finalize(self, state: RotationState) -> None:
+        target = state.to_generation
+        keyring = self._keys.require_unsealed()
+        counts = self._store.count_by_generation()
+        for generation in keyring.generations:
+            if generation != target and not counts.get(generation):
+                self._keys.drop_generation(generation)
+        testpoints.reached("rotation_finalized")
+        self._counter.flush()
+        self._publish(replace(state, phase=COMPLETED, message=(
+            f"generation {target} active; generation {state.from_generation} removed from "
+            "memory and backup"), eta=0.0))
+        self._audit.record("rotation.completed", caller="(nexus)", target=state.rotation_id,
+                           outcome="ok", durable=True, from_generation=state.from_generation,
+                           to_generation=target, reencrypted=state.reencrypted,
+                           skipped=state.skipped)
+
+    def _enter_rollback(self, state: RotationState, message: str) -> None:
+        total = self._store.count_by_generation().get(state.to_generation, 0) \
+            if state.to_generation else 0
+        self._publish(replace(state, phase=ROLLBACK, cursor=None, total=total, done=0,
+                              reencrypted=0, skipped=0, failed=0, message=message))
+
+    def _step_rollback(self, state: RotationState) -> None:
+        keyring = self._keys.require_unsealed()
+        source = state.to_generation
+        back = state.from_generation
+        if source and source in keyring.generations:
+            self._keys.activate(back)
+            state = self._move_records(state, target=back, forward=False)
+            testpoints.reached("rotation_rolled_back")
+            if self._store.count_by_generation().get(source, 0):
+                self._fail(state, f"rollback left records under generation {source}; both "
+                                  "keys kept: `spike rotation abort` again")
+                return
+            self._keys.drop_generation(source)
+        testpoints.reached("rotation_abort_dropped")
+        self._publish(replace(state, phase=ABORTED, cursor=None, eta=0.0,
+                              message=f"aborted; generation {back} active"))
+        self._audit.record("rotation.aborted", caller="(nexus)", target=state.rotation_id,
+                           outcome="ok", durable=True)
+
+    # -- the batch loop
+
+    def _move_records(self, state: RotationState, *, target: int,
+                      forward: bool) -> RotationState:
+        """Re-encrypt every record not under ``target`` (forward) or under the new
+        generation (rollback) until none is left; the cursor makes restarts cheap."""
+        cursor = RecordKey(*state.cursor) if state.cursor else None
+        failed_keys: set[RecordKey] = set()
+        window: list[tuple[float, int]] = []
+        source = state.to_generation
+        # A pass walks the keyset from the cursor to the end. Writes that raced the key
+        # switch may land behind the cursor, so we are done only after a pass *from the
+        # start* found nothing to do (rows that failed to decrypt are skipped).
+        pass_from_start = cursor is None
+        pass_work = 0
+        while True:
+            self._check_interrupt(allow_abort=forward)
+            started = time.monotonic()
+            if forward:
+                rows = self._store.scan_not_in_generation(target, cursor, state.batch_size)
+            else:
+                rows = self._store.scan_generation(source, cursor, state.batch_size)
+            if not rows:
+                if pass_from_start and pass_work == 0:
+                    return state
+                cursor, pass_from_start, pass_work = None, True, 0
+                continue
+            last_key = rows[-1].key
+            rows = [r for r in rows if r.key not in failed_keys]
+            if not rows:
+                cursor = last_key
+                continue
+            pass_work += len(rows)
+            updates, bad = self._reseal_rows(rows, target)
+            failed_keys.update(bad)
+            changed = self._store.replace_blobs(updates) if updates else 0
+            if updates:
+                self._counter.add(target, len(updates))
+            testpoints.reached("rotation_batch_written")
+            cursor = last_key
+            now = time.monotonic()
+            window.append((now, len(rows)))
+            window = [(t, n) for t, n in window if now - t <= 10.0]
+            span = max(now - window[0][0], now - started, 1e-6)
+            rate = sum(n for _, n in window) / span
+            done = state.done + len(rows)
+            remaining = max(state.total - done, 0)
+            state = self._publish(replace(
+                state,
+                done=done,
+                reencrypted=state.reencrypted + changed,
+                skipped=state.skipped + (len(updates) - changed),
+                failed=state.failed + len(bad),
+                total=max(state.total, done),
+                rate=rate,
+                eta=remaining / rate if rate > 0 else 0.0,
+                cursor=(cursor.kind, cursor.path, cursor.version),
+            ))
+            testpoints.reached("rotation_between_batches")
+            self._throttle(state, len(rows), started)
+
+    def _reseal_rows(self, rows: list[RecordRow],
+                     target: int) -> tuple[list[BlobUpdate], list[RecordKey]]:
+        keyring = self._keys.require_unsealed()
+        entry = keyring.entry(target)
+        updates: list[BlobUpdate] = []
+        bad: list[RecordKey] = []
+        for row in rows:
+            assert row.blob is not None
+            purpose = purpose_for(row.kind)
+            identity = record_identity(row.kind, row.path, row.version)
+            try:
+                plain = keyring.decrypt(purpose, row.blob, identity)
+            except DecryptionError:
+                bad.append(row.key)
+                log.error("record failed its integrity check during rotation",
+                          kind=row.kind, path=row.path, version=row.version)
+                continue
+            blob = envelope.encrypt(entry.aead(purpose), target, plain, identity)
+            updates.append(BlobUpdate(row.key, row.generation, row.blob, target, blob))
+        return updates, bad
+
+    def _throttle(self, state: RotationState, count: int, started: float) -> None:
+        if state.max_rate <= 0:
+            return
+        wanted = count / state.max_rate
+        elapsed = time.monotonic() - started
+        if wanted > elapsed:
+            self._sleep(wanted - elapsed)
+
+    def _check_interrupt(self, *, allow_abort: bool) -> None:
+        if self._stop.shutdown.is_set():
+            raise _Interrupted()
+        if allow_abort and self._stop.abort.is_set():
+            raise _AbortRequested()
+
+    # -- publishing
+
+    def _publish(self, state: RotationState) -> RotationState:
+        with self._lock:
+            return self._publish_locked(state)
+
+    def _publish_locked(self, state: RotationState) -> RotationState:
+        previous = self._state
+        sequence = max(state.sequence, previous.sequence if previous else 0) + 1
+        state = replace(state, sequence=sequence, updated=self._clock())
+        self._store.put_state(STATE_KEY, state.to_json())
+        self._state = state
+        self._changed.notify_all()
+        for listener in self._listeners:
+            try:
+                listener(state)
+            except Exception:
+                log.exception("rotation listener failed")
+        if state.phase != (previous.phase if previous else None):
+            log.info("rotation phase", rotation_id=state.rotation_id, phase=state.phase,
+                     from_generation=state.from_generation, to_generation=state.to_generation,
+                     done=state.done, total=state.total)
+        return state
+
+    def _fail(self, state: RotationState, message: str) -> None:
+        self._publish(replace(self._state or state, phase=FAILED, message=message, eta=0.0))
+        self._audit.record("rotation.failed", caller="(nexus)", target=state.rotation_id,
+                           outcome="failed", durable=True, reason=message)
+
+
+class _Interrupted(Exception):
+    """Nexus is shutting down: stop at a batch boundary, state stays resumable."""
+
+
+class _AbortRequested(Exception):
+    """Raised inside the forward batch loop when an abort was requested."""
+
+
+def state_summary(state: RotationState | None) -> dict[str, Any]:
+    return asdict(state) if state else {"phase": IDLE}

@@ -1,0 +1,256 @@
+"""spike rotate | rotation status|watch|abort|resume|schedule."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from typing import Any
+
+from pilot.errors import PilotError, UsageError
+from pilot.output import emit_json, info, text_table
+
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'90d', '12h', '1h30m', '0' -> seconds."""
+    text = text.strip().lower()
+    if text.isdigit():
+        return int(text)
+    pos, total = 0, 0
+    for match in _DURATION.finditer(text):
+        if match.start() != pos:
+            break
+        total += int(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if not text or pos != len(text):
+        raise UsageError(f"cannot read duration {text!r}: use e.g. 90d, 12h, 30m, 1h30m")
+    return total
+
+
+def register(sub: Any, parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("rotate", parents=[parent],
+                       help="rotate the root key: re-encrypt every secret under a new key")
+    p.add_argument("--emergency", action="store_true",
+                   help="suspected compromise: full speed, ignore the maintenance window")
+    p.add_argument("--detach", action="store_true", help="start and return; do not watch")
+    p.add_argument("--batch-size", type=int, default=0, metavar="N")
+    p.add_argument("--max-rate", type=int, default=0, metavar="N", help="records per second")
+    p.add_argument("--reason", default="", help="recorded in the audit trail")
+    p.set_defaults(func=run_rotate)
+
+    rotation = sub.add_parser("rotation", parents=[parent], help="watch and steer rotations")
+    rsub = rotation.add_subparsers(dest="rotation_command", metavar="COMMAND", required=True)
+    p = rsub.add_parser("status", parents=[parent], help="the current or last rotation")
+    p.set_defaults(func=run_status)
+    p = rsub.add_parser("watch", parents=[parent], help="follow progress until it ends")
+    p.set_defaults(func=run_watch)
+    p = rsub.add_parser("abort", parents=[parent],
+                        help="move re-encrypted records back and drop the new key")
+    p.add_argument("--reason", default="")
+    p.add_argument("--detach", action="store_true", help="do not watch the rollback")
+    p.set_defaults(func=run_abort)
+    p = rsub.add_parser("resume", parents=[parent], help="resume a failed rotation")
+    p.add_argument("--detach", action="store_true")
+    p.set_defaults(func=run_resume)
+    p = rsub.add_parser("schedule", parents=[parent], help="show or set the rotation schedule")
+    p.add_argument("--interval", metavar="DURATION", help="e.g. 90d, 12h; 0 turns it off")
+    p.add_argument("--window", metavar="HH:MM-HH:MM",
+                   help="maintenance window in UTC; '' for any time")
+    p.add_argument("--max-encryptions", type=int, metavar="N",
+                   help="rotate once a key has encrypted N records")
+    p.set_defaults(func=run_schedule)
+
+
+def _stub(client: Any) -> tuple[Any, Any]:
+    from spike.v1 import operator_pb2 as pb  # noqa: PLC0415
+    from spike.v1 import operator_pb2_grpc as pb_grpc  # noqa: PLC0415
+
+    return pb, client.stub(pb_grpc.OperatorStub)
+
+
+def event_dict(pb: Any, event: Any) -> dict[str, Any]:
+    return {
+        "rotation_id": event.rotation_id,
+        "phase": pb.RotationPhase.Name(event.phase).removeprefix("ROTATION_PHASE_").lower(),
+        "from_generation": event.from_generation,
+        "to_generation": event.to_generation,
+        "total": event.total,
+        "done": event.done,
+        "reencrypted": event.reencrypted,
+        "skipped": event.skipped,
+        "failed": event.failed,
+        "rate": round(event.rate_per_second, 1),
+        "eta_seconds": round(event.eta_seconds, 1),
+        "emergency": event.emergency,
+        "terminal": event.terminal,
+        "message": event.message,
+        "sequence": event.sequence,
+    }
+
+
+def watch(args: argparse.Namespace, client: Any, rotation_id: str = "") -> int:
+    """Follow the rotation to its terminal event; exit 0 only when it completed."""
+    import grpc  # noqa: PLC0415
+
+    pb, stub = _stub(client)
+    last: dict[str, Any] | None = None
+    stream = stub.WatchRotation(pb.WatchRotationRequest(rotation_id=rotation_id))
+    try:
+        with client.errors():
+            if args.output == "json":
+                for event in stream:
+                    last = event_dict(pb, event)
+                    emit_json(last)
+            else:
+                last = _draw(pb, stream)
+    except KeyboardInterrupt:
+        stream.cancel()
+        info("stopped watching; the rotation goes on in Nexus (`spike rotation watch`)")
+        return 130
+    except grpc.RpcError:  # pragma: no cover - translated by client.errors()
+        raise
+    if last is None:
+        raise PilotError("no rotation events received")
+    if last["phase"] == "idle":
+        info("no rotation has run yet")
+        return 1
+    if not last["terminal"]:
+        raise PilotError("the stream ended before the rotation did (Nexus stopping?); "
+                         "run `spike rotation watch` again")
+    if last["phase"] == "completed":
+        info(f"rotation {last['rotation_id']} completed: generation {last['to_generation']} "
+             f"active ({last['reencrypted']} re-encrypted, {last['skipped']} skipped)")
+        return 0
+    info(f"rotation {last['rotation_id']} {last['phase']}: {last['message']}")
+    return 1
+
+
+def _draw(pb: Any, stream: Any) -> dict[str, Any] | None:
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True)
+    last: dict[str, Any] | None = None
+    with Progress(
+        TextColumn("[bold]{task.fields[phase]:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>8.0f}/s"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[gens]}"),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("rotation", total=None, phase="", rate=0.0, gens="")
+        for event in stream:
+            last = event_dict(pb, event)
+            progress.update(
+                task,
+                total=last["total"] or None,
+                completed=last["done"],
+                phase=last["phase"],
+                rate=last["rate"],
+                gens=f"gen {last['from_generation']}→{last['to_generation'] or '?'}",
+            )
+    return last
+
+
+def run_rotate(args: argparse.Namespace, client: Any) -> int:
+    pb, stub = _stub(client)
+    resp = client.call(stub.StartRotation, pb.StartRotationRequest(
+        emergency=args.emergency, batch_size=args.batch_size, max_rate=args.max_rate,
+        reason=args.reason))
+    if args.detach:
+        data = {"rotation_id": resp.rotation_id, "from_generation": resp.from_generation,
+                "to_generation": resp.to_generation, "detached": True}
+        if args.output == "json":
+            emit_json(data)
+        else:
+            print(f"rotation {resp.rotation_id} started: generation {resp.from_generation} -> "
+                  f"{resp.to_generation}; follow it with `spike rotation watch`")
+        return 0
+    info(f"rotation {resp.rotation_id} started: generation {resp.from_generation} -> "
+         f"{resp.to_generation}")
+    return watch(args, client, resp.rotation_id)
+
+
+def run_status(args: argparse.Namespace, client: Any) -> int:
+    pb, stub = _stub(client)
+    data = event_dict(pb, client.call(stub.RotationStatus, pb.RotationStatusRequest()))
+    if args.output == "json":
+        emit_json(data)
+    else:
+        print(text_table([(k, str(v)) for k, v in data.items()]))
+    return 0
+
+
+def run_watch(args: argparse.Namespace, client: Any) -> int:
+    return watch(args, client)
+
+
+def run_abort(args: argparse.Namespace, client: Any) -> int:
+    pb, stub = _stub(client)
+    resp = client.call(stub.AbortRotation, pb.AbortRotationRequest(reason=args.reason))
+    info(f"abort requested for rotation {resp.rotation_id}")
+    if args.detach:
+        if args.output == "json":
+            emit_json({"rotation_id": resp.rotation_id, "abort_requested": True})
+        return 0
+    code = watch(args, client)
+    return 0 if code == 1 else code  # a completed rollback ends in "aborted"
+
+
+def run_resume(args: argparse.Namespace, client: Any) -> int:
+    pb, stub = _stub(client)
+    resp = client.call(stub.ResumeRotation, pb.ResumeRotationRequest())
+    info(f"rotation {resp.rotation_id} resumed")
+    if args.detach:
+        return 0
+    return watch(args, client)
+
+
+def run_schedule(args: argparse.Namespace, client: Any) -> int:
+    from google.protobuf.duration_pb2 import Duration  # noqa: PLC0415
+
+    pb, stub = _stub(client)
+    fields: list[str] = []
+    schedule = pb.RotationSchedule()
+    if args.interval is not None:
+        schedule.interval.CopyFrom(Duration(seconds=parse_duration(args.interval)))
+        fields.append("interval")
+    if args.window is not None:
+        schedule.window = args.window
+        fields.append("window")
+    if args.max_encryptions is not None:
+        schedule.max_encryptions = args.max_encryptions
+        fields.append("max_encryptions")
+    if fields:
+        resp = client.call(stub.SetRotationSchedule, pb.SetRotationScheduleRequest(
+            schedule=schedule, update_fields=fields))
+    else:
+        resp = client.call(stub.GetRotationSchedule, pb.GetRotationScheduleRequest())
+    data = {"interval_seconds": resp.interval.seconds, "window": resp.window,
+            "max_encryptions": resp.max_encryptions}
+    if args.output == "json":
+        emit_json(data)
+    else:
+        interval = resp.interval.seconds
+        print(text_table([
+            ("interval", f"{interval // 86400}d {interval % 86400 // 3600}h" if interval
+             else "off"),
+            ("window", resp.window or "any time (UTC)"),
+            ("max encryptions", str(resp.max_encryptions)),
+        ]))
+    return 0
+
+
+
