@@ -28,7 +28,7 @@ NEW_PASSWORD = "violet anchor drizzle quantum ferry"  # noqa: S105 - a test fixt
 OTHER_PASSWORD = "marble lantern seventy crisp oboe"  # noqa: S105 - a test fixture
 WRONG = "P_WRONG"  # marker: the password file holding a wrong (but well-formed) password
 BACKUP = "root-key.backup"
-WRONG_PASSWORD_MSG = "password does not open"
+WRONG_PASSWORD_MSG = "password does not open"  # noqa: S105 - a message
 
 
 # ---------------------------------------------------------------- helpers
