@@ -67,7 +67,10 @@ class AuditLog:
             if durable and self._fsync:
                 os.fsync(self._stream.fileno())
             self._prev = sealed["hash"]
-        _log.info("audit", action=action, caller=caller, target=target, outcome=outcome)
+        # The operational log carries each event's chain hash: an independent anchor that
+        # reveals a truncated audit file (the chain alone cannot).
+        _log.info("audit", action=action, caller=caller, target=target, outcome=outcome,
+                  chain=sealed["hash"][:16])
 
     def close(self) -> None:
         with self._lock:

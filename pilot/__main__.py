@@ -14,7 +14,7 @@ from typing import Any
 
 from pilot.errors import PilotError
 
-COMMAND_MODULES = ("status", "keys", "secrets", "policies", "rotation")
+COMMAND_MODULES = ("status", "keys", "secrets", "policies", "rotation", "audit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output not in ("text", "json"):
         print("spike: --output / SPIKE_OUTPUT must be text or json", file=sys.stderr)
         return 2
+    if getattr(args, "offline", False):
+        try:
+            code: int = args.func(args, None)
+            return code
+        except PilotError as exc:
+            return report(exc, args.output)
     from pilot.client import NexusClient  # noqa: PLC0415 - slow import (grpc)
 
     client = NexusClient(getattr(args, "nexus", None))
