@@ -21,7 +21,7 @@ import re2
 import structlog
 
 from nexus.core.counter import EncryptionCounter
-from nexus.core.errors import Forbidden, InvalidInput, NotFound
+from nexus.core.errors import Forbidden, IntegrityError, InvalidInput, NotFound
 from nexus.core.keymanager import KeyManager
 from nexus.core.validation import MAX_PATTERN_CHARS, check_policy_name
 from nexus.crypto.envelope import DecryptionError, record_identity
@@ -168,11 +168,23 @@ class PolicyEngine:
             row = self._store.get_policy(name)
         except StoreNotFound:
             raise NotFound(f"no policy named {name}") from None
-        return self._decode(row)
+        try:
+            return self._decode(row)
+        except DecryptionError:
+            log.error("policy failed its integrity check", policy=name)
+            raise IntegrityError(f"policy {name} failed its integrity check") from None
 
     def list(self) -> list[Policy]:
         self._keys.require_unsealed()
-        return [self._decode(row) for row in self._store.list_policies()]
+        policies = []
+        for row in self._store.list_policies():
+            try:
+                policies.append(self._decode(row))
+            except DecryptionError:
+                # Same as the engine: a tampered policy is left out (and logged), the rest
+                # are still listed.
+                log.error("policy failed its integrity check; ignored", policy=row.path)
+        return policies
 
     def delete(self, name: str) -> None:
         check_policy_name(name)
