@@ -79,8 +79,7 @@ def translate(err: grpc.RpcError, address: str) -> errors.PilotError:
             "use an identity allowed for this command (superuser Pilot, or a policy)",
         )
     if kind in ("sealed", "uninitialized"):
-        hint = "run `spike init`" if kind == "uninitialized" else "run `spike recover`"
-        return errors.NotReady(detail, hint)
+        return errors.NotReady(detail)  # Nexus's message already says what to run
     if kind in ("wrong_password", "backup_invalid"):
         return errors.PasswordOrBackup(detail)
     if code == grpc.StatusCode.NOT_FOUND:
