@@ -40,6 +40,10 @@ bench-quick: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m tests.demo
 
+# The recovery practice drill (docs/runbooks/drill.md) on a throwaway instance.
+drill: $(STAMP)
+	$(PY) -m tests.drill
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
