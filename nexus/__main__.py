@@ -90,7 +90,16 @@ def serve(config: NexusConfig) -> int:
                 max_value_bytes=config.max_value_bytes,
                 data_dir=str(config.data_dir) if config.store == "sqlite" else None,
                 scheduler_check_every=config.scheduler_check_seconds)
-    server = NexusServer(config, node, identity, audit)
+    metrics = None
+    if config.metrics_listen:
+        from nexus.api.authz import rpc_rules
+        from nexus.metrics import NexusMetrics
+
+        metrics = NexusMetrics(node, rpc_rules(config.trust_domain),
+                               backup_verify_interval=config.backup_verify_interval_seconds)
+    server = NexusServer(config, node, identity, audit,
+                         interceptors=[metrics.interceptor] if metrics else [],
+                         denied_hooks=[metrics.on_denied] if metrics else [])
     node.on_state_change(server.update_health)
     node.start()
     stop = threading.Event()
@@ -101,6 +110,7 @@ def serve(config: NexusConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    endpoint = metrics.serve(config.metrics_listen) if metrics else None
     server.start()
     log.info("nexus listening", address=server.address, spiffe_id=config.nexus_spiffe_id,
              state=node.state, store=config.store)
@@ -110,6 +120,8 @@ def serve(config: NexusConfig) -> int:
     finally:
         node.rotation.shutdown()  # checkpoint; ends watch streams
         server.stop(grace=10.0)
+        if endpoint is not None:
+            endpoint.close()
         node.close()
         audit.record("nexus.stop", caller="(nexus)", outcome="ok", durable=True)
         audit.close()

@@ -35,6 +35,7 @@ from nexus.api.metrics_interceptor import RpcMetricsInterceptor
 from nexus.core import rotation as rot
 from nexus.core.node import Node, StatusReport
 from nexus.core.schedule import NIST_LIMIT
+from spike.errors import SpikeError
 
 log = structlog.get_logger("nexus.metrics")
 
@@ -323,9 +324,12 @@ class MetricsEndpoint:
     def start(cls, listen: str, registry: CollectorRegistry) -> MetricsEndpoint:
         host, sep, port = listen.rpartition(":")
         if not sep or not port.isdigit():
-            raise ValueError(f"--metrics-listen must be HOST:PORT, got {listen!r}")
+            raise SpikeError(f"--metrics-listen must be HOST:PORT, got {listen!r}")
         host = host.strip("[]") or "127.0.0.1"
-        server, thread = start_wsgi_server(int(port), addr=host, registry=registry)
+        try:
+            server, thread = start_wsgi_server(int(port), addr=host, registry=registry)
+        except OSError as exc:
+            raise SpikeError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from None
         bound = server.server_address[1]
         address = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
         log.info("metrics listening", address=address)

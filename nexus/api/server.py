@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -33,14 +34,20 @@ class NexusServer:
     """The running gRPC server plus its health servicer."""
 
     def __init__(
-        self, config: NexusConfig, node: Node, identity: IdentitySource, audit: AuditLog
+        self, config: NexusConfig, node: Node, identity: IdentitySource, audit: AuditLog,
+        *, interceptors: Sequence[Any] = (),
+        denied_hooks: Sequence[Callable[[str, str, str], None]] = (),
     ) -> None:
+        """``interceptors`` run before authorization (e.g. metrics); ``denied_hooks`` are
+        called with (method, caller, reason) after a denial is audited."""
         self.node = node
         self.health = health.HealthServicer(experimental_non_blocking=True)
 
         def on_denied(method: str, caller: str, reason: str) -> None:
             audit.record("rpc.denied", caller=caller or "(none)", target=method,
                          outcome="denied", reason=reason)
+            for hook in denied_hooks:
+                hook(method, caller, reason)
 
         interceptor = AuthorizationInterceptor(
             rpc_rules(config.trust_domain),
@@ -59,7 +66,7 @@ class NexusServer:
         ]
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-            interceptors=[interceptor],
+            interceptors=[*interceptors, interceptor],
             options=options,
         )
         operator_pb2_grpc.add_OperatorServicer_to_server(OperatorServicer(node), self.server)
