@@ -25,6 +25,7 @@ import structlog
 
 from devagent.ca import (
     DEFAULT_BACKDATE,
+    DEFAULT_CA_TTL,
     CAError,
     CertificateAuthority,
     validate_spiffe_id,
@@ -259,7 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if status == "renewed":
                 log.warning("ca_renewed", reason="stored CA was about to expire")
         else:
-            ca = CertificateAuthority.generate(trust_domain)
+            ca = CertificateAuthority.generate(
+                trust_domain, ttl=max(DEFAULT_CA_TTL, 4 * dt.timedelta(seconds=args.ttl))
+            )
             log.info("ca_created", ephemeral=True)
     except CAError as err:
         print(f"spike-dev-agent: error: {err}", file=sys.stderr)
