@@ -234,9 +234,8 @@ def _prepare_dir(directory: Path, names: Sequence[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level)
-    log = structlog.get_logger("devagent")
 
+    # Validate everything before touching process-global state (logging config, signals).
     try:
         trust_domain = validate_trust_domain(args.trust_domain)
         identities = resolve_identities(args, trust_domain)
@@ -247,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spike-dev-agent: error: {err}", file=sys.stderr)
         return 2
 
+    configure_logging(args.log_level)
+    log = structlog.get_logger("devagent")
     print(WARNING_BANNER, file=sys.stderr, flush=True)
     log.warning(
         "DEVELOPMENT ONLY — never use spike-dev-agent in production",

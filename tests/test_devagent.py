@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -252,7 +253,9 @@ def test_ca_persistence(tmp_path: Path) -> None:
 def test_bad_input_exits_2(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
+    before = structlog.get_config()
     assert main(["--dir", str(tmp_path / "d"), *args]) == 2
+    assert structlog.get_config() == before  # in-process use leaves logging alone
     err = capsys.readouterr().err
     assert message in err
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
