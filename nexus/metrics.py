@@ -119,8 +119,8 @@ class NodeCollector:
         yield from self._rotation(status)
         yield from self._encryptions(status)
         yield CounterMetricFamily(
-            f"{PREFIX}_recover_failures", "Failed recover attempts (wrong password, bad "
-            "backup) since Nexus started", value=self._node.keys.recover_failures)
+            f"{PREFIX}_recover_failures", "Recover attempts with a wrong password since Nexus "
+            "started", value=self._node.keys.recover_failures)
 
     def _lifecycle(self, status: StatusReport, now: float) -> Iterable[Metric]:
         unsealed = status.state == "unsealed"
