@@ -10,7 +10,7 @@ import base64
 import json
 import shutil
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,7 @@ def test_full_scenario_leaks_neither_root_key_nor_password(
 # ---------------------------------------------------------------- in-process, captured logs
 
 
-def event_texts(events: list[dict[str, Any]]) -> list[tuple[str, bytes]]:
+def event_texts(events: Sequence[Mapping[str, Any]]) -> list[tuple[str, bytes]]:
     out = []
     for i, event in enumerate(events):
         rendered = json.dumps(event, default=repr, sort_keys=True)
