@@ -28,7 +28,7 @@ import pytest
 
 from spike.identity import fetch_svid
 from spike.tls import client_channel
-from spike.v1 import policies_pb2, policies_pb2_grpc, secrets_pb2, secrets_pb2_grpc
+from spike.v1 import operator_pb2, operator_pb2_grpc, policies_pb2, policies_pb2_grpc, secrets_pb2, secrets_pb2_grpc
 from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
 
 PATHS = 300
@@ -106,7 +106,13 @@ def backup_generations(data_dir: Path) -> set[int]:
     return {int(g["generation"]) for g in doc["generations"]}
 
 
+def check_invariant(data_dir: Path) -> None:
+    """Whatever the moment of death: no stored record needs a key missing from the backup."""
+    assert referenced_generations(data_dir) <= backup_generations(data_dir)
+
+
 def read_all(agent: DevAgent, nexus: Nexus) -> dict[str, list[dict[str, str]]]:
+    """Every version of every expected secret, over one mTLS channel; also checks status."""
     channel = client_channel(nexus.address, fetch_svid(agent.socket("pilot")),
                              "nexus.spike.internal")
     try:
@@ -121,6 +127,12 @@ def read_all(agent: DevAgent, nexus: Nexus) -> dict[str, list[dict[str, str]]]:
         policy = policies_pb2_grpc.PoliciesStub(channel).Get(
             policies_pb2.GetPolicyRequest(name="team-a"), timeout=10)
         assert policy.name == "team-a"
+        operator = operator_pb2_grpc.OperatorStub(channel)
+        nexus.status = operator.Status(operator_pb2.StatusRequest(), timeout=10)  # type: ignore[attr-defined]
+        verified = operator.BackupVerify(
+            operator_pb2.BackupVerifyRequest(password=TEST_PASSWORD.encode()), timeout=30)
+        assert verified.ok, verified.detail
+        nexus.verified_generations = set(verified.generations)  # type: ignore[attr-defined]
         return out
     finally:
         channel.close()
@@ -206,11 +218,13 @@ def check_end_state(agent: DevAgent, nexus: Nexus, data_dir: Path, *, phase: str
     assert [e for e in events if e["terminal"]] == [last]
     assert code == (0 if phase == "completed" else 1)
     assert read_all(agent, nexus) == expected_secrets()
-    status = pilot_json(["status", "--output", "json"], agent.env("pilot"), nexus)
-    assert status["root_key_generation"] == generation
+    status = nexus.status  # type: ignore[attr-defined]
+    assert status.root_key_generation == generation
+    assert dict(status.records_by_generation).keys() == {generation}
+    assert list(status.backup.generations) == [generation]
+    assert nexus.verified_generations == {generation}  # type: ignore[attr-defined]
     assert referenced_generations(data_dir) == {generation}
     assert backup_generations(data_dir) == {generation}
-    assert sorted(status["backup"]["generations"]) == [generation]
 
 
 @pytest.mark.parametrize("name", list(FORWARD))
@@ -223,6 +237,7 @@ def test_kill9_during_rotation_resumes(agent: DevAgent, case_dir: Path, name: st
         wait_paused(first, crash.point)
     finally:
         first.kill()
+    check_invariant(case_dir)
     second = Nexus(case_dir, agent.env("nexus"))
     try:
         recover(agent, second)
@@ -246,6 +261,7 @@ def test_kill9_during_abort_rolls_back(agent: DevAgent, case_dir: Path, name: st
         assert result.returncode == 0, result.stderr
     finally:
         first.kill()
+    check_invariant(case_dir)
     assert referenced_generations(case_dir) == {1, 2}
     # 2: the rollback starts by itself after recover; Nexus dies inside it.
     if crash is not None:
@@ -255,6 +271,9 @@ def test_kill9_during_abort_rolls_back(agent: DevAgent, case_dir: Path, name: st
             wait_paused(second, crash.point)
         finally:
             second.kill()
+        check_invariant(case_dir)
+        if "batch" in name:  # really stopped half-way through the rollback
+            assert referenced_generations(case_dir) == {1, 2}
     # 3: the rollback finishes: every record back under generation 1, generation 2 gone.
     third = Nexus(case_dir, agent.env("nexus"))
     try:

@@ -89,6 +89,9 @@ class RotationState:
     updated: float = 0.0
     sequence: int = 0
     cursor: tuple[str, str, int] | None = None
+    # Set when an operator asked to abort; persisted so that a crash or a restart
+    # before the rollback starts does not lose the request.
+    abort_requested: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -250,6 +253,11 @@ class RotationEngine:
                            outcome="ok", durable=True, reason=reason)
         if self.running():
             self._stop.abort.set()
+            with self._lock:  # persist the request: a crash before the worker sees it
+                current = self._state
+                if current is not None and current.phase not in (ROLLBACK, FINALIZE) \
+                        and not current.terminal:
+                    self._publish_locked(replace(current, abort_requested=True))
         else:
             self._enter_rollback(state, f"abort requested by {caller}")
             self._spawn()
@@ -264,6 +272,7 @@ class RotationEngine:
                 raise Conflict("the rotation is already running")
             if state.phase == FAILED:
                 self._publish_locked(replace(state, phase=REENCRYPT, cursor=None, failed=0,
+                                             abort_requested=False,
                                              message=f"resumed by {caller}"))
         self._audit.record("rotation.resume", caller=caller, target=state.rotation_id,
                            outcome="ok", durable=True)
@@ -319,7 +328,8 @@ class RotationEngine:
             assert state is not None
             if state.terminal:
                 return
-            if self._stop.abort.is_set() and state.phase not in (ROLLBACK, FINALIZE):
+            if (self._stop.abort.is_set() or state.abort_requested) \
+                    and state.phase not in (ROLLBACK, FINALIZE):
                 self._stop.abort.clear()
                 self._enter_rollback(state, "abort requested")
                 continue
@@ -439,7 +449,8 @@ class RotationEngine:
         total = self._store.count_by_generation().get(state.to_generation, 0) \
             if state.to_generation else 0
         self._publish(replace(state, phase=ROLLBACK, cursor=None, total=total, done=0,
-                              reencrypted=0, skipped=0, failed=0, message=message))
+                              reencrypted=0, skipped=0, failed=0, abort_requested=False,
+                              message=message))
 
     def _step_rollback(self, state: RotationState) -> None:
         keyring = self._keys.require_unsealed()
@@ -566,6 +577,9 @@ class RotationEngine:
         previous = self._state
         sequence = max(state.sequence, previous.sequence if previous else 0) + 1
         state = replace(state, sequence=sequence, updated=self._clock())
+        if self._stop.abort.is_set() and not state.terminal \
+                and state.phase not in (ROLLBACK, FINALIZE):
+            state = replace(state, abort_requested=True)  # the worker's copy predates it
         self._store.put_state(STATE_KEY, state.to_json())
         self._state = state
         self._changed.notify_all()
