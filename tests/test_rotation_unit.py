@@ -66,9 +66,10 @@ class World:
         self.audit = AuditLog(str(directory / "audit.jsonl"))
         self.policies = PolicyEngine(store, self.keys, SUPERUSER, self.counter)
         self.secrets = SecretsService(store, self.keys, self.policies, self.counter)
-        engine_kwargs: dict[str, Any] = {"sleep": sleep} if sleep else {}
+        # In-process tests do not wait for real: throttling pauses (and any other pause the
+        # engine takes) go to ``sleep``, which defaults to returning at once.
         self.engine = RotationEngine(store, self.keys, self.counter, self.audit,
-                                     data_dir=directory, **engine_kwargs)
+                                     data_dir=directory, sleep=sleep or (lambda _s: None))
         self.keys.on_unsealed(self.engine.resume_after_unseal)
         if init:
             self.keys.init(TEST_PASSWORD.encode())
