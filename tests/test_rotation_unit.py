@@ -25,7 +25,7 @@ from nexus.core.rotation import ABORTED, COMPLETED, FAILED, ROLLBACK, RotationEn
 from nexus.core.secrets import SecretsService
 from nexus.crypto.kdf import KdfParams
 from nexus.store import open_store
-from nexus.store.base import BlobUpdate, Store
+from nexus.store.base import BlobUpdate, Store, StoreUnavailable
 from tests.harness import TEST_PASSWORD, short_tmpdir
 
 SUPERUSER = "spiffe://spike.internal/spike/pilot/role/superuser"
@@ -33,11 +33,19 @@ SUPERUSER = "spiffe://spike.internal/spike/pilot/role/superuser"
 
 class RacingStore:
     """The real SQLite store; ``before_replace`` runs right before a batch's conditional update
-    (after the engine read and re-encrypted the rows), to stage a racing user write."""
+    (after the engine read and re-encrypted the rows), to stage a racing user write;
+    ``fail_count`` makes the next ``count_by_generation`` call fail like a lost database."""
 
     def __init__(self, inner: Store) -> None:
         self._inner = inner
         self.before_replace: Callable[[Sequence[BlobUpdate]], None] | None = None
+        self.fail_count = False
+
+    def count_by_generation(self) -> dict[int, int]:
+        if self.fail_count:
+            self.fail_count = False
+            raise StoreUnavailable("sqlite: disk I/O error (injected)")
+        return self._inner.count_by_generation()
 
     def replace_blobs(self, updates: Sequence[BlobUpdate]) -> int:
         hook, self.before_replace = self.before_replace, None
@@ -348,3 +356,45 @@ def test_progress_stream_is_ordered_and_ends_once(world: World) -> None:
     for a, b in zip(events, events[1:], strict=False):
         if a.phase == b.phase:
             assert b.done >= a.done
+
+
+def fail_right_after_new_key(world: World) -> None:
+    """The store fails once just after the new key went into memory and the backup, before
+    the rotation recorded its number: the rotation ends FAILED with to_generation 0."""
+    add = world.keys.add_generation
+
+    def add_then_fail() -> Any:
+        info = add()
+        world.store.fail_count = True
+        return info
+
+    world.keys.add_generation = add_then_fail  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("operator", ["resume", "abort"])
+def test_failure_right_after_the_new_key_resume_or_abort(world: World, operator: str) -> None:
+    """Bug found while testing the runbook: `resume` went to re-encrypt under generation 0
+    (UnknownGeneration, FAILED again) and `abort` said "generation 1 active" while the new
+    key stayed active in memory and in the backup."""
+    expected = world.fill(paths=20, versions=1)
+    fail_right_after_new_key(world)
+    world.engine.start(caller="test", batch_size=8)
+    state = world.wait()
+    assert state.phase == FAILED and state.to_generation == 0, state
+    assert world.keys.keyring.active_generation == 2  # new writes already use it
+    world.secrets.put(SUPERUSER, "app/late", {"k": "written under 2"}, None)
+    expected[("app/late", 1)] = {"k": "written under 2"}
+    if operator == "resume":
+        world.engine.resume("test")
+        state = world.wait()
+        assert state.phase == COMPLETED, state.message
+        assert state.to_generation == 2
+        want = 2
+    else:
+        world.engine.abort("test")
+        state = world.wait()
+        assert state.phase == ABORTED, state.message
+        want = 1
+    assert world.keys.keyring.active_generation == want
+    assert world.generations() == {k: {want} for k in ("rows", "memory", "backup", "file")}
+    world.read_all(expected)

@@ -271,7 +271,10 @@ class RotationEngine:
             if self.running():
                 raise Conflict("the rotation is already running")
             if state.phase == FAILED:
-                self._publish_locked(replace(state, phase=REENCRYPT, cursor=None, failed=0,
+                # A failure before the new key was in place (to_generation still 0)
+                # resumes at the new-key step, which picks up a key already added.
+                phase = REENCRYPT if state.to_generation else NEW_KEY
+                self._publish_locked(replace(state, phase=phase, cursor=None, failed=0,
                                              abort_requested=False,
                                              message=f"resumed by {caller}"))
         self._audit.record("rotation.resume", caller=caller, target=state.rotation_id,
@@ -454,9 +457,13 @@ class RotationEngine:
 
     def _step_rollback(self, state: RotationState) -> None:
         keyring = self._keys.require_unsealed()
-        source = state.to_generation
         back = state.from_generation
+        # to_generation is 0 when the rotation stopped before recording it; a key that
+        # add_generation already put in memory (and the backup) must still be dropped.
+        source = state.to_generation or max(
+            (g for g in keyring.generations if g > back), default=0)
         if source and source in keyring.generations:
+            state = replace(state, to_generation=source)  # _move_records reads it
             self._keys.activate(back)
             state = self._move_records(state, target=back, forward=False)
             testpoints.reached("rotation_rolled_back")
