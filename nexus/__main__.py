@@ -103,9 +103,12 @@ def serve(config: NexusConfig) -> int:
     node.on_state_change(server.update_health)
     node.start()
     stop = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal received, stopping", signal=signal.Signals(signum).name)
+        # No logging here: the handler may interrupt the main thread inside the
+        # logger's own lock, and logging again would deadlock.
+        received.append(signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -117,6 +120,8 @@ def serve(config: NexusConfig) -> int:
     audit.record("nexus.start", caller="(nexus)", outcome="ok", state=node.state, durable=True)
     try:
         stop.wait()
+        log.info("signal received, stopping",
+                 signal=signal.Signals(received[0]).name if received else "")
     finally:
         node.rotation.shutdown()  # checkpoint; ends watch streams
         server.stop(grace=10.0)

@@ -78,7 +78,7 @@ def translate(err: grpc.RpcError, address: str) -> errors.PilotError:
             f"permission denied: {detail}",
             "use an identity allowed for this command (superuser Pilot, or a policy)",
         )
-    if kind in ("sealed", "uninitialized"):
+    if kind in ("sealed", "uninitialized", "stale"):
         return errors.NotReady(detail)  # Nexus's message already says what to run
     if kind in ("wrong_password", "backup_invalid"):
         return errors.PasswordOrBackup(detail)

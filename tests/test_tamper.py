@@ -232,11 +232,6 @@ def test_tampered_policy_is_ignored_deny_safe(agent: DevAgent, node: Node) -> No
     assert names == ["good"], listing.stdout
 
 
-@pytest.mark.xfail(reason="nexus/store/sqlite.py: SqliteStore.open() calls _secure_file() after "
-                   "opening the writer; its os.open/os.close of spike.db drops the writer's "
-                   "POSIX locks, so an outside connection that closes checkpoints and deletes "
-                   "the WAL under the running Nexus, whose later commits go to an unlinked "
-                   "file and are lost", strict=False)
 def test_outside_connection_does_not_lose_later_writes(agent: DevAgent, node: Node) -> None:
     server = node.nexus
     put(agent, server, "live/before", "k=1")

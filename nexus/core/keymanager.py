@@ -119,6 +119,8 @@ class KeyManager:
         self.backup_health = BackupHealth()
         self.recover_failures = 0
         self._unseal_listeners: list[Callable[[], None]] = []
+        self._latest_recorded = 0
+        self._latest_checked = -1e9
         if backup_path.exists():
             self.backup_health.last_written = backup_path.stat().st_mtime
         self.backup_health.status = "unknown" if backup_path.exists() else "missing"
@@ -466,14 +468,35 @@ class KeyManager:
                 raise
             testpoints.reached("backup_updated")
             info = GenerationInfo(new_generation, fingerprint(key).hex(), self._clock())
+            self._backup = backup
+            self._keyring = keyring.with_key(new_generation, key, activate=True)
+            # Recorded after the swap: other nodes sharing the store take a recorded
+            # generation they do not hold as the sign that they are stale.
             recorded = self.generations_recorded()
             recorded[new_generation] = info
             self._record_generations(recorded)
-            self._backup = backup
-            self._keyring = keyring.with_key(new_generation, key, activate=True)
         log.info("root key generation added", generation=new_generation,
                  fingerprint=info.fingerprint)
         return info
+
+    def assert_current(self, keyring: Keyring) -> None:
+        """Refuse to encrypt when another node sharing the store has a newer root key.
+
+        Several Nexus nodes may share one PostgreSQL store. If another node rotated,
+        writing under our older generation would put data under a key that node is
+        about to drop. The recorded generations are re-read at most once a second.
+        """
+        now = time.monotonic()
+        if now - self._latest_checked >= 1.0:
+            self._latest_recorded = max(self.generations_recorded(), default=0)
+            self._latest_checked = now
+        latest = self._latest_recorded
+        if latest > (keyring.active_generation or 0) and latest not in keyring.generations:
+            raise errors.NotReady(
+                "stale",
+                f"another Nexus node rotated the root key to generation {latest}: run "
+                "`spike recover` on this node with the current backup",
+            )
 
     def ensure_recorded(self) -> None:
         """Record the fingerprint of every generation in memory (after a crash mid-change)."""

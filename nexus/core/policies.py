@@ -152,6 +152,7 @@ class PolicyEngine:
     def put(self, policy: Policy) -> Policy:
         validate_policy(policy)
         keyring = self._keys.require_unsealed()
+        self._keys.assert_current(keyring)
         generation = keyring.active_generation
         assert generation is not None
         blob = keyring.encrypt(Purpose.POLICIES, policy.to_json(),

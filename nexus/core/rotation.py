@@ -62,6 +62,8 @@ DEFAULT_BATCH_SIZE = 500
 DEFAULT_MAX_RATE = 20_000  # records/s when throttled
 MAX_BATCH_SIZE = 10_000
 MIN_FREE_BYTES = 64 * 1024 * 1024
+# Seconds between recording a new generation and dropping the old one (see finalize).
+STALE_NODE_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -434,7 +436,21 @@ class RotationEngine:
     def _step_finalize(self, state: RotationState) -> None:
         target = state.to_generation
         keyring = self._keys.require_unsealed()
+        # Other nodes sharing the store notice the new generation within a second
+        # (KeyManager.assert_current) and stop writing under the old one; wait out
+        # that window, then count again before anything is dropped.
+        info = self._keys.generations_recorded().get(target)
+        if info is not None:
+            wait = info.created + STALE_NODE_GRACE - self._clock()
+            if wait > 0:
+                self._sleep(min(wait, STALE_NODE_GRACE))
         counts = self._store.count_by_generation()
+        leftover = sum(n for g, n in counts.items() if g != target)
+        if leftover:
+            self._publish(replace(state, phase=REENCRYPT, cursor=None,
+                                  message=f"{leftover} record(s) written under an old key "
+                                          "meanwhile; sweeping again"))
+            return
         for generation in keyring.generations:
             if generation != target and not counts.get(generation):
                 self._keys.drop_generation(generation)
@@ -506,12 +522,13 @@ class RotationEngine:
                 cursor, pass_from_start, pass_work = None, True, 0
                 continue
             last_key = rows[-1].key
-            rows = [r for r in rows if r.key not in failed_keys]
-            if not rows:
-                cursor = last_key
-                continue
+            if failed_keys:
+                rows = [r for r in rows if r.key not in failed_keys]
+                if not rows:
+                    cursor = last_key
+                    continue
             pass_work += len(rows)
-            updates, bad = self._reseal_rows(rows, target)
+            updates, bad = self._reseal_rows(rows, target, max_rate=state.max_rate)
             failed_keys.update(bad)
             changed = self._store.replace_blobs(updates) if updates else 0
             if updates:
@@ -539,25 +556,51 @@ class RotationEngine:
             testpoints.reached("rotation_between_batches")
             self._throttle(state, len(rows), started)
 
-    def _reseal_rows(self, rows: list[RecordRow],
-                     target: int) -> tuple[list[BlobUpdate], list[RecordKey]]:
+    def _reseal_rows(self, rows: list[RecordRow], target: int,
+                     max_rate: int = 0) -> tuple[list[BlobUpdate], list[RecordKey]]:
+        """Decrypt each row under its own generation and encrypt it under ``target``.
+
+        Throttled (``max_rate`` > 0), the work is paced in small slices with a sleep after
+        each, so foreground requests get the GIL within a slice instead of waiting for the
+        interpreter's switch interval behind a whole batch.
+        """
         keyring = self._keys.require_unsealed()
         entry = keyring.entry(target)
+        # Per (generation, kind) cipher lookups, done once per batch instead of per row.
+        openers: dict[tuple[int, str], Any] = {}
+        sealers: dict[str, Any] = {}
         updates: list[BlobUpdate] = []
         bad: list[RecordKey] = []
-        for row in rows:
-            assert row.blob is not None
-            purpose = purpose_for(row.kind)
-            identity = record_identity(row.kind, row.path, row.version)
+        pace_every = 16 if max_rate > 0 else 0
+        begun = time.monotonic()
+        for index, row in enumerate(rows):
+            if pace_every and index and index % pace_every == 0:
+                ahead = index / max_rate - (time.monotonic() - begun)
+                self._sleep(max(ahead, 0.0001))
+            blob = row.blob
+            assert blob is not None
+            kind = row.kind
+            identity = record_identity(kind, row.path, row.version)
             try:
-                plain = keyring.decrypt(purpose, row.blob, identity)
+                generation = envelope.peek_generation(blob)
+                opener = openers.get((generation, kind))
+                if opener is None:
+                    if generation not in keyring.generations:
+                        raise DecryptionError()
+                    opener = openers[(generation, kind)] = \
+                        keyring.entry(generation).aead(purpose_for(kind))
+                plain = envelope.decrypt(opener, blob, identity,
+                                         expected_generation=generation)
             except DecryptionError:
                 bad.append(row.key)
                 log.error("record failed its integrity check during rotation",
                           kind=row.kind, path=row.path, version=row.version)
                 continue
-            blob = envelope.encrypt(entry.aead(purpose), target, plain, identity)
-            updates.append(BlobUpdate(row.key, row.generation, row.blob, target, blob))
+            sealer = sealers.get(kind)
+            if sealer is None:
+                sealer = sealers[kind] = entry.aead(purpose_for(kind))
+            updates.append(BlobUpdate(row.key, row.generation, blob, target,
+                                      envelope.encrypt(sealer, target, plain, identity)))
         return updates, bad
 
     def _throttle(self, state: RotationState, count: int, started: float) -> None:

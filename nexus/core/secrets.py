@@ -15,11 +15,12 @@ from dataclasses import dataclass
 import structlog
 
 from nexus.core.counter import EncryptionCounter
-from nexus.core.errors import Conflict, IntegrityError, InvalidInput, NotFound
+from nexus.core.errors import Conflict, IntegrityError, InvalidInput, NotFound, NotReady
 from nexus.core.keymanager import KeyManager
 from nexus.core.policies import PolicyEngine
 from nexus.core.validation import check_data, check_path, check_prefix, check_versions
-from nexus.crypto.envelope import DecryptionError, record_identity
+from nexus.crypto.envelope import DecryptionError, peek_generation, record_identity
+from nexus.crypto.keyring import Keyring
 from nexus.crypto.keys import Purpose
 from nexus.store.base import KIND_SECRET, CasMismatch, SecretMeta, Store
 from nexus.store.base import NotFound as StoreNotFound
@@ -64,6 +65,7 @@ class SecretsService:
             # Grab the keyring inside the transaction: a rotation that switched the
             # active generation meanwhile is honoured.
             keyring = self._keys.require_unsealed()
+            self._keys.assert_current(keyring)
             generation = keyring.active_generation
             assert generation is not None
             used.append(generation)
@@ -97,10 +99,22 @@ class SecretsService:
             plain = keyring.decrypt(Purpose.SECRETS, row.blob,
                                     record_identity(KIND_SECRET, path, row.version))
         except DecryptionError:
+            self._raise_if_generation_unknown(keyring, row.blob)
             log.error("secret failed its integrity check", path=path, version=row.version)
             raise IntegrityError(f"version {row.version} of {path} failed its integrity "
                                  "check") from None
         return SecretVersion(path, row.version, json.loads(plain), row.created_at)
+
+    @staticmethod
+    def _raise_if_generation_unknown(keyring: Keyring, blob: bytes) -> None:
+        try:
+            generation = peek_generation(blob)
+        except DecryptionError:
+            return
+        if generation not in keyring.generations:
+            raise NotReady("stale", f"this record is under root key generation {generation}, "
+                           "which this node does not hold: run `spike recover` on this node "
+                           "with the current backup")
 
     def list(self, caller: str, prefix: str) -> list[str]:
         check_prefix(prefix)

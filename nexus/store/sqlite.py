@@ -161,10 +161,17 @@ def _translate_errors() -> Iterator[None]:
         raise StoreError(f"sqlite: {exc}") from exc
 
 
-def _secure_file(path: str) -> None:
-    """Create ``path`` with mode 0600 if missing; tighten it (and WAL companions) otherwise."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    os.close(fd)
+def _secure_file(path: str, *, create: bool = True) -> None:
+    """Create ``path`` with mode 0600 if missing; tighten it (and WAL companions) otherwise.
+
+    Call with ``create=False`` once a connection is open: opening and closing the
+    database file from this process would drop every POSIX lock SQLite holds on it
+    (they are per process, per file), and another process closing its connection
+    could then delete the WAL under us.
+    """
+    if create:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
     for name in (path, path + "-wal", path + "-shm"):
         with contextlib.suppress(FileNotFoundError):
             if stat.S_IMODE(os.stat(name).st_mode) != 0o600:
@@ -233,7 +240,7 @@ class SqliteStore:
             except BaseException:
                 writer.close()
                 raise
-        _secure_file(spath)
+        _secure_file(spath, create=False)
         return cls(spath, writer)
 
     @staticmethod
