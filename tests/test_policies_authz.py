@@ -308,7 +308,7 @@ def test_policy_crud_and_json_shapes(agent: DevAgent, server: Nexus, tmp_path: P
                    "path_pattern": "x/.*", "permissions": ["list", "read"]}
     assert pilot_json(["policy", "get", "crud", "--output", "json"], su, server) == put
     listed = pilot(["policy", "list", "--output", "json"], su, server)
-    names = [json.loads(line)["name"] for line in listed.stdout.splitlines()]
+    names = [p["name"] for p in json.loads(listed.stdout)["policies"]]
     assert "crud" in names and "demo-rw" in names
     assert pilot_json(["policy", "delete", "crud", "--output", "json"], su, server) == {
         "name": "crud", "deleted": True}

@@ -228,7 +228,7 @@ def test_tampered_policy_is_ignored_deny_safe(agent: DevAgent, node: Node) -> No
     assert bad.returncode == 1 and OPAQUE in bad.stderr, bad.stderr
     listing = pilot(["policy", "list", "--output", "json"], su, server)
     assert listing.returncode == 0, listing.stderr
-    names = [json.loads(line)["name"] for line in listing.stdout.splitlines()]
+    names = [p["name"] for p in json.loads(listing.stdout)["policies"]]
     assert names == ["good"], listing.stdout
 
 

@@ -341,13 +341,24 @@ class KeyManager:
     # ------------------------------------------------------------------ backup
 
     def _write_backup(self, backup: Backup) -> None:
+        """Write atomically, then read back and check: every change is verified."""
+        data = backup.to_bytes()
         try:
-            write_backup_file(self._backup_path, backup.to_bytes())
+            write_backup_file(self._backup_path, data)
         except OSError as exc:
             self.backup_health.status = "unknown"
             self.backup_health.detail = f"write failed: {exc.strerror or exc}"
             raise errors.Unavailable(f"cannot write the backup file: {exc.strerror}") from None
-        self.backup_health.last_written = self._clock()
+        now = self._clock()
+        self.backup_health.last_written = now
+        if self._file_bytes() != data:
+            self.backup_health.status = "corrupt"
+            self.backup_health.detail = "read-back after write differs from what was written"
+            raise errors.Unavailable("the backup file did not read back as written")
+        self._parse(data)  # structure and KDF bounds, as recovery will see them
+        self.backup_health.status = "ok"
+        self.backup_health.detail = ""
+        self.backup_health.last_verified = now
 
     def backup_generations(self) -> tuple[int, ...]:
         return self._backup.generations if self._backup else ()

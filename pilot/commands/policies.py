@@ -102,8 +102,13 @@ def run_get(args: argparse.Namespace, client: Any) -> int:
 def run_list(args: argparse.Namespace, client: Any) -> int:
     pb, stub = _stub(client)
     resp = client.call(stub.List, pb.ListPoliciesRequest())
+    if args.output == "json":
+        emit_json({"policies": [to_dict(pb, policy) for policy in resp.policies]})
+        return 0
     for policy in resp.policies:
         _show(args, to_dict(pb, policy))
+    if not resp.policies:
+        info("no policies")
     return 0
 
 
