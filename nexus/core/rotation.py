@@ -59,7 +59,7 @@ IDLE = "idle"
 TERMINAL = frozenset({COMPLETED, FAILED, ABORTED})
 
 DEFAULT_BATCH_SIZE = 500
-DEFAULT_MAX_RATE = 20_000  # records/s when throttled
+DEFAULT_MAX_RATE = 2_000  # records/s when throttled (tests/bench_rotation.py: get p99)
 MAX_BATCH_SIZE = 10_000
 MIN_FREE_BYTES = 64 * 1024 * 1024
 # Seconds between recording a new generation and dropping the old one (see finalize).
