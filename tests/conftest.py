@@ -9,6 +9,9 @@ import pytest
 
 from tests.harness import DevAgent, Nexus, short_tmpdir
 
+# The real PostgreSQL server fixtures (pg_server, pg_dsn) for every test module.
+pytest_plugins = ["tests.pg"]
+
 
 @pytest.fixture(scope="session")
 def agent_ca_dir() -> Iterator[object]:

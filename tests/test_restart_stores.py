@@ -18,7 +18,6 @@ from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import secrets_pb2, secrets_pb2_grpc
 from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
-from tests.pg import pg_dsn, pg_server  # noqa: F401 - fixtures
 from tests.test_secrets_api import start_unsealed
 
 TLS_NAME = "nexus.spike.internal"
@@ -123,6 +122,6 @@ def test_values_survive_restart_sqlite(agent: DevAgent, sqlite_dir: Path) -> Non
 
 
 def test_values_survive_restart_postgres(agent: DevAgent, sqlite_dir: Path,
-                                         pg_dsn: str) -> None:  # noqa: F811
+                                         pg_dsn: str) -> None:
     survive(agent, sqlite_dir, ["--store", "postgres", "--dsn", pg_dsn])
     assert not (sqlite_dir / "spike.db").exists()
