@@ -17,8 +17,8 @@ from nexus.core.node import Node
 from nexus.crypto.hardening import harden_process
 from nexus.crypto.kdf import KdfParams
 from nexus.logs import configure_logging
-from spike.errors import SpikeError
 from nexus.store.base import Store
+from spike.errors import SpikeError
 from spike.identity import IdentitySource
 
 log = structlog.get_logger("nexus")
@@ -57,8 +57,8 @@ def kdf_params(config: NexusConfig) -> KdfParams:
 
 
 def open_configured_store(config: NexusConfig) -> Store:
-    from nexus.store import open_store  # noqa: PLC0415
-    from nexus.store.base import StoreError  # noqa: PLC0415
+    from nexus.store import open_store
+    from nexus.store.base import StoreError
 
     try:
         if config.store == "postgres":
@@ -69,11 +69,12 @@ def open_configured_store(config: NexusConfig) -> Store:
 
 
 def serve(config: NexusConfig) -> int:
-    from nexus.api.server import NexusServer  # noqa: PLC0415 - after logging is configured
+    from nexus.api.server import NexusServer
 
     hardening = harden_process()
     if not hardening.fully_hardened:
-        log.warning("process hardening incomplete", core_dumps_disabled=hardening.core_dumps_disabled,
+        log.warning("process hardening incomplete",
+                    core_dumps_disabled=hardening.core_dumps_disabled,
                     dumpable_off=hardening.dumpable_off, mlock_available=hardening.mlock_available)
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = open_identity(config)

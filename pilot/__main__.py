@@ -18,7 +18,7 @@ COMMAND_MODULES = ("status", "keys", "secrets", "policies", "rotation", "audit")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib  # noqa: PLC0415
+    import importlib
 
     # Accepted after any subcommand too.
     common = argparse.ArgumentParser(add_help=False)
@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
         except PilotError as exc:
             return report(exc, args.output)
-    from pilot.client import NexusClient  # noqa: PLC0415 - slow import (grpc)
+    from pilot.client import NexusClient
 
     client = NexusClient(getattr(args, "nexus", None))
     try:
@@ -83,7 +83,7 @@ def report(exc: PilotError, output: str) -> int:
         message += f"\n  hint: {exc.hint}"
     print(message, file=sys.stderr)
     if output == "json":
-        from pilot.output import emit_json  # noqa: PLC0415
+        from pilot.output import emit_json
 
         payload: dict[str, Any] = {"error": str(exc), "exit_code": exc.exit_code}
         if exc.hint:

@@ -24,8 +24,8 @@ def proto_files() -> list[Path]:
 
 def generate(out: Path) -> list[Path]:
     """Run protoc (from grpcio-tools) into ``out``; returns the generated files."""
-    import grpc_tools  # noqa: PLC0415 - only needed when generating
-    from grpc_tools import protoc  # noqa: PLC0415
+    import grpc_tools
+    from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     bindir = Path(sys.executable).parent  # mypy-protobuf's plugins live beside python

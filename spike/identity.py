@@ -8,6 +8,7 @@ that follows SVID rotation; Pilot fetches once per invocation
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -131,7 +132,7 @@ def endpoint_socket(explicit: str | None = None) -> str:
 def fetch_svid(socket: str | None = None, timeout: float = 5.0) -> SvidMaterial:
     """Fetch the current SVID once (for short-lived programs such as Pilot)."""
     addr = endpoint_socket(socket)
-    from spiffe import WorkloadApiClient  # noqa: PLC0415 - slow import, only when needed
+    from spiffe import WorkloadApiClient
 
     try:
         client = WorkloadApiClient(socket_path=addr, default_timeout=timeout)
@@ -183,7 +184,7 @@ class IdentitySource:
             self._pem_mtimes = self._mtimes()
             return
         addr = endpoint_socket(socket)
-        from spiffe import X509Source  # noqa: PLC0415
+        from spiffe import X509Source
 
         try:
             self._x509_source = X509Source(socket_path=addr, timeout_in_seconds=timeout)
@@ -216,7 +217,7 @@ class IdentitySource:
 
     def current(self) -> SvidMaterial:
         if self._pem_files is not None:
-            import time  # noqa: PLC0415
+            import time
 
             now = time.monotonic()
             if now - self._last_poll >= self._poll_seconds:
@@ -224,10 +225,9 @@ class IdentitySource:
                 mtimes = self._mtimes()
                 if mtimes != self._pem_mtimes:
                     self._pem_mtimes = mtimes
-                    try:
+                    # Half-written files: keep the last good SVID.
+                    with contextlib.suppress(IdentityError):
                         self._set(load_pem_files(*self._pem_files))
-                    except IdentityError:
-                        pass  # half-written files: keep the last good SVID
         with self._lock:
             return self._material
 

@@ -11,7 +11,7 @@ with ``grpc.ssl_target_name_override``, trusting only their own bundle.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -60,6 +60,8 @@ def server_credentials(source: IdentitySource) -> grpc.ServerCredentials:
         state["serial"] = material.serial
         return _configuration(material)
 
+    # grpcio's fetcher may return None for "unchanged" (the stubs say otherwise).
+    fetch: Any = _fetch
     return grpc.dynamic_ssl_server_credentials(
-        _configuration(first), _fetch, require_client_authentication=True
+        _configuration(first), fetch, require_client_authentication=True
     )

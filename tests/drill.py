@@ -118,10 +118,7 @@ class Drill:
             ("audit trail intact", lambda: self.expect(
                 0, "audit", "verify", str(self.data_dir / "audit.jsonl")).strip()),
         ]
-        for name, action in steps:
-            if not self.check(name, action):
-                return False
-        return True
+        return all(self.check(name, action) for name, action in steps)  # stops at a failure
 
     def _write_canaries(self) -> str:
         for path, data in self.canaries.items():

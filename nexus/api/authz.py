@@ -11,12 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
+from grpc import experimental as _experimental
 
 from nexus.api.errors import abort
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.ServerInterceptor
+
+_wrap_handler: Callable[[Callable[..., Any], Any], Any] = (
+    _experimental.wrap_server_method_handler
+)
 
 _log = structlog.get_logger("nexus.authz")
 
@@ -98,7 +108,7 @@ SERVED_WHILE_SEALED = frozenset(
 
 def peer_spiffe_id(context: grpc.ServicerContext) -> str:
     """The verified caller ID, or "" when gRPC core did not set exactly one."""
-    values = context.auth_context().get("peer_spiffe_id") or []
+    values: Any = context.auth_context().get("peer_spiffe_id") or []
     if len(values) != 1:
         return ""
     raw = values[0]
@@ -108,7 +118,9 @@ def peer_spiffe_id(context: grpc.ServicerContext) -> str:
 class Gate:
     """Answers whether an RPC may run in the current lifecycle state."""
 
-    def __init__(self, is_unsealed: Callable[[], bool], sealed_message: Callable[[], tuple[str, str]]):
+    def __init__(
+        self, is_unsealed: Callable[[], bool], sealed_message: Callable[[], tuple[str, str]]
+    ) -> None:
         self._is_unsealed = is_unsealed
         self._sealed_message = sealed_message
 
@@ -119,7 +131,7 @@ class Gate:
         return self._sealed_message()
 
 
-class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class AuthorizationInterceptor(_Interceptor):
     def __init__(
         self,
         rules: Mapping[str, Rule],
@@ -158,4 +170,4 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
         if handler is None:
             return None
-        return grpc.experimental.wrap_server_method_handler(wrap, handler)
+        return _wrap_handler(wrap, handler)

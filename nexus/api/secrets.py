@@ -33,7 +33,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
 
     def List(self, request: pb.ListSecretsRequest, context: grpc.ServicerContext) -> Any:
         with rpc_call(context, self._audit, "secret.list", request.prefix) as caller:
-            return pb.ListSecretsResponse(paths=self._secrets.list(caller, request.prefix))
+            return pb.ListSecretsResponse(paths=self._secrets.list_paths(caller, request.prefix))
 
     def Delete(self, request: pb.DeleteSecretRequest, context: grpc.ServicerContext) -> Any:
         with rpc_call(context, self._audit, "secret.delete", request.path,

@@ -20,8 +20,14 @@ from nexus.core.backup_file import MAX_BACKUP_FILE_SIZE
 from nexus.core.node import Node
 from spike.identity import IdentitySource
 from spike.tls import MAX_MESSAGE_BYTES, server_credentials
-from spike.v1 import operator_pb2, operator_pb2_grpc, policies_pb2, policies_pb2_grpc
-from spike.v1 import secrets_pb2, secrets_pb2_grpc
+from spike.v1 import (
+    operator_pb2,
+    operator_pb2_grpc,
+    policies_pb2,
+    policies_pb2_grpc,
+    secrets_pb2,
+    secrets_pb2_grpc,
+)
 
 SERVICE_NAMES = (
     operator_pb2.DESCRIPTOR.services_by_name["Operator"].full_name,

@@ -78,7 +78,7 @@ class Backoff:
 
     def failed(self) -> float:
         self.failures += 1
-        delay = min(self._cap, self._base * (2 ** (self.failures - 1)))
+        delay = float(min(self._cap, self._base * (2 ** (self.failures - 1))))
         self._not_before = self._clock() + delay
         return delay
 

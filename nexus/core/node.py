@@ -81,7 +81,7 @@ class Node:
         self.secrets = SecretsService(store, keys, self.policies, self.counter,
                                       max_versions=max_versions,
                                       max_value_bytes=max_value_bytes)
-        from pathlib import Path  # noqa: PLC0415
+        from pathlib import Path
 
         self.rotation = RotationEngine(store, keys, self.counter, audit,
                                        data_dir=Path(data_dir) if data_dir else None)
@@ -150,7 +150,7 @@ class Node:
             counts = self.store.count_by_generation()
         except Exception:
             counts = {}
-        import os  # noqa: PLC0415
+        import os
 
         return StatusReport(
             state=self.keys.state,

@@ -116,7 +116,7 @@ class SecretsService:
                            "which this node does not hold: run `spike recover` on this node "
                            "with the current backup")
 
-    def list(self, caller: str, prefix: str) -> list[str]:
+    def list_paths(self, caller: str, prefix: str) -> list[str]:
         check_prefix(prefix)
         self._keys.require_unsealed()
         return [p for p in self._store.list_secret_paths(prefix)

@@ -25,7 +25,7 @@ class AuditChainBroken(PilotError):
 
 
 def run_verify(args: argparse.Namespace, client: Any) -> int:
-    from spike.audit_chain import verify_lines  # noqa: PLC0415
+    from spike.audit_chain import verify_lines
 
     try:
         with args.file.open(encoding="utf-8") as fh:

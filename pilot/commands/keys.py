@@ -47,8 +47,8 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
 
 
 def _operator(client: Any) -> tuple[Any, Any]:
-    from spike.v1 import operator_pb2 as pb  # noqa: PLC0415
-    from spike.v1 import operator_pb2_grpc as pb_grpc  # noqa: PLC0415
+    from spike.v1 import operator_pb2 as pb
+    from spike.v1 import operator_pb2_grpc as pb_grpc
 
     return pb, client.stub(pb_grpc.OperatorStub)
 
@@ -106,7 +106,7 @@ def run_recover(args: argparse.Namespace, client: Any) -> int:
 
 
 def run_backup_status(args: argparse.Namespace, client: Any) -> int:
-    from pilot.commands.status import status_dict  # noqa: PLC0415
+    from pilot.commands.status import status_dict
 
     pb, stub = _operator(client)
     resp = client.call(stub.BackupStatus, pb.BackupStatusRequest())

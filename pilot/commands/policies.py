@@ -45,8 +45,8 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
 
 
 def _stub(client: Any) -> tuple[Any, Any]:
-    from spike.v1 import policies_pb2 as pb  # noqa: PLC0415
-    from spike.v1 import policies_pb2_grpc as pb_grpc  # noqa: PLC0415
+    from spike.v1 import policies_pb2 as pb
+    from spike.v1 import policies_pb2_grpc as pb_grpc
 
     return pb, client.stub(pb_grpc.PoliciesStub)
 
@@ -80,7 +80,8 @@ def _show(args: argparse.Namespace, data: dict[str, Any]) -> None:
     if args.output == "json":
         emit_json(data)
     else:
-        print(f"{data['name']}: {','.join(data['permissions'])}  spiffe_id=~{data['spiffe_id_pattern']}"
+        print(f"{data['name']}: {','.join(data['permissions'])}  "
+              f"spiffe_id=~{data['spiffe_id_pattern']}"
               f"  path=~{data['path_pattern']}")
 
 
@@ -139,7 +140,7 @@ def _load(path: Path) -> list[dict[str, Any]]:
                                               "permissions"} <= set(doc):
             raise UsageError(f"{path}: each policy needs name, spiffe_id_pattern, "
                              "path_pattern and permissions")
-    return docs
+    return list(docs)
 
 
 def run_apply(args: argparse.Namespace, client: Any) -> int:

@@ -58,8 +58,8 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
 
 
 def _stub(client: Any) -> tuple[Any, Any]:
-    from spike.v1 import secrets_pb2 as pb  # noqa: PLC0415
-    from spike.v1 import secrets_pb2_grpc as pb_grpc  # noqa: PLC0415
+    from spike.v1 import secrets_pb2 as pb
+    from spike.v1 import secrets_pb2_grpc as pb_grpc
 
     return pb, client.stub(pb_grpc.SecretsStub)
 
@@ -155,7 +155,7 @@ def run_versions(args: argparse.Namespace, client: Any) -> int:
 
 
 def _ts(msg: Any, field: str) -> str | None:
-    from pilot.commands.status import _ts as ts  # noqa: PLC0415
+    from pilot.commands.status import _ts as ts
 
     return ts(msg, field)
 

@@ -21,7 +21,7 @@ def _ts(msg: Any, field: str) -> str | None:
 
 
 def status_dict(resp: Any) -> dict[str, Any]:
-    from spike.v1 import operator_pb2 as pb  # noqa: PLC0415
+    from spike.v1 import operator_pb2 as pb
 
     state = pb.State.Name(resp.state).removeprefix("STATE_").lower()
     backup = resp.backup
@@ -64,8 +64,8 @@ def status_dict(resp: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, client: Any) -> int:
-    from spike.v1 import operator_pb2 as pb  # noqa: PLC0415
-    from spike.v1 import operator_pb2_grpc as pb_grpc  # noqa: PLC0415
+    from spike.v1 import operator_pb2 as pb
+    from spike.v1 import operator_pb2_grpc as pb_grpc
 
     stub = client.stub(pb_grpc.OperatorStub)
     data = status_dict(client.call(stub.Status, pb.StatusRequest()))
