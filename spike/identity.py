@@ -44,20 +44,21 @@ class SvidMaterial:
         return f"SvidMaterial(spiffe_id={self.spiffe_id!r}, serial={self.serial:x})"
 
 
-def uri_sans(cert: x509.Certificate) -> list[str]:
+def _sans(cert: x509.Certificate, kind: type[x509.UniformResourceIdentifier | x509.DNSName]
+          ) -> list[str]:
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
-    return list(ext.value.get_values_for_type(x509.UniformResourceIdentifier))
+    return [str(v) for v in ext.value.get_values_for_type(kind)]
+
+
+def uri_sans(cert: x509.Certificate) -> list[str]:
+    return _sans(cert, x509.UniformResourceIdentifier)
 
 
 def dns_sans(cert: x509.Certificate) -> list[str]:
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return []
-    return list(ext.value.get_values_for_type(x509.DNSName))
+    return _sans(cert, x509.DNSName)
 
 
 def material_from_pem(chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> SvidMaterial:

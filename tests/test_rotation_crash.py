@@ -28,7 +28,14 @@ import pytest
 
 from spike.identity import fetch_svid
 from spike.tls import client_channel
-from spike.v1 import operator_pb2, operator_pb2_grpc, policies_pb2, policies_pb2_grpc, secrets_pb2, secrets_pb2_grpc
+from spike.v1 import (
+    operator_pb2,
+    operator_pb2_grpc,
+    policies_pb2,
+    policies_pb2_grpc,
+    secrets_pb2,
+    secrets_pb2_grpc,
+)
 from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
 
 PATHS = 300

@@ -68,7 +68,7 @@ def test_reads_and_writes_during_rotation(agent: DevAgent, nexus: Nexus,
                 try:
                     resp = secrets.Put(secrets_pb2.PutSecretRequest(
                         path=path, data=value(path, version), cas=current[path]), timeout=10)
-                except Exception as exc:  # noqa: BLE001 - every failure is reported
+                except Exception as exc:
                     failed(f"put {path} cas={current[path]}", exc)
                     return
                 if resp.version != version:
@@ -94,7 +94,7 @@ def test_reads_and_writes_during_rotation(agent: DevAgent, nexus: Nexus,
                     got = secrets.Get(secrets_pb2.GetSecretRequest(path=path), timeout=10)
                     if dict(got.data) != value(path, got.version):
                         raise AssertionError(f"{path} v{got.version} read {dict(got.data)}")
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 failed("get", exc)
                 return
             with lock:

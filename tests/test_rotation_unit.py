@@ -7,6 +7,7 @@ progress stream's ordering. ``World`` is also used by ``test_schedule.py``.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import sqlite3
 import threading
@@ -353,7 +354,7 @@ def test_progress_stream_is_ordered_and_ends_once(world: World) -> None:
     sequences = [e.sequence for e in events]
     assert sequences == sorted(set(sequences))
     assert [e.terminal for e in events].count(True) == 1 and events[-1].terminal
-    for a, b in zip(events, events[1:], strict=False):
+    for a, b in itertools.pairwise(events):
         if a.phase == b.phase:
             assert b.done >= a.done
 
@@ -398,3 +399,34 @@ def test_failure_right_after_the_new_key_resume_or_abort(world: World, operator:
     assert world.keys.keyring.active_generation == want
     assert world.generations() == {k: {want} for k in ("rows", "memory", "backup", "file")}
     world.read_all(expected)
+
+
+def test_generation_numbers_are_never_reused_after_an_abort(tmp_path: Path) -> None:
+    """An aborted rotation's number stays burnt: an old export holding it can never pass
+    for a later key with the same number."""
+    from nexus.audit import AuditLog
+    from nexus.core.counter import EncryptionCounter
+    from nexus.core.keymanager import KeyManager
+    from nexus.core.rotation import ABORTED, COMPLETED, RotationEngine
+    from nexus.crypto.kdf import KdfParams
+    from nexus.store import open_store
+
+    store = open_store("sqlite", path=tmp_path / "s.db")
+    keys = KeyManager(store, tmp_path / "b.backup", KdfParams.insecure_for_tests(),
+                      allow_insecure_kdf=True)
+    keys.init(b"correct horse battery staple orbit")
+    engine = RotationEngine(store, keys, EncryptionCounter(store),
+                            AuditLog(str(tmp_path / "a.jsonl")), sleep=lambda _s: None)
+    assert keys.next_generation() == 2
+    engine.start(caller="t", emergency=True)
+    engine.abort("t")
+    assert list(engine.watch(timeout=1))[-1].phase in (ABORTED, COMPLETED)
+    final = engine.current
+    assert final is not None
+    if final.phase == ABORTED:
+        assert keys.keyring.generations == (1,)
+    assert keys.next_generation() == 3
+    engine.start(caller="t", emergency=True)
+    last = list(engine.watch(timeout=1))[-1]
+    assert last.phase == COMPLETED and last.to_generation == 3
+    store.close()

@@ -9,6 +9,7 @@ the watchers that left.
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -37,8 +38,8 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, list[dict[str, Any]], str]
 def check_stream(events: list[dict[str, Any]]) -> None:
     assert events
     sequences = [e["sequence"] for e in events]
-    assert all(a < b for a, b in zip(sequences, sequences[1:], strict=False)), sequences
-    for a, b in zip(events, events[1:], strict=False):
+    assert all(a < b for a, b in itertools.pairwise(sequences)), sequences
+    for a, b in itertools.pairwise(events):
         if a["phase"] == b["phase"]:
             assert b["done"] >= a["done"], (a, b)
         assert a["rotation_id"] == b["rotation_id"]

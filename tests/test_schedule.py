@@ -63,7 +63,7 @@ def world(tmpdir_short: Path, clock: Clock) -> Iterator[World]:
 
 @pytest.fixture()
 def tmpdir_short() -> Iterator[Path]:
-    from tests.test_rotation_unit import tmpdir_short as make  # noqa: PLC0415
+    from tests.test_rotation_unit import tmpdir_short as make
 
     yield from make.__wrapped__()  # type: ignore[attr-defined]
 
@@ -171,9 +171,6 @@ def test_encryption_count_trigger_ignores_interval_and_window(world: World,
     assert world.secrets.get(SUPERUSER, "app/hot").data == {"n": "49"}
 
 
-@pytest.mark.xfail(strict=True, reason="known issue: a counter limit at or below the number "
-                   "of stored records re-triggers right after every rotation (the rotation "
-                   "itself encrypts that many records under the new key)")
 def test_counter_limit_below_record_count_does_not_rotate_forever(world: World,
                                                                   clock: Clock) -> None:
     sched = scheduler(world, clock)

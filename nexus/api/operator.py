@@ -174,12 +174,13 @@ class OperatorServicer(pb_grpc.OperatorServicer):
     def StartRotation(self, request: pb.StartRotationRequest,
                       context: grpc.ServicerContext) -> Any:
         with rpc_call(context) as caller:
+            upcoming = self._node.keys.next_generation()  # before the worker takes it
             state = self._node.rotation.start(
                 caller=caller, emergency=request.emergency, batch_size=request.batch_size,
                 max_rate=request.max_rate, reason=request.reason or "requested by operator")
             return pb.StartRotationResponse(rotation_id=state.rotation_id,
                                             from_generation=state.from_generation,
-                                            to_generation=state.from_generation + 1)
+                                            to_generation=upcoming)
 
     def WatchRotation(self, request: pb.WatchRotationRequest,
                       context: grpc.ServicerContext) -> Any:

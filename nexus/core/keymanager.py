@@ -44,6 +44,7 @@ from nexus.store.base import Store
 log = structlog.get_logger("nexus.keys")
 
 ROOT_KEYS_STATE = "root_keys"
+HIGH_WATER_STATE = "root_key_generation_high_water"
 
 
 @dataclass(frozen=True)
@@ -461,12 +462,20 @@ class KeyManager:
 
     # ------------------------------------------------------------------ rotation support
 
+    def next_generation(self) -> int:
+        """The number the next root key gets. Never reused, even after an aborted rotation
+        dropped it: an old export holding that number must never pass for the current key."""
+        keyring = self.require_unsealed()
+        high = int(self._store.get_state(HIGH_WATER_STATE) or 0)
+        return max(max(keyring.generations), high) + 1
+
     def add_generation(self) -> GenerationInfo:
         """Generate RK(g+1) and seal it into the backup *before* it is used; activate it."""
         with self._lock:
             keyring = self.require_unsealed()
             assert self._backup is not None
-            new_generation = max(keyring.generations) + 1
+            new_generation = self.next_generation()
+            self._store.put_state(HIGH_WATER_STATE, str(new_generation))
             key = SecretKey.generate()
             try:
                 testpoints.reached("new_key_generated")

@@ -211,6 +211,9 @@ class RotationEngine:
             raise InvalidInput(f"--batch-size must be in 1..{MAX_BATCH_SIZE}")
         if max_rate < 0:
             raise InvalidInput("--max-rate must be >= 0")
+        finishing = self._thread
+        if finishing is not None and self._state is not None and self._state.terminal:
+            finishing.join(10.0)  # it published its terminal state and is writing the audit
         with self._lock:
             previous = self._state
             if self.running() or (previous is not None and not previous.terminal):

@@ -23,7 +23,7 @@ import structlog
 from nexus.core.counter import EncryptionCounter
 from nexus.core.errors import InvalidInput, NexusError
 from nexus.core.keymanager import KeyManager
-from nexus.core.rotation import FAILED, RotationEngine
+from nexus.core.rotation import COMPLETED, FAILED, RotationEngine
 from nexus.store.base import Store
 
 log = structlog.get_logger("nexus.schedule")
@@ -163,8 +163,14 @@ class Scheduler:
         generation, created = active
         schedule = self.get()
         count = self._counter.counts().get(generation, 0)
+        # The rotation that created this generation re-encrypted every record under it;
+        # those encryptions count toward the NIST budget but must not trigger the next
+        # rotation, or a limit below the record count would rotate forever.
+        if (current is not None and current.phase == COMPLETED
+                and current.to_generation == generation):
+            count -= current.reencrypted + current.skipped
         if count >= schedule.max_encryptions:
-            return f"generation {generation} reached {count} encryptions"
+            return f"generation {generation} reached {count} encryptions since rotation"
         if (schedule.interval_seconds and now - created >= schedule.interval_seconds
                 and in_window(schedule.window, now)):
             return f"generation {generation} is older than the rotation interval"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-
 from typing import Any
 
 from pilot.errors import PilotError, UsageError
@@ -65,8 +64,8 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
 
 
 def _stub(client: Any) -> tuple[Any, Any]:
-    from spike.v1 import operator_pb2 as pb  # noqa: PLC0415
-    from spike.v1 import operator_pb2_grpc as pb_grpc  # noqa: PLC0415
+    from spike.v1 import operator_pb2 as pb
+    from spike.v1 import operator_pb2_grpc as pb_grpc
 
     return pb, client.stub(pb_grpc.OperatorStub)
 
@@ -93,7 +92,7 @@ def event_dict(pb: Any, event: Any) -> dict[str, Any]:
 
 def watch(args: argparse.Namespace, client: Any, rotation_id: str = "") -> int:
     """Follow the rotation to its terminal event; exit 0 only when it completed."""
-    import grpc  # noqa: PLC0415
+    import grpc
 
     pb, stub = _stub(client)
     last: dict[str, Any] | None = None
@@ -102,6 +101,8 @@ def watch(args: argparse.Namespace, client: Any, rotation_id: str = "") -> int:
         with client.errors():
             if args.output == "json":
                 for event in stream:
+                    if last is not None and event.sequence == last["sequence"]:
+                        continue  # a keep-alive repeat of the last event
                     last = event_dict(pb, event)
                     emit_json(last)
             else:
@@ -129,8 +130,8 @@ def watch(args: argparse.Namespace, client: Any, rotation_id: str = "") -> int:
 
 
 def _draw(pb: Any, stream: Any) -> dict[str, Any] | None:
-    from rich.console import Console  # noqa: PLC0415
-    from rich.progress import (  # noqa: PLC0415
+    from rich.console import Console
+    from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
         Progress,
@@ -219,7 +220,7 @@ def run_resume(args: argparse.Namespace, client: Any) -> int:
 
 
 def run_schedule(args: argparse.Namespace, client: Any) -> int:
-    from google.protobuf.duration_pb2 import Duration  # noqa: PLC0415
+    from google.protobuf.duration_pb2 import Duration
 
     pb, stub = _stub(client)
     fields: list[str] = []
