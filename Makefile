@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy spike nexus pilot devagent
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m spike._protogen --check
 	$(BIN)/pytest -q -p no:cacheprovider
 

@@ -285,3 +285,13 @@ def test_new_handshakes_get_the_rotated_svid() -> None:
     finally:
         running.stop()
         short.stop()
+
+
+def test_help_imports_neither_grpc_nor_spiffe() -> None:
+    """`spike --help` stays fast by importing no heavy module (speed itself: make bench)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "pilot", "--help"],
+                            cwd=ROOT, capture_output=True, text=True, env=base_env())
+    assert result.returncode == 0 and "rotate" in result.stdout
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
+    heavy = {m for m in imported if m.split(".")[0] in ("grpc", "spiffe", "cryptography")}
+    assert not heavy, sorted(heavy)
