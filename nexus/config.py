@@ -68,16 +68,33 @@ class NexusConfig:
 _TYPES = {f.name: f for f in fields(NexusConfig)}
 
 
+def _has_field_type(raw: Any, default: Any) -> bool:
+    if isinstance(default, bool) or isinstance(raw, bool):
+        return isinstance(default, bool) and isinstance(raw, bool)
+    if isinstance(default, int):
+        return isinstance(raw, int)
+    if isinstance(default, float):
+        return isinstance(raw, int | float)
+    return False  # strings and paths
+
+
 def _coerce(name: str, raw: Any) -> Any:
     default = getattr(NexusConfig(), name)
     kind = _TYPES[name].type
+    # Flags and the environment give strings; TOML gives typed values, which must already have
+    # the field's type: 2.5 or true for an int, or 8553 for a string, is refused, not truncated.
+    if not isinstance(raw, str) and not _has_field_type(raw, default):
+        raise ConfigError(f"invalid value for {name}: {raw!r}")
     try:
         if "Path" in str(kind):
             return Path(str(raw)) if raw not in ("", None) else default
         if isinstance(default, bool):
             if isinstance(raw, bool):
                 return raw
-            return str(raw).strip().lower() in {"1", "true", "yes", "on"}
+            word = raw.strip().lower()
+            if word not in {"1", "true", "yes", "on", "0", "false", "no", "off", ""}:
+                raise ValueError(raw)
+            return word in {"1", "true", "yes", "on"}
         if isinstance(default, int):
             return int(raw)
         if isinstance(default, float):
@@ -160,7 +177,8 @@ def validate(config: NexusConfig) -> None:
     pem = [config.svid_cert, config.svid_key, config.trust_bundle]
     if any(pem) and not all(pem):
         raise ConfigError("--svid-cert, --svid-key and --trust-bundle go together")
-    if ":" not in config.listen:
+    host, _, port = config.listen.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"--listen must be HOST:PORT, got {config.listen!r}")
     if config.max_secret_versions < 1:
         raise ConfigError("max_secret_versions must be at least 1")
