@@ -66,6 +66,9 @@ class NexusConfig:
 
 
 _TYPES = {f.name: f for f in fields(NexusConfig)}
+# Test-only switches: never from the environment or a file, where they could linger
+# unnoticed in a production deployment.
+FLAG_ONLY = frozenset({"insecure_test_kdf"})
 
 
 def _has_field_type(raw: Any, default: Any) -> bool:
@@ -153,12 +156,15 @@ def load_config(
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
         for key, raw in data.items():
             name = key.replace("-", "_")
-            if name not in _TYPES:
+            if name not in _TYPES or name in FLAG_ONLY:
                 raise ConfigError(f"unknown key in {config_file}: {key}")
             values[name] = _coerce(name, raw)
     for name in _TYPES:
         raw = env.get(ENV_PREFIX + name.upper())
         if raw is not None:
+            if name in FLAG_ONLY:
+                raise ConfigError(f"{ENV_PREFIX}{name.upper()} is not accepted: the test-only "
+                                  "switch exists only as a command-line flag")
             values[name] = _coerce(name, raw)
     for name in _TYPES:
         raw = getattr(args, name)

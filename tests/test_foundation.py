@@ -295,3 +295,22 @@ def test_help_imports_neither_grpc_nor_spiffe() -> None:
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}
     heavy = {m for m in imported if m.split(".")[0] in ("grpc", "spiffe", "cryptography")}
     assert not heavy, sorted(heavy)
+
+
+def test_open_health_watches_do_not_starve_the_server(agent: DevAgent, nexus: Nexus) -> None:
+    """Health.Watch is open to every workload; its streams must not pin worker threads."""
+    channel = client_channel(nexus.address, fetch_svid(agent.socket("workload")),
+                             "nexus.spike.internal")
+    stub = health_pb2_grpc.HealthStub(channel)
+    streams = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(48)]
+    try:
+        for stream in streams[:3]:
+            assert next(stream).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        started = time.monotonic()
+        result = pilot(["status"], agent.env("pilot"), nexus, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert time.monotonic() - started < 15
+    finally:
+        for stream in streams:
+            stream.cancel()
+        channel.close()

@@ -15,18 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
-from grpc import experimental as _experimental
 
 from nexus.api.errors import abort
+from nexus.api.handlers import wrap_handler
 
 if TYPE_CHECKING:
     _Interceptor = grpc.ServerInterceptor[Any, Any]
 else:
     _Interceptor = grpc.ServerInterceptor
-
-_wrap_handler: Callable[[Callable[..., Any], Any], Any] = (
-    _experimental.wrap_server_method_handler
-)
 
 _log = structlog.get_logger("nexus.authz")
 
@@ -81,8 +77,9 @@ def rpc_rules(td: str) -> dict[str, Rule]:
         "/grpc.health.v1.Health/Check": member,
         "/grpc.health.v1.Health/Watch": member,
         "/grpc.health.v1.Health/List": member,
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": member,
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": member,
+        # Reflection streams hold a worker thread each: operators only.
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": admin,
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": admin,
     }
     for name in ("Put", "Get", "List", "Delete", "Undelete", "Destroy", "Metadata"):
         table[f"/spike.v1.Secrets/{name}"] = member
@@ -150,7 +147,7 @@ class AuthorizationInterceptor(_Interceptor):
         on_denied = self._on_denied
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            def guarded(request: Any, context: grpc.ServicerContext, *more: Any) -> Any:
                 caller = peer_spiffe_id(context)
                 if not caller:
                     on_denied(method, "", "no single SPIFFE ID in the client certificate")
@@ -164,10 +161,10 @@ class AuthorizationInterceptor(_Interceptor):
                 if blocked is not None:
                     kind, message = blocked
                     abort(context, grpc.StatusCode.FAILED_PRECONDITION, kind, message)
-                return behavior(request, context)
+                return behavior(request, context, *more)
 
             return guarded
 
         if handler is None:
             return None
-        return _wrap_handler(wrap, handler)
+        return wrap_handler(wrap, handler)

@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from grpc import experimental as _experimental
+
+from nexus.api.handlers import wrap_handler
 
 if TYPE_CHECKING:
     _Interceptor = grpc.ServerInterceptor[Any, Any]
@@ -21,9 +22,6 @@ else:
     _Interceptor = grpc.ServerInterceptor
 
 Observe = Callable[[str, str, float], None]
-_wrap_handler: Callable[[Callable[..., Any], Any], Any] = (
-    _experimental.wrap_server_method_handler
-)
 
 
 def status_name(context: grpc.ServicerContext, failed: bool) -> str:
@@ -48,21 +46,21 @@ class RpcMetricsInterceptor(_Interceptor):
         streaming = bool(handler.response_streaming)
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            def timed(request: Any, context: grpc.ServicerContext) -> Any:
+            def timed(request: Any, context: grpc.ServicerContext, *more: Any) -> Any:
                 start = time.perf_counter()
                 try:
-                    result = behavior(request, context)
+                    result = behavior(request, context, *more)
                 except BaseException:
                     observe(method, status_name(context, True), time.perf_counter() - start)
                     raise
-                if streaming:
+                if streaming and result is not None:  # None: a non-blocking stream
                     return _timed_stream(result, method, context, start, observe)
                 observe(method, status_name(context, False), time.perf_counter() - start)
                 return result
 
             return timed
 
-        return _wrap_handler(wrap, handler)
+        return wrap_handler(wrap, handler)
 
 
 def _timed_stream(

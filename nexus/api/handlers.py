@@ -1,0 +1,39 @@
+"""Wrapping gRPC method handlers without losing what grpcio reads off them.
+
+grpcio serves a handler without pinning a worker thread when the behaviour
+function carries ``experimental_non_blocking`` (the health servicer's Watch
+does); it then passes the send-response callback as a third positional argument.
+A wrapper that drops the attribute, or the argument, turns every open Watch
+stream into a held thread —
+a handful of callers could then starve the pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from grpc import experimental as _experimental
+
+_GRPC_ATTRIBUTES = ("experimental_non_blocking", "experimental_thread_pool")
+
+_wrap_server_method_handler: Callable[[Callable[..., Any], Any], Any] = (
+    _experimental.wrap_server_method_handler
+)
+
+
+def keep_grpc_attributes(wrapper: Callable[..., Any],
+                         behavior: Callable[..., Any]) -> Callable[..., Any]:
+    for name in _GRPC_ATTRIBUTES:
+        if hasattr(behavior, name):
+            setattr(wrapper, name, getattr(behavior, name))
+    return wrapper
+
+
+def wrap_handler(wrap: Callable[[Callable[..., Any]], Callable[..., Any]], handler: Any) -> Any:
+    """``grpc.experimental.wrap_server_method_handler`` that keeps grpcio's attributes."""
+
+    def preserving(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        return keep_grpc_attributes(wrap(behavior), behavior)
+
+    return _wrap_server_method_handler(preserving, handler)
