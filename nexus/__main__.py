@@ -43,6 +43,13 @@ def open_identity(config: NexusConfig) -> IdentitySource:
     return IdentitySource()
 
 
+def default_node_name(config: NexusConfig) -> str:
+    """Stable across restarts of the same node; distinct for nodes sharing a store."""
+    import socket
+
+    return f"{socket.gethostname()}:{config.data_dir.resolve()}"
+
+
 def kdf_params(config: NexusConfig) -> KdfParams:
     if config.insecure_test_kdf:
         log.warning("INSECURE test-only Argon2id parameters in use: never in production")
@@ -90,7 +97,8 @@ def serve(config: NexusConfig) -> int:
                 max_versions=config.max_secret_versions,
                 max_value_bytes=config.max_value_bytes,
                 data_dir=str(config.data_dir) if config.store == "sqlite" else None,
-                scheduler_check_every=config.scheduler_check_seconds)
+                scheduler_check_every=config.scheduler_check_seconds,
+                node_name=config.node_name or default_node_name(config))
     metrics = None
     if config.metrics_listen:
         from nexus.api.authz import rpc_rules

@@ -42,8 +42,11 @@ class NexusConfig:
     backup_verify_interval_seconds: float = 3600.0
     # First delay after a wrong password; doubles per failure (capped at 300 s).
     recover_backoff_seconds: float = 1.0
-    # How often the rotation scheduler checks whether a rotation is due.
+    # How often the rotation scheduler checks whether a rotation is due; 0 turns the
+    # scheduler off on this node (with several nodes, let one node schedule).
     scheduler_check_seconds: float = 60.0
+    # Names this node in rotation ownership (default: hostname:data-dir).
+    node_name: str = ""
     max_secret_versions: int = 10
     max_value_bytes: int = 64 * 1024
     workers: int = 32

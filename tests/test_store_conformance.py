@@ -288,6 +288,36 @@ def test_state(store: Store) -> None:
     assert store.get_state("rotation") is None
 
 
+def test_swap_state_is_compare_and_set(store: Store) -> None:
+    assert store.swap_state("lease", None, "a")
+    assert not store.swap_state("lease", None, "b")  # exists now
+    assert not store.swap_state("lease", "x", "b")  # stale expectation
+    assert store.get_state("lease") == "a"
+    assert store.swap_state("lease", "a", "b")
+    assert store.get_state("lease") == "b"
+
+
+def test_swap_state_has_one_winner(store: Store) -> None:
+    import threading
+
+    store.put_state("lease", "free")
+    wins: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def contend(i: int) -> None:
+        barrier.wait()
+        if store.swap_state("lease", "free", f"node-{i}"):
+            wins.append(i)
+
+    threads = [threading.Thread(target=contend, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert store.get_state("lease") == f"node-{wins[0]}"
+
+
 def test_encryption_counters(store: Store) -> None:
     assert store.encryption_counts() == {}
     store.add_encryptions(1, 5)

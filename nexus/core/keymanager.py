@@ -122,6 +122,7 @@ class KeyManager:
         self._unseal_listeners: list[Callable[[], None]] = []
         self._latest_recorded = 0
         self._latest_checked = -1e9
+        self._pending_generation = 0
         if backup_path.exists():
             self.backup_health.last_written = backup_path.stat().st_mtime
         self.backup_health.status = "unknown" if backup_path.exists() else "missing"
@@ -314,6 +315,16 @@ class KeyManager:
 
     def _check_against_store(self, keys: dict[int, SecretKey]) -> None:
         recorded = self.generations_recorded()
+        if recorded:
+            # The backup's public key is in the file, so anyone who can write the file
+            # can seal a key of their choosing into it; only generations this Nexus
+            # created (recorded with their fingerprint) are ever accepted.
+            unknown = sorted(set(keys) - set(recorded))
+            if unknown:
+                raise errors.BackupInvalid(
+                    f"the backup holds generation(s) {unknown} that this Nexus never "
+                    "created: refusing a key that may have been planted"
+                )
         for generation, info in recorded.items():
             key = keys.get(generation)
             if key is None:
@@ -479,6 +490,16 @@ class KeyManager:
             key = SecretKey.generate()
             try:
                 testpoints.reached("new_key_generated")
+                info = GenerationInfo(new_generation, fingerprint(key).hex(), self._clock())
+                # Recorded *before* the backup holds it: recovery accepts only generations
+                # this Nexus recorded, so a key sealed into the backup by anyone else
+                # (the public key is in the file) is refused. Entries for keys that never
+                # made it into memory (an earlier crash) are dropped here.
+                recorded = {g: i for g, i in self.generations_recorded().items()
+                            if g in keyring.generations}
+                recorded[new_generation] = info
+                self._pending_generation = new_generation
+                self._record_generations(recorded)
                 keys = dict(keyring.keys())
                 keys[new_generation] = key
                 backup = self._backup.reseal(keys)
@@ -487,14 +508,8 @@ class KeyManager:
                 key.wipe()
                 raise
             testpoints.reached("backup_updated")
-            info = GenerationInfo(new_generation, fingerprint(key).hex(), self._clock())
             self._backup = backup
             self._keyring = keyring.with_key(new_generation, key, activate=True)
-            # Recorded after the swap: other nodes sharing the store take a recorded
-            # generation they do not hold as the sign that they are stale.
-            recorded = self.generations_recorded()
-            recorded[new_generation] = info
-            self._record_generations(recorded)
         log.info("root key generation added", generation=new_generation,
                  fingerprint=info.fingerprint)
         return info
@@ -511,6 +526,8 @@ class KeyManager:
             self._latest_recorded = max(self.generations_recorded(), default=0)
             self._latest_checked = now
         latest = self._latest_recorded
+        if latest == self._pending_generation:
+            return  # our own new key, recorded a moment before it enters the keyring
         if latest > (keyring.active_generation or 0) and latest not in keyring.generations:
             raise errors.NotReady(
                 "stale",

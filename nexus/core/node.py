@@ -74,6 +74,7 @@ class Node:
         max_value_bytes: int = 64 * 1024,
         data_dir: str | None = None,
         scheduler_check_every: float = 60.0,
+        node_name: str = "",
     ) -> None:
         self.store = store
         self.counter = EncryptionCounter(store)
@@ -84,9 +85,11 @@ class Node:
         from pathlib import Path
 
         self.rotation = RotationEngine(store, keys, self.counter, audit,
-                                       data_dir=Path(data_dir) if data_dir else None)
+                                       data_dir=Path(data_dir) if data_dir else None,
+                                       node_name=node_name)
         self.scheduler = Scheduler(store, keys, self.rotation, self.counter,
-                                   check_every=scheduler_check_every)
+                                   check_every=max(scheduler_check_every, 1.0))
+        self._scheduler_enabled = scheduler_check_every > 0
         self.store_name = store_name
         self.keys = keys
         self.audit = audit
@@ -102,7 +105,8 @@ class Node:
 
     def start(self) -> None:
         self._verifier.start()
-        self.scheduler.start()
+        if self._scheduler_enabled:
+            self.scheduler.start()
 
     # ------------------------------------------------------------------ state
 

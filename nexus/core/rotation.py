@@ -40,7 +40,7 @@ from nexus.core.keymanager import KeyManager
 from nexus.crypto import envelope
 from nexus.crypto.envelope import DecryptionError, record_identity
 from nexus.crypto.keys import Purpose
-from nexus.store.base import KIND_SECRET, BlobUpdate, RecordKey, RecordRow, Store
+from nexus.store.base import KIND_SECRET, BlobUpdate, RecordKey, RecordRow, Store, StoreError
 
 log = structlog.get_logger("nexus.rotation")
 
@@ -91,6 +91,7 @@ class RotationState:
     updated: float = 0.0
     sequence: int = 0
     cursor: tuple[str, str, int] | None = None
+    node: str = ""  # the Nexus node that drives it (several may share a store)
     # Set when an operator asked to abort; persisted so that a crash or a restart
     # before the rollback starts does not lose the request.
     abort_requested: bool = False
@@ -132,10 +133,12 @@ class RotationEngine:
         audit: AuditLog,
         *,
         data_dir: Path | None = None,
+        node_name: str = "",
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._store = store
+        self._node_name = node_name
         self._keys = keys
         self._counter = counter
         self._audit = audit
@@ -157,7 +160,19 @@ class RotationEngine:
 
     @property
     def current(self) -> RotationState | None:
-        """The running rotation, or the last one (terminal), or None."""
+        """The running rotation, or the last one (terminal), or None.
+
+        When no worker runs here the stored state is authoritative: another node
+        sharing the store may be the one rotating.
+        """
+        if not self.running():
+            try:
+                stored = self._load()
+            except StoreError:
+                return self._state  # the store is down: the last known state
+            with self._lock:
+                if not self.running():
+                    self._state = stored
         return self._state
 
     def running(self) -> bool:
@@ -215,9 +230,14 @@ class RotationEngine:
         if finishing is not None and self._state is not None and self._state.terminal:
             finishing.join(10.0)  # it published its terminal state and is writing the audit
         with self._lock:
-            previous = self._state
+            # The store decides, not this process's memory: several nodes may share it.
+            stored_raw = self._store.get_state(STATE_KEY)
+            previous = RotationState.from_json(stored_raw) if stored_raw else None
+            self._state = previous
             if self.running() or (previous is not None and not previous.terminal):
-                raise Conflict("a rotation is already running: watch it with "
+                where = f" on node {previous.node}" if previous and previous.node and \
+                    previous.node != self._node_name else ""
+                raise Conflict(f"a rotation is already running{where}: watch it with "
                                "`spike rotation watch` or stop it with `spike rotation abort`")
             if previous is not None and previous.phase == FAILED:
                 raise Conflict("the last rotation failed: fix its cause, then "
@@ -238,9 +258,11 @@ class RotationEngine:
                 started=now,
                 updated=now,
                 sequence=(previous.sequence + 1) if previous else 1,
+                node=self._node_name,
             )
             self._precheck(state)
-            self._publish_locked(state)
+            # Claim the job with a compare-and-set: of two nodes starting at once, one wins.
+            self._publish_locked(state, claim=True, expected_raw=stored_raw)
         self._audit.record("rotation.start", caller=caller, target=state.rotation_id,
                            outcome="ok", durable=True, from_generation=active,
                            emergency=emergency, reason=reason)
@@ -248,10 +270,14 @@ class RotationEngine:
         return state
 
     def abort(self, caller: str, reason: str = "") -> RotationState:
+        self.current  # noqa: B018 - refresh from the store when no worker runs here
         with self._lock:
             state = self._state
             if state is None or (state.terminal and state.phase != FAILED):
                 raise NotFound("no rotation to abort")
+            if state.node and state.node != self._node_name and not state.terminal:
+                raise Conflict(f"the rotation runs on node {state.node}: abort it there; if "
+                               "that node is gone for good, `spike rotation resume` here first")
             if state.phase in (FINALIZE,):
                 raise Conflict("the rotation is finalizing and can no longer be aborted")
         self._audit.record("rotation.abort", caller=caller, target=state.rotation_id,
@@ -269,6 +295,7 @@ class RotationEngine:
         return state
 
     def resume(self, caller: str) -> RotationState:
+        self.current  # noqa: B018 - refresh from the store when no worker runs here
         with self._lock:
             state = self._state
             if state is None or state.phase in (COMPLETED, ABORTED):
@@ -280,8 +307,11 @@ class RotationEngine:
                 # resumes at the new-key step, which picks up a key already added.
                 phase = REENCRYPT if state.to_generation else NEW_KEY
                 self._publish_locked(replace(state, phase=phase, cursor=None, failed=0,
-                                             abort_requested=False,
+                                             abort_requested=False, node=self._node_name,
                                              message=f"resumed by {caller}"))
+            elif state.node != self._node_name:  # an operator moves the job here
+                self._publish_locked(replace(state, node=self._node_name,
+                                             message=f"taken over by {caller}"))
         self._audit.record("rotation.resume", caller=caller, target=state.rotation_id,
                            outcome="ok", durable=True)
         self._spawn()
@@ -289,11 +319,17 @@ class RotationEngine:
         return self._state
 
     def resume_after_unseal(self) -> bool:
-        """Called when Nexus unseals: continue an interrupted rotation by itself."""
+        """Called when Nexus unseals: continue an interrupted rotation by itself —
+        only one this node started; another node's job is that node's (or an
+        operator's explicit `spike rotation resume`)."""
         state = self._load()
         with self._lock:
             self._state = state
         if state is None or state.terminal or self.running():
+            return False
+        if state.node and state.node != self._node_name:
+            log.warning("interrupted rotation belongs to another node; not resuming here",
+                        rotation_id=state.rotation_id, node=state.node)
             return False
         log.info("resuming interrupted rotation", rotation_id=state.rotation_id,
                  phase=state.phase)
@@ -626,14 +662,21 @@ class RotationEngine:
         with self._lock:
             return self._publish_locked(state)
 
-    def _publish_locked(self, state: RotationState) -> RotationState:
+    def _publish_locked(self, state: RotationState, *, claim: bool = False,
+                        expected_raw: str | None = None) -> RotationState:
+        """Persist and announce ``state``. ``claim``: only if the stored document is
+        still ``expected_raw`` (compare-and-set), else Conflict."""
         previous = self._state
         sequence = max(state.sequence, previous.sequence if previous else 0) + 1
         state = replace(state, sequence=sequence, updated=self._clock())
         if self._stop.abort.is_set() and not state.terminal \
                 and state.phase not in (ROLLBACK, FINALIZE):
             state = replace(state, abort_requested=True)  # the worker's copy predates it
-        self._store.put_state(STATE_KEY, state.to_json())
+        if not claim:
+            self._store.put_state(STATE_KEY, state.to_json())
+        elif not self._store.swap_state(STATE_KEY, expected_raw, state.to_json()):
+            raise Conflict("another Nexus node started a rotation at the same moment: "
+                           "`spike rotation status`")
         self._state = state
         self._changed.notify_all()
         for listener in self._listeners:

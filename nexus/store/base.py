@@ -291,6 +291,11 @@ class Store(Protocol):
         """Create or replace a document."""
         ...
 
+    def swap_state(self, key: str, expected: str | None, value: str) -> bool:
+        """Compare-and-set: write ``value`` only if the document is still ``expected``
+        (``None``: absent). True when written. Lets several nodes agree on who owns a job."""
+        ...
+
     def delete_state(self, key: str) -> None:
         """Remove a document (no error if absent)."""
         ...

@@ -615,6 +615,25 @@ class PostgresStore:
 
         self._run(tx)
 
+    def swap_state(self, key: str, expected: str | None, value: str) -> bool:
+        """See :meth:`nexus.store.base.Store.swap_state`."""
+
+        def tx(conn: Conn) -> bool:
+            if expected is None:
+                cur = conn.execute(
+                    "INSERT INTO state (key, value) VALUES (%s, %s)"
+                    " ON CONFLICT (key) DO NOTHING",
+                    (key, value),
+                )
+            else:
+                cur = conn.execute(
+                    "UPDATE state SET value = %s WHERE key = %s AND value = %s",
+                    (value, key, expected),
+                )
+            return cur.rowcount == 1
+
+        return self._run(tx)
+
     def delete_state(self, key: str) -> None:
         """See :meth:`nexus.store.base.Store.delete_state`."""
 

@@ -577,6 +577,20 @@ class SqliteStore:
                 (key, value),
             )
 
+    def swap_state(self, key: str, expected: str | None, value: str) -> bool:
+        """See :meth:`nexus.store.base.Store.swap_state`."""
+        with self._write() as conn:
+            row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+            current = None if row is None else str(row[0])
+            if current != expected:
+                return False
+            conn.execute(
+                "INSERT INTO state (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+            return True
+
     def delete_state(self, key: str) -> None:
         """See :meth:`nexus.store.base.Store.delete_state`."""
         with self._write() as conn:

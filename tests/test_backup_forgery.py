@@ -1,0 +1,61 @@
+"""The backup's public key is in the file: anyone who can write the file can seal a key
+of their own into it without the password. Recovery must refuse such a key (found in
+review: it used to activate it, so later writes were under a key the attacker knew)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nexus.core import errors
+from nexus.core.keymanager import KeyManager
+from nexus.crypto.backup_format import Backup
+from nexus.crypto.kdf import KdfParams
+from nexus.crypto.secret_buffer import SecretKey
+from nexus.store import open_store
+
+PASSWORD = b"correct horse battery staple orbit"
+
+
+def manager(tmp: Path) -> KeyManager:
+    store = open_store("sqlite", path=tmp / "spike.db")
+    return KeyManager(store, tmp / "root-key.backup", KdfParams.insecure_for_tests(),
+                      allow_insecure_kdf=True, backoff_base=0.0)
+
+
+def plant(tmp: Path, generation: int) -> None:
+    path = tmp / "root-key.backup"
+    backup = Backup.parse(path.read_bytes(), allow_insecure_kdf_for_tests=True)
+    attacker_key = SecretKey.from_bytes_consuming(bytearray(b"A" * 32))
+    # Keys the attacker cannot know stay sealed as they are; only the public key is used.
+    forged = backup.reseal({generation: attacker_key})
+    sealed = {s.generation: s for s in backup.sealed}
+    sealed[generation] = forged.sealed[0]
+    forged = Backup(backup.params, backup.salt, backup.public_key,
+                    tuple(sealed[g] for g in sorted(sealed)))
+    path.write_bytes(forged.to_bytes())
+
+
+@pytest.mark.parametrize("generation", [2, 7])
+def test_a_planted_generation_is_refused(tmp_path: Path, generation: int) -> None:
+    first = manager(tmp_path)
+    first.init(PASSWORD)
+    first.seal()
+    plant(tmp_path, generation)
+    again = manager(tmp_path)
+    with pytest.raises(errors.BackupInvalid, match="never created"):
+        again.recover(PASSWORD)
+    assert not again.is_unsealed()
+
+
+def test_the_real_backup_still_recovers(tmp_path: Path) -> None:
+    first = manager(tmp_path)
+    first.init(PASSWORD)
+    first.add_generation()
+    fingerprints = first.keyring.fingerprints()
+    first.seal()
+    again = manager(tmp_path)
+    keyring = again.recover(PASSWORD)
+    assert keyring.fingerprints() == fingerprints
+    assert keyring.active_generation == 2
