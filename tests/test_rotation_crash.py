@@ -225,6 +225,11 @@ def check_end_state(agent: DevAgent, nexus: Nexus, data_dir: Path, *, phase: str
     assert [e for e in events if e["terminal"]] == [last]
     assert code == (0 if phase == "completed" else 1)
     assert read_all(agent, nexus) == expected_secrets()
+    if phase == "completed":
+        # A key number handed out before a crash is never reused, so a rotation that
+        # had to generate its key again ends one or more numbers higher.
+        assert last["to_generation"] >= generation, last
+        generation = last["to_generation"]
     status = nexus.status  # type: ignore[attr-defined]
     assert status.root_key_generation == generation
     assert dict(status.records_by_generation).keys() == {generation}

@@ -99,19 +99,22 @@ class SecretsService:
             plain = keyring.decrypt(Purpose.SECRETS, row.blob,
                                     record_identity(KIND_SECRET, path, row.version))
         except DecryptionError:
-            self._raise_if_generation_unknown(keyring, row.blob)
+            self._raise_if_stale(keyring, row.blob)
             log.error("secret failed its integrity check", path=path, version=row.version)
             raise IntegrityError(f"version {row.version} of {path} failed its integrity "
                                  "check") from None
         return SecretVersion(path, row.version, json.loads(plain), row.created_at)
 
-    @staticmethod
-    def _raise_if_generation_unknown(keyring: Keyring, blob: bytes) -> None:
+    def _raise_if_stale(self, keyring: Keyring, blob: bytes) -> None:
+        """A record under a generation this Nexus created but this node does not hold
+        means the node is stale; any other undecryptable record is an integrity failure
+        (e.g. a header rewritten to a generation that never existed)."""
         try:
             generation = peek_generation(blob)
         except DecryptionError:
             return
-        if generation not in keyring.generations:
+        if (generation not in keyring.generations
+                and generation in self._keys.generations_recorded()):
             raise NotReady("stale", f"this record is under root key generation {generation}, "
                            "which this node does not hold: run `spike recover` on this node "
                            "with the current backup")
