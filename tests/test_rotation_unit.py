@@ -48,11 +48,12 @@ class RacingStore:
             raise StoreUnavailable("sqlite: disk I/O error (injected)")
         return self._inner.count_by_generation()
 
-    def replace_blobs(self, updates: Sequence[BlobUpdate]) -> int:
+    def replace_blobs(self, updates: Sequence[BlobUpdate], *,
+                      state: tuple[str, str] | None = None) -> int:
         hook, self.before_replace = self.before_replace, None
         if hook is not None:
             hook(updates)
-        return self._inner.replace_blobs(updates)
+        return self._inner.replace_blobs(updates, state=state)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

@@ -406,6 +406,20 @@ def test_replace_blobs_is_conditional(store: Store) -> None:
         store.replace_blobs([updates[1], updates[1]])
 
 
+def test_replace_blobs_writes_its_progress_in_the_same_transaction(store: Store) -> None:
+    _fill_for_rotation(store)
+    rows = store.scan_not_in_generation(2, None, 3)
+    updates = [BlobUpdate(r.key, r.generation, r.blob or b"", 2, b"new") for r in rows]
+    assert store.replace_blobs(updates, state=("rotation", '{"cursor": 3}')) == len(updates)
+    assert store.get_state("rotation") == '{"cursor": 3}'
+    # A refused batch leaves the progress document as it was.
+    with pytest.raises(ValueError):
+        store.replace_blobs([updates[0], updates[0]], state=("rotation", '{"cursor": 9}'))
+    assert store.get_state("rotation") == '{"cursor": 3}'
+    assert store.replace_blobs([], state=("rotation", '{"cursor": 4}')) == 0
+    assert store.get_state("rotation") == '{"cursor": 4}'
+
+
 # --------------------------------------------------------------------------- schema, durability
 
 

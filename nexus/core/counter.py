@@ -18,7 +18,7 @@ NIST_GCM_RANDOM_NONCE_LIMIT = 2**32
 
 
 class EncryptionCounter:
-    def __init__(self, store: Store, flush_every: int = 1000, flush_seconds: float = 5.0,
+    def __init__(self, store: Store, flush_every: int = 50_000, flush_seconds: float = 5.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._pending: dict[int, int] = {}

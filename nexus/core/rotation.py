@@ -60,6 +60,8 @@ TERMINAL = frozenset({COMPLETED, FAILED, ABORTED})
 
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_MAX_RATE = 2_000  # records/s when throttled (tests/bench_rotation.py: get p99)
+# Unthrottled rotations amortize each durable commit over more records.
+EMERGENCY_BATCH_SIZE = 2000
 MAX_BATCH_SIZE = 10_000
 MIN_FREE_BYTES = 64 * 1024 * 1024
 # Seconds between recording a new generation and dropping the old one (see finalize).
@@ -251,7 +253,8 @@ class RotationEngine:
                 phase=PRECHECK,
                 from_generation=active,
                 emergency=emergency,
-                batch_size=batch_size or DEFAULT_BATCH_SIZE,
+                batch_size=batch_size or (EMERGENCY_BATCH_SIZE if emergency
+                                          else DEFAULT_BATCH_SIZE),
                 max_rate=0 if emergency else (max_rate or DEFAULT_MAX_RATE),
                 reason=reason,
                 caller=caller,
@@ -569,10 +572,6 @@ class RotationEngine:
             pass_work += len(rows)
             updates, bad = self._reseal_rows(rows, target, max_rate=state.max_rate)
             failed_keys.update(bad)
-            changed = self._store.replace_blobs(updates) if updates else 0
-            if updates:
-                self._counter.add(target, len(updates))
-            testpoints.reached("rotation_batch_written")
             cursor = last_key
             now = time.monotonic()
             window.append((now, len(rows)))
@@ -581,17 +580,30 @@ class RotationEngine:
             rate = sum(n for _, n in window) / span
             done = state.done + len(rows)
             remaining = max(state.total - done, 0)
-            state = self._publish(replace(
-                state,
-                done=done,
-                reencrypted=state.reencrypted + changed,
-                skipped=state.skipped + (len(updates) - changed),
-                failed=state.failed + len(bad),
-                total=max(state.total, done),
-                rate=rate,
-                eta=remaining / rate if rate > 0 else 0.0,
-                cursor=(cursor.kind, cursor.path, cursor.version),
-            ))
+            with self._lock:
+                # The cursor is committed in the same transaction as the batch, so a
+                # crash never re-does or skips a batch. The stored counts assume every
+                # update applied; the exact ones are announced now and stored next time.
+                planned = self._stamp_locked(replace(
+                    state,
+                    done=done,
+                    reencrypted=state.reencrypted + len(updates),
+                    failed=state.failed + len(bad),
+                    total=max(state.total, done),
+                    rate=rate,
+                    eta=remaining / rate if rate > 0 else 0.0,
+                    cursor=(cursor.kind, cursor.path, cursor.version),
+                ))
+                changed = self._store.replace_blobs(updates,
+                                                    state=(STATE_KEY, planned.to_json()))
+                state = self._announce_locked(replace(
+                    planned,
+                    reencrypted=state.reencrypted + changed,
+                    skipped=state.skipped + (len(updates) - changed),
+                ))
+            if updates:
+                self._counter.add(target, len(updates))
+            testpoints.reached("rotation_batch_written")
             testpoints.reached("rotation_between_batches")
             self._throttle(state, len(rows), started)
 
@@ -666,17 +678,26 @@ class RotationEngine:
                         expected_raw: str | None = None) -> RotationState:
         """Persist and announce ``state``. ``claim``: only if the stored document is
         still ``expected_raw`` (compare-and-set), else Conflict."""
+        state = self._stamp_locked(state)
+        if not claim:
+            self._store.put_state(STATE_KEY, state.to_json())
+        elif not self._store.swap_state(STATE_KEY, expected_raw, state.to_json()):
+            raise Conflict("another Nexus node started a rotation at the same moment: "
+                           "`spike rotation status`")
+        return self._announce_locked(state)
+
+    def _stamp_locked(self, state: RotationState) -> RotationState:
+        """The next sequence number and time; carries a pending abort request along."""
         previous = self._state
         sequence = max(state.sequence, previous.sequence if previous else 0) + 1
         state = replace(state, sequence=sequence, updated=self._clock())
         if self._stop.abort.is_set() and not state.terminal \
                 and state.phase not in (ROLLBACK, FINALIZE):
             state = replace(state, abort_requested=True)  # the worker's copy predates it
-        if not claim:
-            self._store.put_state(STATE_KEY, state.to_json())
-        elif not self._store.swap_state(STATE_KEY, expected_raw, state.to_json()):
-            raise Conflict("another Nexus node started a rotation at the same moment: "
-                           "`spike rotation status`")
+        return state
+
+    def _announce_locked(self, state: RotationState) -> RotationState:
+        previous = self._state
         self._state = state
         self._changed.notify_all()
         for listener in self._listeners:

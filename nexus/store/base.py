@@ -272,8 +272,12 @@ class Store(Protocol):
         """Like :meth:`scan_not_in_generation`, for rows whose generation == ``generation``."""
         ...
 
-    def replace_blobs(self, updates: Sequence[BlobUpdate]) -> int:
+    def replace_blobs(self, updates: Sequence[BlobUpdate], *,
+                      state: tuple[str, str] | None = None) -> int:
         """Apply conditional blob replacements in one transaction; return rows changed.
+
+        ``state`` (key, value) is written in the same transaction: a job's progress
+        (the rotation cursor) is durable exactly when the batch it describes is.
 
         A row changes only if its generation and blob still equal the expected ones, so a
         user write, delete or destroy that landed meanwhile always wins. Keys must be unique

@@ -561,9 +561,12 @@ class PostgresStore:
         """See :meth:`nexus.store.base.Store.scan_generation`."""
         return self._scan(_SCAN_IN_FIRST, _SCAN_IN_NEXT, generation, after, limit)
 
-    def replace_blobs(self, updates: Sequence[BlobUpdate]) -> int:
+    def replace_blobs(self, updates: Sequence[BlobUpdate], *,
+                      state: tuple[str, str] | None = None) -> int:
         """See :meth:`nexus.store.base.Store.replace_blobs`."""
         if not updates:
+            if state is not None:
+                self.put_state(*state)
             return 0
         check_unique_keys(updates)
         ordered = sorted(updates, key=lambda u: u.key)  # stable lock order across nodes
@@ -588,7 +591,14 @@ class PostgresStore:
                 " AND r.generation = v.expected_generation AND r.blob = v.expected_blob",
                 params,
             )
-            return max(cur.rowcount, 0)
+            changed = max(cur.rowcount, 0)
+            if state is not None:
+                conn.execute(
+                    "INSERT INTO state (key, value) VALUES (%s, %s)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    state,
+                )
+            return changed
 
         return self._run(tx)
 

@@ -542,9 +542,12 @@ class SqliteStore:
         """See :meth:`nexus.store.base.Store.scan_generation`."""
         return self._scan(_SCAN_IN_FIRST, _SCAN_IN_NEXT, generation, after, limit)
 
-    def replace_blobs(self, updates: Sequence[BlobUpdate]) -> int:
+    def replace_blobs(self, updates: Sequence[BlobUpdate], *,
+                      state: tuple[str, str] | None = None) -> int:
         """See :meth:`nexus.store.base.Store.replace_blobs`."""
         if not updates:
+            if state is not None:
+                self.put_state(*state)
             return 0
         check_unique_keys(updates)
         params = [
@@ -558,7 +561,14 @@ class SqliteStore:
                 " WHERE kind = ? AND path = ? AND version = ? AND generation = ? AND blob = ?",
                 params,
             )
-            return max(cur.rowcount, 0)
+            changed = max(cur.rowcount, 0)
+            if state is not None:
+                conn.execute(
+                    "INSERT INTO state (key, value) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    state,
+                )
+            return changed
 
     # ------------------------------------------------------------------ state
 
