@@ -98,7 +98,8 @@ def serve(config: NexusConfig) -> int:
                 max_value_bytes=config.max_value_bytes,
                 data_dir=str(config.data_dir) if config.store == "sqlite" else None,
                 scheduler_check_every=config.scheduler_check_seconds,
-                node_name=config.node_name or default_node_name(config))
+                node_name=config.node_name or default_node_name(config),
+                shared_store=config.store == "postgres")
     metrics = None
     if config.metrics_listen:
         from nexus.api.authz import rpc_rules

@@ -13,7 +13,7 @@ from nexus.audit import AuditLog
 from nexus.core.counter import EncryptionCounter
 from nexus.core.keymanager import KeyManager
 from nexus.core.policies import PolicyEngine
-from nexus.core.rotation import RotationEngine, RotationState
+from nexus.core.rotation import STALE_NODE_GRACE, RotationEngine, RotationState
 from nexus.core.schedule import Schedule, Scheduler
 from nexus.core.secrets import SecretsService
 from nexus.crypto.hardening import HardeningReport
@@ -75,6 +75,7 @@ class Node:
         data_dir: str | None = None,
         scheduler_check_every: float = 60.0,
         node_name: str = "",
+        shared_store: bool = False,
     ) -> None:
         self.store = store
         self.counter = EncryptionCounter(store)
@@ -86,7 +87,9 @@ class Node:
 
         self.rotation = RotationEngine(store, keys, self.counter, audit,
                                        data_dir=Path(data_dir) if data_dir else None,
-                                       node_name=node_name)
+                                       node_name=node_name,
+                                       stale_node_grace=STALE_NODE_GRACE if shared_store
+                                       else 0.0)
         self.scheduler = Scheduler(store, keys, self.rotation, self.counter,
                                    check_every=max(scheduler_check_every, 1.0))
         self._scheduler_enabled = scheduler_check_every > 0

@@ -64,7 +64,8 @@ DEFAULT_MAX_RATE = 2_000  # records/s when throttled (tests/bench_rotation.py: g
 EMERGENCY_BATCH_SIZE = 2000
 MAX_BATCH_SIZE = 10_000
 MIN_FREE_BYTES = 64 * 1024 * 1024
-# Seconds between recording a new generation and dropping the old one (see finalize).
+# Seconds between recording a new generation and dropping the old one when several
+# nodes share the store (see finalize): twice KeyManager.assert_current's refresh.
 STALE_NODE_GRACE = 2.0
 
 
@@ -136,11 +137,14 @@ class RotationEngine:
         *,
         data_dir: Path | None = None,
         node_name: str = "",
+        stale_node_grace: float = 0.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._store = store
         self._node_name = node_name
+        # Only a store shared by several nodes needs the wait before the old key goes.
+        self._stale_node_grace = stale_node_grace
         self._keys = keys
         self._counter = counter
         self._audit = audit
@@ -483,9 +487,10 @@ class RotationEngine:
         # that window, then count again before anything is dropped.
         info = self._keys.generations_recorded().get(target)
         if info is not None:
-            wait = info.created + STALE_NODE_GRACE - self._clock()
+            grace = self._stale_node_grace
+            wait = info.created + grace - self._clock()
             if wait > 0:
-                self._sleep(min(wait, STALE_NODE_GRACE))
+                self._sleep(min(wait, grace))
         counts = self._store.count_by_generation()
         leftover = sum(n for g, n in counts.items() if g != target)
         if leftover:

@@ -18,6 +18,7 @@ for programmer misuse (bad generation number, wrong argument types).
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 
@@ -81,19 +82,19 @@ def record_identity(kind: str, path: str, version: int) -> bytes:
         raise ValueError("version must be an int")
     if not 0 <= version <= _MAX_RECORD_VERSION:
         raise ValueError("version must be in 0 .. 2**64-1")
-    kind_b = kind.encode("utf-8")
     path_b = path.encode("utf-8")
-    return b"".join(
-        (
-            struct.pack(">I", len(_IDENTITY_TAG)),
-            _IDENTITY_TAG,
-            struct.pack(">I", len(kind_b)),
-            kind_b,
-            struct.pack(">I", len(path_b)),
-            path_b,
-            struct.pack(">Q", version),
-        )
-    )
+    return _identity_prefix(kind) + _U32.pack(len(path_b)) + path_b + _U64.pack(version)
+
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+@functools.lru_cache(maxsize=32)
+def _identity_prefix(kind: str) -> bytes:
+    """tag || kind, length-prefixed: the same for every record of a kind (hot in rotation)."""
+    kind_b = kind.encode("utf-8")
+    return _U32.pack(len(_IDENTITY_TAG)) + _IDENTITY_TAG + _U32.pack(len(kind_b)) + kind_b
 
 
 def peek_generation(blob: bytes) -> int:
