@@ -20,6 +20,24 @@ from spike.audit_chain import GENESIS, canonical, last_hash, seal_event
 _log = structlog.get_logger("nexus.audit")
 
 
+MAX_FIELD_CHARS = 256
+MAX_LIST_ITEMS = 16
+
+
+def _bounded(text: str) -> str:
+    if len(text) <= MAX_FIELD_CHARS:
+        return text
+    return f"{text[:MAX_FIELD_CHARS]}...({len(text)} chars)"
+
+
+def _bounded_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return _bounded(value)
+    if isinstance(value, list | tuple) and len(value) > MAX_LIST_ITEMS:
+        return [*value[:MAX_LIST_ITEMS], f"...({len(value)} items)"]
+    return value
+
+
 class AuditLog:
     def __init__(self, target: str) -> None:
         self._lock = threading.Lock()
@@ -49,7 +67,13 @@ class AuditLog:
         durable: bool = False,
         **detail: Any,
     ) -> None:
-        """Append one event. ``durable`` fsyncs (lifecycle events)."""
+        """Append one event. ``durable`` fsyncs (lifecycle events).
+
+        Request-derived fields are bounded (audited before validation, a caller could
+        otherwise grow the trail by megabytes per call).
+        """
+        target = _bounded(target)
+        detail = {k: _bounded_value(v) for k, v in detail.items()}
         with self._lock:
             self._seq += 1
             event: dict[str, Any] = {

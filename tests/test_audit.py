@@ -72,3 +72,18 @@ def test_deleting_the_last_line_needs_an_anchor(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     lines = write_trail(path)
     assert verify_lines(lines[:-1]).ok  # documented limitation, see README security notes
+
+
+def test_request_fields_are_bounded(tmp_path: Path) -> None:
+    """Audited before validation: a caller must not grow the trail by megabytes a call."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path))
+    log.record("secret.delete", caller="spiffe://spike.internal/w", target="p" * 200_000,
+               outcome="invalid_argument", versions=list(range(100_000)))
+    log.close()
+    line = path.read_text()
+    assert len(line) < 2_000
+    event = json.loads(line)
+    assert event["target"].endswith("(200000 chars)")
+    assert event["detail"]["versions"][-1] == "...(100000 items)"
+    assert verify_lines([line]).ok

@@ -55,7 +55,12 @@ def mapped_errors(context: grpc.ServicerContext) -> Iterator[None]:
         yield
     except errors.NexusError as exc:
         abort(context, status_for(exc), exc.kind, str(exc))
-    except Exception:
-        # Log the type only: exception text from lower layers is not trusted to be clean.
-        _log.exception("internal error")
+    except Exception as exc:
+        # The type and place only: exception text from lower layers is not trusted to
+        # be free of request data.
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+        _log.error("internal error", error_type=type(exc).__name__, where=where)
         abort(context, grpc.StatusCode.INTERNAL, "internal", "internal error (see Nexus logs)")

@@ -410,7 +410,15 @@ class KeyManager:
         return health
 
     def verify_with_password(self, password: bytes) -> tuple[int, ...]:
-        """Prove that ``password`` opens the backup and that it matches memory."""
+        """Prove that ``password`` opens the backup and that it matches memory.
+
+        Every password attempt runs under the lifecycle lock, one at a time, so that
+        concurrent guesses cannot slip past the backoff (nor run many 64 MiB KDFs).
+        """
+        with self._lock:
+            return self._verify_with_password(password)
+
+    def _verify_with_password(self, password: bytes) -> tuple[int, ...]:
         keyring = self.require_unsealed()
         self._backoff.check()
         raw = self._file_bytes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -141,13 +142,19 @@ def run_backup_export(args: argparse.Namespace, client: Any) -> int:
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} exists: choose another file or pass --force")
     resp = client.call(stub.BackupExport, pb.BackupExportRequest())
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(resp.backup)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, args.out)
+    # A fresh, exclusive temp name (no symlink following, no pre-created file to
+    # inherit an owner from), then an atomic rename.
+    tmp = args.out.with_name(f".{args.out.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(resp.backup)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, args.out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if args.output == "json":
         emit_json({"out": str(args.out), "bytes": len(resp.backup),
                    "generations": list(resp.generations)})

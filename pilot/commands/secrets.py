@@ -67,10 +67,11 @@ def _stub(client: Any) -> tuple[Any, Any]:
 def parse_pairs(pairs: list[str]) -> dict[str, str]:
     data: dict[str, str] = {}
     stdin_used = False
-    for pair in pairs:
+    for number, pair in enumerate(pairs, start=1):
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise UsageError(f"expected KEY=VALUE, got {key!r}" + ("=..." if sep else ""))
+            # Not echoed: a mistyped argument may well be the secret value itself.
+            raise UsageError(f"argument {number} after the path is not KEY=VALUE")
         if value == "-":
             if stdin_used:
                 raise UsageError("only one value can come from stdin")
