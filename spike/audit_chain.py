@@ -26,6 +26,17 @@ def chain_hash(prev: str, event: dict[str, Any]) -> str:
     return hashlib.sha256(prev.encode() + canonical(body)).hexdigest()
 
 
+def sealed_line(prev: str, event: dict[str, Any]) -> tuple[str, str]:
+    """The JSON line for ``event`` chained to ``prev``, and its hash, serialized once.
+
+    The line is the canonical body with ``hash`` appended last; verification re-derives
+    the canonical body from the parsed object, so key order in the line does not matter.
+    """
+    body = canonical(dict(event, prev=prev))
+    digest = hashlib.sha256(prev.encode() + body).hexdigest()
+    return body[:-1].decode() + f',"hash":"{digest}"}}\n', digest
+
+
 def seal_event(prev: str, event: dict[str, Any]) -> dict[str, Any]:
     """Return ``event`` with ``prev`` and ``hash`` filled in."""
     sealed = dict(event, prev=prev)

@@ -9,6 +9,7 @@ domain here; the policies in core then decide per path.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -103,6 +104,21 @@ SERVED_WHILE_SEALED = frozenset(
 )
 
 
+# The caller the interceptor verified for the call running on this thread/context, so
+# the servicer does not ask gRPC core for the auth context a second time. Set only for
+# the duration of the handler call; streaming bodies that run later fall back.
+_verified: contextvars.ContextVar[tuple[object, str] | None] = contextvars.ContextVar(
+    "spike_verified_caller", default=None)
+
+
+def caller_of(context: grpc.ServicerContext) -> str:
+    """The caller verified by the interceptor for this very call, else from gRPC core."""
+    seen = _verified.get()
+    if seen is not None and seen[0] is context:
+        return seen[1]
+    return peer_spiffe_id(context)
+
+
 def peer_spiffe_id(context: grpc.ServicerContext) -> str:
     """The verified caller ID, or "" when gRPC core did not set exactly one."""
     values: Any = context.auth_context().get("peer_spiffe_id") or []
@@ -138,10 +154,21 @@ class AuthorizationInterceptor(_Interceptor):
         self._rules = rules
         self._gate = gate
         self._on_denied = on_denied
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = continuation(details)
         method: str = details.method
+        # The registered handler for a method never changes: wrap it once, not per call.
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        if handler is not None:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Any) -> Any:
         rule = self._rules.get(method)
         gate = self._gate
         on_denied = self._on_denied
@@ -161,7 +188,11 @@ class AuthorizationInterceptor(_Interceptor):
                 if blocked is not None:
                     kind, message = blocked
                     abort(context, grpc.StatusCode.FAILED_PRECONDITION, kind, message)
-                return behavior(request, context, *more)
+                token = _verified.set((context, caller))
+                try:
+                    return behavior(request, context, *more)
+                finally:
+                    _verified.reset(token)
 
             return guarded
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from nexus.api.authz import peer_spiffe_id
+from nexus.api.authz import caller_of
 from nexus.api.errors import mapped_errors
 from nexus.audit import AuditLog
 from nexus.core.errors import NexusError
@@ -24,7 +24,7 @@ def rpc_call(
     **detail: Any,
 ) -> Iterator[str]:
     """Yields the caller's SPIFFE ID. Audits (when ``audit``) success or the error kind."""
-    caller = peer_spiffe_id(context)
+    caller = caller_of(context)
     with mapped_errors(context):
         try:
             yield caller

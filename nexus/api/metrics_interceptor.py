@@ -36,12 +36,22 @@ def status_name(context: grpc.ServicerContext, failed: bool) -> str:
 class RpcMetricsInterceptor(_Interceptor):
     def __init__(self, observe: Observe) -> None:
         self._observe = observe
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = continuation(details)
         if handler is None:
             return None  # gRPC answers UNIMPLEMENTED; nothing of ours ran
         method: str = details.method
+        # The next interceptor returns the same handler per method: wrap it once.
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Any) -> Any:
         observe = self._observe
         streaming = bool(handler.response_streaming)
 
