@@ -25,9 +25,10 @@ from nexus.core.schedule import (
     Schedule,
     Scheduler,
     in_window,
-    parse_duration,
     parse_window,
 )
+from pilot.commands.rotation import parse_duration
+from pilot.errors import UsageError
 from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json
 from tests.test_rotation_unit import SUPERUSER, World, tamper
 
@@ -89,11 +90,12 @@ def test_defaults_and_validation() -> None:
 
 
 def test_parse_duration_and_window() -> None:
+    # Durations are parsed by Pilot; the API carries a protobuf Duration.
     assert parse_duration("90d") == 90 * DAY
     assert parse_duration("1h30m") == 5400
     assert parse_duration("3600") == 3600
     for bad in ("", "1y", "h", "1h 30m", "-5m"):
-        with pytest.raises(InvalidInput):
+        with pytest.raises(UsageError):
             parse_duration(bad)
     assert parse_window("01:30-03:00") == (90, 180)
     assert parse_window("23:00-02:00") == (1380, 120)

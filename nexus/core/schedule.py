@@ -34,8 +34,6 @@ DEFAULT_INTERVAL = 90 * 86400.0
 DEFAULT_MAX_ENCRYPTIONS = 2**30
 NIST_LIMIT = 2**32
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _WINDOW = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)")
 
 
@@ -56,22 +54,6 @@ class Schedule:
             raise InvalidInput(f"max encryptions must be in 1..{NIST_LIMIT - 1} (NIST SP "
                                "800-38D limit for random nonces)")
         return self
-
-
-def parse_duration(text: str) -> float:
-    """'90d', '12h', '1h30m', '3600' (seconds) -> seconds."""
-    text = text.strip().lower()
-    if text.replace(".", "", 1).isdigit():
-        return float(text)
-    pos, total = 0, 0.0
-    for match in _DURATION.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNITS[match.group(2)]
-        pos = match.end()
-    if pos != len(text) or not text:
-        raise InvalidInput(f"cannot read duration {text!r}: use e.g. 90d, 12h, 30m, 1h30m")
-    return total
 
 
 def parse_window(text: str) -> tuple[int, int]:
