@@ -13,28 +13,7 @@ if have_initdb; then
   exit 0
 fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  SUDO="sudo"
-fi
-
-# Keep the package's maintainer scripts from starting a cluster service.
-policy_rc=/usr/sbin/policy-rc.d
-created_policy=0
-if [ ! -e "$policy_rc" ]; then
-  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy_rc" >/dev/null
-  $SUDO chmod 755 "$policy_rc"
-  created_policy=1
-fi
-cleanup() {
-  if [ "$created_policy" -eq 1 ]; then
-    $SUDO rm -f "$policy_rc"
-  fi
-}
-trap cleanup EXIT
-
-$SUDO apt-get update -qq
-$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+bash "$(dirname "$0")/apt-install-no-start.sh" postgresql
 
 if ! have_initdb; then
   echo "postgresql: installation finished but no initdb under /usr/lib/postgresql/*/bin" >&2

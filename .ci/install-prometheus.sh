@@ -15,23 +15,7 @@ if [ "$(id -u)" -ne 0 ]; then
   SUDO="sudo"
 fi
 
-# Keep the package's maintainer scripts from starting the service.
-policy_rc=/usr/sbin/policy-rc.d
-created_policy=0
-if [ ! -e "$policy_rc" ]; then
-  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy_rc" >/dev/null
-  $SUDO chmod 755 "$policy_rc"
-  created_policy=1
-fi
-cleanup() {
-  if [ "$created_policy" -eq 1 ]; then
-    $SUDO rm -f "$policy_rc"
-  fi
-}
-trap cleanup EXIT
-
-$SUDO apt-get update -qq
-$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+bash "$(dirname "$0")/apt-install-no-start.sh" prometheus
 
 # An existing policy-rc.d may allow starts; make sure the service is off and not enabled.
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
