@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 KIND_SECRET = "secret"  # noqa: S105 - a record kind, not a credential
 """Record kind of one secret version: path = secret path, version = 1, 2, ..."""
@@ -67,8 +67,7 @@ class StoreUnavailable(StoreError):
 # --------------------------------------------------------------------------- values
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class RecordKey:
+class RecordKey(NamedTuple):
     """Identity of one record row; orders like the keyset pagination (kind, path, version)."""
 
     kind: str
@@ -76,8 +75,7 @@ class RecordKey:
     version: int
 
 
-@dataclass(frozen=True, slots=True)
-class RecordRow:
+class RecordRow(NamedTuple):
     """One stored record (a secret version or a policy) with its ciphertext.
 
     ``blob`` is ``None`` exactly when the row was destroyed. ``generation`` is the root key
@@ -104,8 +102,7 @@ class RecordRow:
         return self.deleted_at is not None
 
 
-@dataclass(frozen=True, slots=True)
-class SecretRow:
+class SecretRow(NamedTuple):
     """One secret version as returned by :meth:`Store.get_secret`.
 
     The store returns soft-deleted and destroyed versions too (``deleted_at`` set, or
@@ -158,8 +155,7 @@ class SecretMeta:
     versions: tuple[VersionInfo, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class BlobUpdate:
+class BlobUpdate(NamedTuple):
     """A conditional re-encryption of one row, for :meth:`Store.replace_blobs`.
 
     The row is changed only if its generation and blob still equal the expected ones.
