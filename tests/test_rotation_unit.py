@@ -431,3 +431,25 @@ def test_generation_numbers_are_never_reused_after_an_abort(tmp_path: Path) -> N
     last = list(engine.watch(timeout=1))[-1]
     assert last.phase == COMPLETED and last.to_generation == 3
     store.close()
+
+
+def test_validation_uses_the_new_key_not_whatever_the_header_names(world: World) -> None:
+    """A row whose generation column already says the new generation while its ciphertext is
+    still under the old key is skipped by re-encryption (it looks done). Validation must
+    catch it — decrypting by the header's generation would pass, and finalize would then
+    drop the only key that opens it."""
+    expected = world.fill(paths=20, versions=1)
+    db = sqlite3.connect(world.dir / "spike.db")
+    try:
+        db.execute("UPDATE records SET generation = 2 WHERE kind = 'secret' AND path = ?",
+                   ("app/s005",))
+        db.commit()
+    finally:
+        db.close()
+    world.engine.start(caller="test", emergency=True)
+    state = world.wait()
+    assert state.phase == FAILED, state.message
+    assert "does not decrypt under generation 2" in state.message
+    gens = world.generations()
+    assert gens["memory"] == gens["backup"] == gens["file"] == {1, 2}  # nothing dropped
+    world.read_all(expected)

@@ -464,6 +464,8 @@ class RotationEngine:
         # foreground p99 to ~50 ms in the benchmark.
         pace_rate = 2 * state.max_rate
         batch = state.batch_size if pace_rate else MAX_BATCH_SIZE
+        target_entry = keyring.entry(target)
+        openers: dict[str, Any] = {}
         while True:
             self._check_interrupt(allow_abort=True)
             rows = self._store.scan_generation(target, after, batch)
@@ -475,9 +477,15 @@ class RotationEngine:
                     ahead = index / pace_rate - (time.monotonic() - begun)
                     self._sleep(max(ahead, 0.0001))
                 assert row.blob is not None
+                opener = openers.get(row.kind)
+                if opener is None:
+                    opener = openers[row.kind] = target_entry.aead(purpose_for(row.kind))
                 try:
-                    keyring.decrypt(purpose_for(row.kind), row.blob,
-                                    record_identity(row.kind, row.path, row.version))
+                    # Under the new key only, and the header must name it too: a row whose
+                    # column says the new generation but whose header says otherwise fails.
+                    envelope.decrypt(opener, row.blob,
+                                     record_identity(row.kind, row.path, row.version),
+                                     expected_generation=target)
                 except DecryptionError:
                     self._fail(state, f"validation: {row.kind} {row.path} v{row.version} does "
                                       f"not decrypt under generation {target}; both keys kept")
