@@ -9,6 +9,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from nexus.api.calls import rpc_call
+from nexus.core.errors import InvalidInput, NotFound
 from nexus.core.node import Node, StatusReport
 from nexus.core.rotation import RotationState
 from nexus.core.schedule import Schedule
@@ -189,8 +190,6 @@ class OperatorServicer(pb_grpc.OperatorServicer):
             current = engine.current
             if request.rotation_id and (current is None
                                         or current.rotation_id != request.rotation_id):
-                from nexus.core.errors import NotFound
-
                 raise NotFound(f"no rotation {request.rotation_id}")
         if engine.current is None:
             yield rotation_event(None)
@@ -229,8 +228,6 @@ class OperatorServicer(pb_grpc.OperatorServicer):
             changes: dict[str, object] = {}
             unknown = fields - {"interval", "window", "max_encryptions"}
             if unknown:
-                from nexus.core.errors import InvalidInput
-
                 raise InvalidInput(f"unknown schedule fields: {sorted(unknown)}")
             if "interval" in fields:
                 changes["interval_seconds"] = float(request.schedule.interval.ToSeconds())

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
@@ -83,8 +85,6 @@ class Node:
         self.secrets = SecretsService(store, keys, self.policies, self.counter,
                                       max_versions=max_versions,
                                       max_value_bytes=max_value_bytes)
-        from pathlib import Path
-
         self.rotation = RotationEngine(store, keys, self.counter, audit,
                                        data_dir=Path(data_dir) if data_dir else None,
                                        node_name=node_name,
@@ -157,8 +157,6 @@ class Node:
             counts = self.store.count_by_generation()
         except Exception:
             counts = {}
-        import os
-
         return StatusReport(
             state=self.keys.state,
             generation=generation,
