@@ -11,13 +11,12 @@ from typing import Any, TypeVar
 import grpc
 
 from pilot import errors
-from spike.errors import IdentityError
+from spike.errors import ERROR_KIND_KEY, IdentityError
 from spike.identity import SvidMaterial, fetch_svid, load_pem_files
 from spike.tls import DEFAULT_NEXUS_ADDR, DEFAULT_TLS_NAME, client_channel
 
 T = TypeVar("T")
 
-ERROR_KIND_KEY = "spike-error-kind"
 DEFAULT_TIMEOUT = 30.0
 
 

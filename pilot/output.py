@@ -16,6 +16,15 @@ def info(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def iso_time(msg: Any, field: str) -> str | None:
+    """A protobuf Timestamp field as ISO 8601 (UTC), or None when unset."""
+    if not msg.HasField(field):
+        return None
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(getattr(msg, field).ToNanoseconds() / 1e9, UTC).isoformat()
+
+
 def text_table(rows: list[tuple[str, str]]) -> str:
     width = max((len(k) for k, _ in rows), default=0)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

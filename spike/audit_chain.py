@@ -37,13 +37,6 @@ def sealed_line(prev: str, event: dict[str, Any]) -> tuple[str, str]:
     return body[:-1].decode() + f',"hash":"{digest}"}}\n', digest
 
 
-def seal_event(prev: str, event: dict[str, Any]) -> dict[str, Any]:
-    """Return ``event`` with ``prev`` and ``hash`` filled in."""
-    sealed = dict(event, prev=prev)
-    sealed["hash"] = chain_hash(prev, sealed)
-    return sealed
-
-
 @dataclass(frozen=True)
 class ChainReport:
     ok: bool

@@ -14,8 +14,7 @@ import grpc
 import structlog
 
 from nexus.core import errors
-
-ERROR_KIND_KEY = "spike-error-kind"
+from spike.errors import ERROR_KIND_KEY
 
 # Most specific class first.
 _STATUS: list[tuple[type[errors.NexusError], grpc.StatusCode]] = [

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pilot.errors import PilotError, UsageError
-from pilot.output import emit_json, info
+from pilot.output import emit_json, info, iso_time
 
 
 def register(sub: Any, parent: argparse.ArgumentParser) -> None:
@@ -155,12 +155,6 @@ def run_versions(args: argparse.Namespace, client: Any) -> int:
     return 0
 
 
-def _ts(msg: Any, field: str) -> str | None:
-    from pilot.commands.status import _ts as ts
-
-    return ts(msg, field)
-
-
 def run_metadata(args: argparse.Namespace, client: Any) -> int:
     pb, stub = _stub(client)
     resp = client.call(stub.Metadata, pb.SecretMetadataRequest(path=args.path))
@@ -168,10 +162,10 @@ def run_metadata(args: argparse.Namespace, client: Any) -> int:
         "path": resp.path,
         "current_version": resp.current_version,
         "oldest_version": resp.oldest_version,
-        "created": _ts(resp, "created"),
-        "updated": _ts(resp, "updated"),
-        "versions": [{"version": v.version, "created": _ts(v, "created"),
-                      "deleted": _ts(v, "deleted"), "destroyed": v.destroyed}
+        "created": iso_time(resp, "created"),
+        "updated": iso_time(resp, "updated"),
+        "versions": [{"version": v.version, "created": iso_time(v, "created"),
+                      "deleted": iso_time(v, "deleted"), "destroyed": v.destroyed}
                      for v in resp.versions],
     }
     if args.output == "json":

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
 from typing import Any
 
-from pilot.output import emit_json, text_table
+from pilot.output import emit_json, iso_time, text_table
 
 
 def register(sub: Any, parent: argparse.ArgumentParser) -> None:
@@ -14,10 +13,6 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-def _ts(msg: Any, field: str) -> str | None:
-    if not msg.HasField(field):
-        return None
-    return datetime.fromtimestamp(getattr(msg, field).ToNanoseconds() / 1e9, UTC).isoformat()
 
 
 def status_dict(resp: Any) -> dict[str, Any]:
@@ -30,7 +25,7 @@ def status_dict(resp: Any) -> dict[str, Any]:
         "state": state,
         "root_key_generation": resp.root_key_generation,
         "root_key_fingerprint": resp.root_key_fingerprint,
-        "root_key_created": _ts(resp, "root_key_created"),
+        "root_key_created": iso_time(resp, "root_key_created"),
         "hardening": {
             "core_dumps_disabled": resp.hardening.core_dumps_disabled,
             "dumpable_off": resp.hardening.dumpable_off,
@@ -41,8 +36,8 @@ def status_dict(resp: Any) -> dict[str, Any]:
             "path": backup.path,
             "status": backup.status,
             "detail": backup.detail,
-            "last_written": _ts(backup, "last_written"),
-            "last_verified": _ts(backup, "last_verified"),
+            "last_written": iso_time(backup, "last_written"),
+            "last_verified": iso_time(backup, "last_verified"),
             "generations": list(backup.generations),
             "kdf": backup.kdf,
         },
@@ -55,7 +50,7 @@ def status_dict(resp: Any) -> dict[str, Any]:
             "done": rotation.done,
             "failed": rotation.failed,
         } if resp.HasField("rotation") else None,
-        "next_rotation": _ts(resp, "next_rotation"),
+        "next_rotation": iso_time(resp, "next_rotation"),
         "records_by_generation": {str(k): v for k, v in resp.records_by_generation.items()},
         "store": resp.store,
         "version": resp.version,
