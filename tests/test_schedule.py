@@ -301,7 +301,7 @@ def test_pilot_schedule_and_counter_trigger_in_a_real_nexus(agent: DevAgent,
             status = pilot_json(["rotation", "status", "--output", "json"], env, nexus)
             if status["phase"] == "completed":
                 break
-            assert time.monotonic() < deadline, status
+            assert time.monotonic() < deadline, (status, "".join(nexus.lines[-40:]))
             time.sleep(0.2)
         assert status["to_generation"] == 2
         audit = (data_dir / "audit.jsonl").read_text()
