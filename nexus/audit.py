@@ -40,11 +40,25 @@ def _bounded_value(value: Any) -> Any:
 
 
 class AuditLog:
+    """Appends sealed events to the trail.
+
+    Each event is sealed (chained) under a short lock that covers no system call, then
+    written with ``write(2)`` on an ``O_APPEND`` descriptor — no user-space buffer to lose
+    in a crash, no flush per event. One thread writes at a time: a thread that finds a
+    write in progress leaves its line to that writer, which writes every pending line, in
+    chain order, before it returns. Without this, threads queued on the lock while the
+    holder sat in ``write(2)`` with the GIL released, and those hand-offs cost a secret
+    get about a quarter of its throughput (docs/benchmarks.md). So a routine event is in
+    the kernel either when ``record`` returns or, if another thread was writing, a few
+    microseconds later; a durable event returns only once it is written and fsynced.
+    A failed write raises in the thread that attempted it, keeps the unwritten lines
+    for the next attempt, and every later ``record`` retries them first.
+    """
+
     def __init__(self, target: str) -> None:
         self._lock = threading.Lock()
+        self._written_cond = threading.Condition(self._lock)
         self._fsync = True
-        # Each line goes out with one write(2) on an O_APPEND descriptor: no user-space
-        # buffer to lose on a crash, and no flush call per event.
         self._fd: int
         if target == "-":
             self._fd = sys.stderr.fileno()
@@ -58,6 +72,9 @@ class AuditLog:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             self._owned = True
         self._seq = 0
+        self._pending: list[bytes] = []
+        self._writing = False
+        self._written = 0  # highest seq handed to the kernel
 
     def record(
         self,
@@ -69,7 +86,7 @@ class AuditLog:
         durable: bool = False,
         **detail: Any,
     ) -> None:
-        """Append one event. ``durable`` fsyncs (lifecycle events).
+        """Append one event. ``durable`` waits for the write and fsyncs (lifecycle events).
 
         Request-derived fields are bounded (audited before validation, a caller could
         otherwise grow the trail by megabytes per call).
@@ -78,6 +95,7 @@ class AuditLog:
         detail = {k: _bounded_value(v) for k, v in detail.items()}
         with self._lock:
             self._seq += 1
+            seq = self._seq
             event: dict[str, Any] = {
                 "ts": round(time.time(), 6),
                 "action": action,
@@ -88,23 +106,71 @@ class AuditLog:
             if detail:
                 event["detail"] = detail
             line, chain = sealed_line(self._prev, event)
-            data = line.encode("utf-8")
-            while data:
-                data = data[os.write(self._fd, data):]
-            if durable and self._fsync:
-                os.fsync(self._fd)
             self._prev = chain
-            anchor = durable or outcome != "ok" or self._seq % ANCHOR_EVERY == 0
+            self._pending.append(line.encode("utf-8"))
+            writer = not self._writing
+            self._writing = True
+        if writer:
+            self._drain()
+        if durable:
+            with self._written_cond:
+                while self._written < seq:
+                    if not self._writing:  # the writer failed: retry it ourselves
+                        self._writing = True
+                        self._written_cond.release()
+                        try:
+                            self._drain()
+                        finally:
+                            self._written_cond.acquire()
+                    else:
+                        self._written_cond.wait()
+            if self._fsync:
+                os.fsync(self._fd)
         # The operational log repeats the chain hash as an independent anchor that reveals
         # a truncated audit file (the chain alone cannot): for every lifecycle event and
         # refusal, and every ANCHOR_EVERY-th routine one (not each read: that doubled the
         # cost of a secret get).
-        if anchor:
+        if durable or outcome != "ok" or seq % ANCHOR_EVERY == 0:
             _log.info("audit", action=action, caller=caller, target=target, outcome=outcome,
-                      seq=self._seq, chain=chain[:16])
+                      seq=seq, chain=chain[:16])
+
+    def _drain(self) -> None:
+        """Write pending lines until none is left; only the thread that set ``_writing``."""
+        rest = memoryview(b"")
+        try:
+            while True:
+                with self._lock:
+                    if not self._pending:
+                        self._writing = False
+                        return
+                    rest = memoryview(b"".join(self._pending))
+                    self._pending.clear()
+                    upto = self._seq
+                while rest:
+                    rest = rest[os.write(self._fd, rest):]
+                with self._written_cond:
+                    self._written = upto
+                    self._written_cond.notify_all()
+        except BaseException:
+            with self._written_cond:
+                if rest:
+                    # What the kernel did not take (maybe the tail of a line): first in
+                    # line for the next attempt, so the file never holds a torn line.
+                    self._pending.insert(0, bytes(rest))
+                self._writing = False
+                self._written_cond.notify_all()
+            raise
 
     def close(self) -> None:
-        with self._lock:
+        with self._written_cond:
+            while self._writing:
+                self._written_cond.wait()
+            pending = b"".join(self._pending)
+            self._pending.clear()
+            if self._fd >= 0 and pending:
+                data = memoryview(pending)
+                while data:
+                    data = data[os.write(self._fd, data):]
             if self._owned and self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1

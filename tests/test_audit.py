@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,3 +91,77 @@ def test_request_fields_are_bounded(tmp_path: Path) -> None:
     assert event["target"].endswith("(200000 chars)")
     assert event["detail"]["versions"][-1] == "...(100000 items)"
     assert verify_lines([line]).ok
+
+
+def test_concurrent_writers_keep_one_intact_chain(tmp_path: Path) -> None:
+    """Threads leave their lines to whichever thread is writing: none lost, none twice,
+    the file in chain order."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path))
+    start = threading.Barrier(8)
+
+    def worker(n: int) -> None:
+        start.wait()
+        for i in range(400):
+            log.record("secret.get", caller=f"spiffe://spike.internal/w{n}",
+                       target=f"apps/{n}/{i}", outcome="ok", durable=(i % 100 == 99))
+
+    pool = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join(60)
+    log.close()
+    lines = path.read_text().splitlines()
+    assert verify_lines(lines).ok
+    targets = [json.loads(line)["target"] for line in lines]
+    assert sorted(targets) == sorted(f"apps/{n}/{i}" for n in range(8) for i in range(400))
+
+
+class FlakyWrite:
+    """os.write as a filling disk behaves: a short write of 10 bytes, then one ENOSPC."""
+
+    def __init__(self) -> None:
+        self.real = os.write
+        self.calls = 0
+
+    def __call__(self, fd: int, data: Any) -> int:
+        self.calls += 1
+        if self.calls == 1:
+            return self.real(fd, bytes(data[:10]))
+        if self.calls == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.real(fd, data)
+
+
+def test_a_failed_write_raises_and_the_line_is_written_whole_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path))
+    log.record("secret.put", caller="spiffe://spike.internal/a", target="one", outcome="ok")
+    flaky = FlakyWrite()
+    monkeypatch.setattr("nexus.audit.os.write", flaky)
+    with pytest.raises(OSError, match="No space"):
+        log.record("secret.put", caller="spiffe://spike.internal/a", target="two",
+                   outcome="ok")
+    log.record("secret.put", caller="spiffe://spike.internal/a", target="three",
+               outcome="ok")
+    log.close()
+    lines = path.read_text().splitlines()
+    assert verify_lines(lines).ok  # the torn tail was completed, not written twice
+    assert [json.loads(line)["target"] for line in lines] == ["one", "two", "three"]
+
+
+def test_a_durable_event_retries_a_failed_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(str(path))
+    monkeypatch.setattr("nexus.audit.os.write", FlakyWrite())
+    with pytest.raises(OSError):
+        log.record("root_key.init", caller="c", outcome="ok", durable=True)
+    log.record("root_key.recover", caller="c", outcome="ok", durable=True)
+    lines = path.read_text().splitlines()  # before close: durable means already written
+    assert [json.loads(line)["action"] for line in lines] == ["root_key.init",
+                                                              "root_key.recover"]
+    assert verify_lines(lines).ok
+    log.close()

@@ -13,15 +13,21 @@ from nexus.core.keymanager import KeyManager
 from nexus.crypto.backup_format import Backup
 from nexus.crypto.kdf import KdfParams
 from nexus.crypto.secret_buffer import SecretKey
-from nexus.store import open_store
+from nexus.store import Store, open_store
 
 PASSWORD = b"correct horse battery staple orbit"
 
 
-def manager(tmp: Path) -> KeyManager:
+def manager(tmp: Path) -> tuple[KeyManager, Store]:
     store = open_store("sqlite", path=tmp / "spike.db")
     return KeyManager(store, tmp / "root-key.backup", KdfParams.insecure_for_tests(),
-                      allow_insecure_kdf=True, backoff_base=0.0)
+                      allow_insecure_kdf=True, backoff_base=0.0), store
+
+
+def stop(keys: KeyManager, store: Store) -> None:
+    """Seal and close the store, as a stopping Nexus does (one store per SQLite file)."""
+    keys.seal()
+    store.close()
 
 
 def plant(tmp: Path, generation: int) -> None:
@@ -39,23 +45,23 @@ def plant(tmp: Path, generation: int) -> None:
 
 @pytest.mark.parametrize("generation", [2, 7])
 def test_a_planted_generation_is_refused(tmp_path: Path, generation: int) -> None:
-    first = manager(tmp_path)
+    first, store = manager(tmp_path)
     first.init(PASSWORD)
-    first.seal()
+    stop(first, store)
     plant(tmp_path, generation)
-    again = manager(tmp_path)
+    again, _ = manager(tmp_path)
     with pytest.raises(errors.BackupInvalid, match="never created"):
         again.recover(PASSWORD)
     assert not again.is_unsealed()
 
 
 def test_the_real_backup_still_recovers(tmp_path: Path) -> None:
-    first = manager(tmp_path)
+    first, store = manager(tmp_path)
     first.init(PASSWORD)
     first.add_generation()
     fingerprints = first.keyring.fingerprints()
-    first.seal()
-    again = manager(tmp_path)
+    stop(first, store)
+    again, _ = manager(tmp_path)
     keyring = again.recover(PASSWORD)
     assert keyring.fingerprints() == fingerprints
     assert keyring.active_generation == 2

@@ -21,7 +21,7 @@ from nexus.core import errors
 from nexus.core.keymanager import KeyManager
 from nexus.crypto.backup_format import Backup, open_backup
 from nexus.crypto.kdf import KdfParams
-from nexus.store import open_store
+from nexus.store import Store, open_store
 from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, short_tmpdir
 
 NEW_PASSWORD = "violet anchor drizzle quantum ferry"  # noqa: S105 - a test fixture
@@ -175,9 +175,14 @@ def test_key_manager_logs_no_password_or_key(tmp: Path) -> None:
     password = TEST_PASSWORD.encode()
     new = NEW_PASSWORD.encode()
 
+    stores: list[Store] = []
+
     def manager() -> KeyManager:
-        store = open_store("sqlite", path=tmp / "spike.db")
-        return KeyManager(store, tmp / "root-key.backup", KdfParams.insecure_for_tests(),
+        # One store per SQLite file: the previous "process" closes its store first.
+        while stores:
+            stores.pop().close()
+        stores.append(open_store("sqlite", path=tmp / "spike.db"))
+        return KeyManager(stores[-1], tmp / "root-key.backup", KdfParams.insecure_for_tests(),
                           allow_insecure_kdf=True, backoff_base=0.0)
 
     raised: list[str] = []
@@ -209,6 +214,7 @@ def test_key_manager_logs_no_password_or_key(tmp: Path) -> None:
         second.verify_backup_file()
         texts += [repr(second.keyring), repr(second._backup)]
         second.seal()
+        stores.pop().close()
 
     names = [e.get("event") for e in events]
     assert "root key generated" in names and "unsealed" in names and "wrong password" in names

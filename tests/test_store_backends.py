@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from nexus.store import Store, StoreError, StoreUnavailable, open_store
+from nexus.store import (
+    BlobUpdate,
+    RecordKey,
+    SecretRow,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+)
+from nexus.store import sqlite as sqlite_backend
 from nexus.store.postgres import SCHEMA_VERSION as PG_SCHEMA_VERSION
 from nexus.store.postgres import PostgresStore
-from nexus.store.sqlite import SqliteStore
+from nexus.store.sqlite import RowCache, SqliteStore
 from tests import pg
 
 pg_server = pg.pg_server
@@ -114,6 +126,149 @@ def test_sqlite_closed_store_and_garbage_file(tmp_path: Path) -> None:
     junk.write_bytes(b"this is not a database" * 300)
     with pytest.raises(StoreError):
         SqliteStore.open(junk)
+
+
+def test_sqlite_admits_one_store_per_database(tmp_path: Path) -> None:
+    db = tmp_path / "spike.db"
+    first = SqliteStore.open(db)
+    with pytest.raises(StoreUnavailable, match="in use by another process"):
+        SqliteStore.open(db)
+    first.close()
+    second = SqliteStore.open(db)  # closing released the lock
+    second.close()
+    assert stat.S_IMODE((tmp_path / "spike.db.lock").stat().st_mode) == 0o600
+
+
+def test_sqlite_lock_is_released_when_its_process_is_killed(tmp_path: Path) -> None:
+    db = tmp_path / "spike.db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from nexus.store.sqlite import SqliteStore; "
+         f"s = SqliteStore.open({str(db)!r}); print('open', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        with pytest.raises(StoreUnavailable, match="in use by another process"):
+            SqliteStore.open(db)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    SqliteStore.open(db).close()  # the kernel dropped the dead process's lock
+
+
+def test_sqlite_row_cache_never_serves_a_row_older_than_a_finished_write(
+        tmp_path: Path) -> None:
+    store = SqliteStore.open(tmp_path / "spike.db")
+    try:
+        def seal(tag: bytes) -> Callable[[int], tuple[int, bytes]]:
+            return lambda version: (1, tag + b"-%d" % version)
+
+        store.put_secret("a", cas=None, max_versions=5, now=1.0, seal=seal(b"x"))
+        assert store.get_secret("a").blob == b"x-1"
+        assert store.get_secret("a") is store.get_secret("a")  # served from the cache
+        store.put_secret("a", cas=None, max_versions=5, now=2.0, seal=seal(b"y"))
+        assert store.get_secret("a").blob == b"y-2"
+        assert store.get_secret("a", 1).blob == b"x-1"
+        store.delete_versions("a", [2], now=3.0)
+        assert store.get_secret("a").deleted_at == 3.0
+        store.undelete_versions("a", [2])
+        assert store.get_secret("a").deleted_at is None
+        store.destroy_versions("a", [1])
+        destroyed = store.get_secret("a", 1)
+        assert destroyed.destroyed and destroyed.blob is None
+        current = store.get_secret("a")
+        store.replace_blobs([BlobUpdate(RecordKey("secret", "a", 2), 1, current.blob or b"",
+                                        2, b"z-2")])
+        assert store.get_secret("a").blob == b"z-2"
+        assert store.get_secret("a").generation == 2
+    finally:
+        store.close()
+    with pytest.raises(StoreUnavailable):
+        store.get_secret("a")  # a closed store does not answer from its cache
+
+
+def test_sqlite_row_cache_under_concurrent_writes(tmp_path: Path) -> None:
+    """Readers racing a writer: a read that starts after a put returned sees that put."""
+    store = SqliteStore.open(tmp_path / "spike.db")
+    store.put_secret("hot", cas=None, max_versions=3, now=1.0, seal=_seal)
+    finished = [1]  # highest version whose put_secret has returned
+    stop = threading.Event()
+    stale: list[tuple[int, int]] = []
+    reads = [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            floor = finished[0]
+            seen = store.get_secret("hot").version
+            reads[0] += 1
+            if seen < floor:
+                stale.append((seen, floor))
+            time.sleep(0)  # let the writer have the GIL too
+
+    pool = [threading.Thread(target=reader) for _ in range(3)]
+    for t in pool:
+        t.start()
+    try:
+        for _ in range(200):
+            finished[0] = store.put_secret("hot", cas=None, max_versions=3, now=2.0,
+                                           seal=_seal)
+    finally:
+        stop.set()
+        for t in pool:
+            t.join(10)
+        store.close()
+    assert finished[0] == 201
+    assert reads[0] > 200
+    assert stale == []
+
+
+def test_sqlite_row_cache_drops_a_row_read_before_a_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deterministic form of the race: a write commits between a reader's SELECT and
+    the moment it files the row in the cache; the next read must see the write."""
+    store = SqliteStore.open(tmp_path / "spike.db")
+    try:
+        store.put_secret("a", cas=None, max_versions=5, now=1.0, seal=_seal)
+        real = sqlite_backend._secret
+        raced: list[int] = []
+
+        def select_then_a_write_commits(row: tuple[object, ...]) -> SecretRow:
+            found = real(row)
+            if not raced:
+                raced.append(store.put_secret("a", cas=None, max_versions=5, now=2.0,
+                                              seal=_seal))
+            return found
+
+        monkeypatch.setattr(sqlite_backend, "_secret", select_then_a_write_commits)
+        assert store.get_secret("a").version == 1  # its SELECT ran before the write
+        assert raced == [2]
+        assert store.get_secret("a").version == 2
+    finally:
+        store.close()
+
+
+def test_row_cache_bounds_and_epochs() -> None:
+    row = SecretRow(path="p", version=1, generation=1, blob=b"x" * 100, created_at=0.0,
+                    deleted_at=None, destroyed=False)
+    cache = RowCache(max_entries=3, max_bytes=350, max_row_bytes=200)
+    for i in range(5):
+        cache.put((f"p{i}", None), 7, row)
+    assert len(cache) == 3  # oldest evicted first
+    assert cache.get(("p0", None), 7) is None and cache.get(("p4", None), 7) is row
+    assert cache.get(("p4", None), 8) is None  # a newer epoch sees nothing older
+    cache.put(("late", None), 6, row)  # read before the last write: not filed
+    assert cache.get(("late", None), 6) is None and len(cache) == 3
+    cache.put(("new", None), 9, row)  # a newer epoch drops everything older
+    assert len(cache) == 1 and cache.get(("p4", None), 9) is None
+    big = row._replace(blob=b"x" * 500)
+    cache.put(("big", None), 9, big)
+    assert cache.get(("big", None), 9) is None  # too big to cache
+    small = RowCache(max_entries=10, max_bytes=250, max_row_bytes=200)
+    for i in range(4):
+        small.put((f"q{i}", None), 1, row)
+    assert len(small) == 2  # bounded by bytes (each row ~101 B)
+    assert RowCache(max_entries=0).get(("p", None), 0) is None
 
 
 # --------------------------------------------------------------------------- postgres

@@ -8,6 +8,13 @@ Design:
   transaction, so concurrent writers (threads here, or another process through the busy
   timeout) are serialized and a check-and-set can never lose an update.
 - One reader connection per thread (``PRAGMA query_only``), so reads do not queue behind writes.
+- One process per database: an exclusive ``flock`` on ``<file>.lock`` refuses a second Nexus
+  (SQLite is the single-node store; several nodes share PostgreSQL).
+- Secret reads are served from a small cache of *ciphertext* rows (:class:`RowCache`). Every
+  write transaction through this store invalidates it, and the lock above keeps other writers
+  out, so a cached row is never older than the last commit. It exists because each sqlite3
+  call releases the GIL: under concurrent requests those hand-offs, not SQLite, were the cost
+  of a hot read (docs/benchmarks.md).
 - The database file (and therefore its ``-wal``/``-shm`` companions, which SQLite creates with
   the main file's permissions) is mode 0600.
 """
@@ -15,6 +22,7 @@ Design:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sqlite3
 import stat
@@ -121,6 +129,61 @@ _SCAN_IN_NEXT = (
 )
 _BUSY_TIMEOUT_S = 10.0
 
+ROW_CACHE_ENTRIES = 4096
+ROW_CACHE_BYTES = 16 * 1024 * 1024
+ROW_CACHE_MAX_ROW_BYTES = 64 * 1024
+
+
+class RowCache:
+    """Recently read secret rows (ciphertext only), valid for one write epoch.
+
+    The store bumps its epoch after every write transaction; entries carry the epoch they
+    were read in and the cache drops everything when a newer epoch arrives. A reader must
+    take the epoch *before* its SELECT, so a row read before a commit is never filed under
+    the epoch that follows it. Bounded by entries and bytes (big rows are not cached);
+    eviction is oldest-first. Thread-safe.
+    """
+
+    def __init__(self, max_entries: int = ROW_CACHE_ENTRIES, max_bytes: int = ROW_CACHE_BYTES,
+                 max_row_bytes: int = ROW_CACHE_MAX_ROW_BYTES) -> None:
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._max_row_bytes = max_row_bytes
+        self._lock = threading.Lock()
+        self._epoch = -1
+        self._rows: dict[tuple[str, int | None], SecretRow] = {}
+        self._bytes = 0
+
+    def get(self, key: tuple[str, int | None], epoch: int) -> SecretRow | None:
+        if epoch != self._epoch:
+            return None
+        return self._rows.get(key)
+
+    def put(self, key: tuple[str, int | None], epoch: int, row: SecretRow) -> None:
+        size = len(row.blob or b"") + len(row.path)
+        if self._max_entries <= 0 or size > self._max_row_bytes:
+            return
+        with self._lock:
+            if epoch != self._epoch:
+                if epoch < self._epoch:
+                    return  # read before a write that has since committed
+                self._epoch = epoch
+                self._rows.clear()
+                self._bytes = 0
+            old = self._rows.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old.blob or b"") + len(old.path)
+            while self._rows and (len(self._rows) >= self._max_entries
+                                  or self._bytes + size > self._max_bytes):
+                oldest = next(iter(self._rows))
+                gone = self._rows.pop(oldest)
+                self._bytes -= len(gone.blob or b"") + len(gone.path)
+            self._rows[key] = row
+            self._bytes += size
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
 
 def _record(row: tuple[Any, ...]) -> RecordRow:
     return RecordRow(
@@ -178,6 +241,32 @@ def _secure_file(path: str, *, create: bool = True) -> None:
                 os.chmod(name, 0o600)
 
 
+def _lock_database(path: str) -> int:
+    """Take the exclusive lock that admits one store (one Nexus) per database file.
+
+    A separate ``<file>.lock`` with ``flock``: SQLite's own POSIX locks on the database
+    are per process and must not be touched (see :func:`_secure_file`). The kernel drops
+    the lock when the process dies, so a crash never leaves it behind.
+    """
+    lock_path = path + ".lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreUnavailable(f"sqlite: cannot open the lock file {lock_path}: "
+                               f"{exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreUnavailable(
+            f"sqlite: {path} is in use by another process (it holds {lock_path}); one "
+            "Nexus per SQLite database — several nodes need the postgres store") from None
+    except OSError as exc:
+        os.close(fd)
+        raise StoreUnavailable(f"sqlite: cannot lock {lock_path}: {exc.strerror}") from None
+    return fd
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -208,10 +297,14 @@ def _migrate(conn: sqlite3.Connection) -> None:
 class SqliteStore:
     """The SQLite implementation of :class:`nexus.store.base.Store` (thread-safe)."""
 
-    def __init__(self, path: str, writer: sqlite3.Connection) -> None:
-        """Use :meth:`open`; this constructor takes an already migrated writer connection."""
+    def __init__(self, path: str, writer: sqlite3.Connection, lock_fd: int = -1) -> None:
+        """Use :meth:`open`; this constructor takes an already migrated writer connection
+        (and the descriptor holding the database's lock file, closed by :meth:`close`)."""
         self._path = path
         self._writer = writer
+        self._lock_fd = lock_fd
+        self._epoch = 0
+        self._rows = RowCache()
         self._write_lock = threading.Lock()
         self._readers_lock = threading.Lock()
         self._readers: list[sqlite3.Connection] = []
@@ -229,6 +322,15 @@ class SqliteStore:
         spath = os.fspath(path)
         if spath == ":memory:" or spath.startswith("file:"):
             raise ValueError("SqliteStore needs a file path (no :memory: or URI)")
+        lock_fd = _lock_database(spath)
+        try:
+            return cls._open_locked(spath, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    def _open_locked(cls, spath: str, lock_fd: int) -> SqliteStore:
         with _translate_errors():
             _secure_file(spath)
             writer = cls._connect(spath)
@@ -241,7 +343,7 @@ class SqliteStore:
                 writer.close()
                 raise
         _secure_file(spath, create=False)
-        return cls(spath, writer)
+        return cls(spath, writer, lock_fd)
 
     @staticmethod
     def _connect(path: str) -> sqlite3.Connection:
@@ -262,6 +364,9 @@ class SqliteStore:
                 conn.close()
             self._readers.clear()
             self._writer.close()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = -1
 
     @property
     def path(self) -> Path:
@@ -280,19 +385,23 @@ class SqliteStore:
         with self._write_lock, _translate_errors():
             self._check_open()
             conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            try:
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                try:
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            finally:
+                # After the commit (or rollback): cached rows read before it are now stale.
+                self._epoch += 1
 
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -369,6 +478,12 @@ class SqliteStore:
 
     def get_secret(self, path: str, version: int | None = None) -> SecretRow:
         """See :meth:`nexus.store.base.Store.get_secret`."""
+        key = (path, version)
+        epoch = self._epoch  # before the SELECT (see RowCache)
+        cached = self._rows.get(key, epoch)
+        if cached is not None:
+            self._check_open()
+            return cached
         with self._read_one() as conn:
             if version is None:
                 row = conn.execute(
@@ -388,7 +503,9 @@ class SqliteStore:
         if row is None:
             what = "current version" if version is None else f"version {version}"
             raise NotFound(f"secret {path!r}: {what} not found")
-        return _secret(row)
+        found = _secret(row)
+        self._rows.put(key, epoch, found)
+        return found
 
     def secret_meta(self, path: str) -> SecretMeta:
         """See :meth:`nexus.store.base.Store.secret_meta`."""
