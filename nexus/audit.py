@@ -75,6 +75,7 @@ class AuditLog:
         self._pending: list[bytes] = []
         self._writing = False
         self._written = 0  # highest seq handed to the kernel
+        self._waiters = 0  # threads waiting on _written_cond (durable records, close)
 
     def record(
         self,
@@ -123,7 +124,11 @@ class AuditLog:
                         finally:
                             self._written_cond.acquire()
                     else:
-                        self._written_cond.wait()
+                        self._waiters += 1
+                        try:
+                            self._written_cond.wait()
+                        finally:
+                            self._waiters -= 1
             if self._fsync:
                 os.fsync(self._fd)
         # The operational log repeats the chain hash as an independent anchor that reveals
@@ -137,20 +142,23 @@ class AuditLog:
     def _drain(self) -> None:
         """Write pending lines until none is left; only the thread that set ``_writing``."""
         rest = memoryview(b"")
+        upto = 0
         try:
             while True:
                 with self._lock:
+                    if upto:
+                        self._written = upto
                     if not self._pending:
                         self._writing = False
+                    if self._waiters:
+                        self._written_cond.notify_all()
+                    if not self._writing:
                         return
                     rest = memoryview(b"".join(self._pending))
                     self._pending.clear()
                     upto = self._seq
                 while rest:
                     rest = rest[os.write(self._fd, rest):]
-                with self._written_cond:
-                    self._written = upto
-                    self._written_cond.notify_all()
         except BaseException:
             with self._written_cond:
                 if rest:
@@ -164,7 +172,11 @@ class AuditLog:
     def close(self) -> None:
         with self._written_cond:
             while self._writing:
-                self._written_cond.wait()
+                self._waiters += 1
+                try:
+                    self._written_cond.wait()
+                finally:
+                    self._waiters -= 1
             pending = b"".join(self._pending)
             self._pending.clear()
             if self._fd >= 0 and pending:

@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nexus.audit import AuditLog
+from spike import audit_chain
 from spike.audit_chain import verify_lines
 from tests.harness import base_env, pilot
 
@@ -165,3 +168,34 @@ def test_a_durable_event_retries_a_failed_write(
                                                               "root_key.recover"]
     assert verify_lines(lines).ok
     log.close()
+
+
+@settings(max_examples=400, deadline=None)
+@given(action=st.text(), caller=st.text(), target=st.text(), outcome=st.text(),
+       ts=st.floats(allow_nan=False, allow_infinity=False))
+def test_the_fast_line_is_exactly_the_canonical_one(action: str, caller: str, target: str,
+                                                    outcome: str, ts: float) -> None:
+    """Routine events skip json.dumps; the bytes hashed must still be canonical()'s."""
+    event = {"ts": ts, "action": action, "caller": caller, "target": target,
+             "outcome": outcome}
+    prev = "ab" * 32
+    fast = audit_chain._simple_body(prev, event)
+    try:
+        expected = audit_chain.canonical(dict(event, prev=prev))
+    except UnicodeEncodeError:  # lone surrogates: neither path can write them
+        with pytest.raises(UnicodeEncodeError):
+            audit_chain._simple_body(prev, event)
+        return
+    assert fast == expected
+    line, digest = audit_chain.sealed_line(prev, event)
+    assert audit_chain.chain_hash(prev, json.loads(line)) == digest
+
+
+def test_other_event_shapes_take_the_general_path() -> None:
+    base = {"ts": 1.5, "action": "a", "caller": "c", "target": "t", "outcome": "ok"}
+    assert audit_chain._simple_body("p", {**base, "detail": {"x": 1}}) is None
+    assert audit_chain._simple_body("p", {**base, "ts": 2}) is None  # an int, not a float
+    assert audit_chain._simple_body("p", {**base, "ts": float("nan")}) is None
+    assert audit_chain._simple_body("p", {**base, "caller": None}) is None
+    line, digest = audit_chain.sealed_line("p", {**base, "detail": {"x": [1, "é"]}})
+    assert audit_chain.chain_hash("p", json.loads(line)) == digest

@@ -47,19 +47,25 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, kind: str, messa
     context.abort(code, message)
 
 
+def abort_for(context: grpc.ServicerContext, exc: Exception) -> None:
+    """End the call with the status for ``exc`` (always raises): a NexusError maps to its
+    status and message; anything else is INTERNAL with no detail."""
+    if isinstance(exc, errors.NexusError):
+        abort(context, status_for(exc), exc.kind, str(exc))
+    # The type and place only: exception text from lower layers is not trusted to
+    # be free of request data.
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+    _log.error("internal error", error_type=type(exc).__name__, where=where)
+    abort(context, grpc.StatusCode.INTERNAL, "internal", "internal error (see Nexus logs)")
+
+
 @contextmanager
 def mapped_errors(context: grpc.ServicerContext) -> Iterator[None]:
     """Map NexusError to its status; anything else is INTERNAL with no detail."""
     try:
         yield
-    except errors.NexusError as exc:
-        abort(context, status_for(exc), exc.kind, str(exc))
     except Exception as exc:
-        # The type and place only: exception text from lower layers is not trusted to
-        # be free of request data.
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
-        _log.error("internal error", error_type=type(exc).__name__, where=where)
-        abort(context, grpc.StatusCode.INTERNAL, "internal", "internal error (see Nexus logs)")
+        abort_for(context, exc)

@@ -103,7 +103,7 @@ class SecretsService:
             log.error("secret failed its integrity check", path=path, version=row.version)
             raise IntegrityError(f"version {row.version} of {path} failed its integrity "
                                  "check") from None
-        return SecretVersion(path, row.version, json.loads(plain), row.created_at)
+        return SecretVersion(path, row.version, json.loads(plain.decode()), row.created_at)
 
     def _raise_if_stale(self, keyring: Keyring, blob: bytes) -> None:
         """A record under a generation this Nexus created but this node does not hold
