@@ -17,8 +17,9 @@ secrets sealed by the real keyring under generation 1, ~256-byte JSON plaintexts
 - Peak RSS growth during the rotation (VmHWM reset through /proc/self/clear_refs, plus a
   VmRSS sampler), against VmRSS just before the start.
 
-Raw and Nexus passes alternate (raw, nexus, raw, nexus, ...) and medians are quoted, so
-noise on this shared machine hits both sides alike.
+Raw and Nexus passes alternate (raw, nexus, raw, nexus, ...); throughputs are medians over the
+rounds and each ratio is the median of the per-round ratios (a raw pass against the rotation
+right after it), so noise on this shared machine hits both sides alike.
 
 Part 2, a real Nexus process with real mTLS (dev agent, Pilot): the store is populated the
 same fast way while Nexus is stopped (key opened in-process from the backup with the
@@ -279,9 +280,14 @@ def nexus_pass(engine: RotationEngine, recorder: PhaseMarks, expected_rows: int,
 
 
 def rates_for(runs: list[NexusRun], raw_rates: list[float], batch: int) -> dict[str, Any]:
+    """Medians over the rounds; each ratio is the median of the per-round ratios (a raw
+    pass and the Nexus rotation right after it see the same machine conditions)."""
     raw = statistics.median(raw_rates)
     e2e = statistics.median(r.rows / r.seconds for r in runs)
     reenc = statistics.median(r.rows / r.reencrypt_seconds for r in runs)
+    e2e_ratios = [r.rows / r.seconds / x for r, x in zip(runs, raw_rates, strict=True)]
+    reenc_ratios = [r.rows / r.reencrypt_seconds / x
+                    for r, x in zip(runs, raw_rates, strict=True)]
     return {
         "batch_size": batch,
         "raw_rows_per_s": round(raw),
@@ -293,8 +299,10 @@ def rates_for(runs: list[NexusRun], raw_rates: list[float], batch: int) -> dict[
                                                for r in runs],
         "nexus_seconds_samples": [round(r.seconds, 3) for r in runs],
         "nexus_phase_seconds": [r.phases for r in runs],
-        "ratio_end_to_end": round(e2e / raw, 3),
-        "ratio_reencrypt": round(reenc / raw, 3),
+        "ratio_end_to_end": round(statistics.median(e2e_ratios), 3),
+        "ratio_end_to_end_samples": [round(x, 3) for x in e2e_ratios],
+        "ratio_reencrypt": round(statistics.median(reenc_ratios), 3),
+        "ratio_reencrypt_samples": [round(x, 3) for x in reenc_ratios],
         "rss_before_mb": [round(r.rss_before_mb, 1) for r in runs],
         "rss_peak_mb": [round(r.rss_peak_mb, 1) for r in runs],
         "rss_growth_mb": round(max(r.rss_growth_mb for r in runs), 1),
@@ -535,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes for CI (< 3 min)")
     parser.add_argument("-n", type=int, default=0, help="secrets for the in-process part")
-    parser.add_argument("--rounds", type=int, default=0, help="raw/nexus rounds (default 3)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="raw/nexus rounds (default 3; 5 with --quick)")
     parser.add_argument("--batch-size", type=int, action="append", default=[],
                         help="batch size(s) for the in-process part (repeatable; default: the "
                              "engine default, i.e. what `spike rotate --emergency` uses)")
@@ -550,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the in-process part")
     args = parser.parse_args(argv)
     n = args.n or (50_000 if args.quick else 1_000_000)
-    rounds = args.rounds or (3 if args.quick else 2)
+    rounds = args.rounds or (5 if args.quick else 3)
     served_n = args.served_n or (20_000 if args.quick else 100_000)
     served_rounds = args.served_rounds or 2
     first_idle = 5.0

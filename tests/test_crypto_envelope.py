@@ -13,6 +13,7 @@ from nexus.crypto.envelope import (
     HEADER_SIZE,
     OVERHEAD,
     DecryptionError,
+    Resealer,
     _encrypt_with_nonce,
     decrypt,
     encrypt,
@@ -154,3 +155,69 @@ def test_round_trip_property(
     blob = encrypt(KEY, generation, plaintext, identity)
     assert peek_generation(blob) == generation
     assert decrypt(KEY, blob, identity) == plaintext
+
+
+# --------------------------------------------------------------------------- Resealer
+
+OLD = AeadKey(SecretKey.from_bytes_consuming(bytearray(b"o" * 32)), Purpose.SECRETS)
+OLDER = AeadKey(SecretKey.from_bytes_consuming(bytearray(b"p" * 32)), Purpose.SECRETS)
+NEW = AeadKey(SecretKey.from_bytes_consuming(bytearray(b"n" * 32)), Purpose.SECRETS)
+PATH, VERSION = "app/db/password", 3
+
+
+def resealer() -> Resealer:
+    return Resealer("secret", {4: OLDER, 5: OLD, 6: NEW}, NEW, 6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(plain=st.binary(max_size=2048), source=st.sampled_from([4, 5]),
+       path=st.text(min_size=1, max_size=40), version=st.integers(0, 2**64 - 1))
+def test_reseal_is_decrypt_then_encrypt(plain: bytes, source: int, path: str,
+                                        version: int) -> None:
+    identity = record_identity("secret", path, version)
+    blob = encrypt({4: OLDER, 5: OLD}[source], source, plain, identity)
+    new = resealer().reseal(path, version, blob)
+    assert new is not None and new != blob
+    assert peek_generation(new) == 6
+    assert decrypt(NEW, new, identity, expected_generation=6) == plain
+    assert resealer().opens_under_target(path, version, new)
+    assert not resealer().opens_under_target(path, version, blob)
+
+
+def test_reseal_refuses_what_decrypt_refuses() -> None:
+    good = encrypt(OLD, 5, b"value", IDENTITY)
+    r = resealer()
+    assert r.reseal(PATH, VERSION, good) is not None
+    assert r.reseal(PATH, VERSION + 1, good) is None  # moved to another version
+    assert r.reseal("app/db/other", VERSION, good) is None  # moved to another path
+    assert Resealer("policy", {5: OLD}, NEW, 6).reseal(PATH, VERSION, good) is None
+    relabelled = good[:1] + struct.pack(">I", 4) + good[5:]  # header names another key
+    assert r.reseal(PATH, VERSION, relabelled) is None
+    unknown = encrypt(OLD, 9, b"value", IDENTITY)  # a generation it has no key for
+    assert r.reseal(PATH, VERSION, unknown) is None
+    assert r.reseal(PATH, VERSION, b"\x01" + good[1:OVERHEAD - 1]) is None  # too short
+    assert r.reseal(PATH, VERSION, b"\x02" + good[1:]) is None  # unknown format
+    for i in range(len(good)):
+        flipped = bytearray(good)
+        flipped[i] ^= 0x01
+        assert r.reseal(PATH, VERSION, bytes(flipped)) is None, i
+    a, b = r.reseal(PATH, VERSION, good), r.reseal(PATH, VERSION, good)
+    assert a is not None and b is not None and a[5:HEADER_SIZE] != b[5:HEADER_SIZE]
+
+
+def test_opens_under_target_needs_the_new_key_and_a_header_naming_it() -> None:
+    r = resealer()
+    under_new = encrypt(NEW, 6, b"value", IDENTITY)
+    assert r.opens_under_target(PATH, VERSION, under_new)
+    assert not r.opens_under_target(PATH, VERSION + 1, under_new)
+    # Sealed with the old key, header rewritten to name the new generation: fails the tag.
+    old = encrypt(OLD, 5, b"value", IDENTITY)
+    assert not r.opens_under_target(PATH, VERSION, old[:1] + struct.pack(">I", 6) + old[5:])
+    # Sealed with the new key but the header names another generation: refused as well.
+    mislabelled = encrypt(NEW, 5, b"value", IDENTITY)
+    assert not r.opens_under_target(PATH, VERSION, mislabelled)
+    assert not r.opens_under_target(PATH, VERSION, under_new[:OVERHEAD - 1])
+    with pytest.raises(ValueError):
+        Resealer("secret", {}, NEW, 0)
+    with pytest.raises(ValueError):
+        Resealer("", {}, NEW, 6)
