@@ -680,11 +680,9 @@ class SqliteStore:
                 self.put_state(*state)
             return 0
         check_unique_keys(updates)
-        params = [
-            (u.new_generation, bytes(u.new_blob), u.key.kind, u.key.path, u.key.version,
-             u.expected_generation, bytes(u.expected_blob))
-            for u in updates
-        ]
+        # (new generation, new blob, kind, path, version, expected generation, expected
+        # blob), unpacked in one go: this runs for every row of a rotation.
+        params = [(ng, nb, *key, eg, eb) for key, eg, eb, ng, nb in updates]
         with self._write() as conn:
             cur = conn.executemany(
                 "UPDATE records SET generation = ?, blob = ?"
