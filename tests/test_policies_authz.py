@@ -20,7 +20,13 @@ import pytest
 
 from devagent.ca import CertificateAuthority
 from nexus.api.authz import rpc_rules
-from nexus.core.policies import Policy, PolicyEngine, _Compiled, compile_pattern
+from nexus.core.policies import (
+    DECISION_CACHE_ENTRIES,
+    Policy,
+    PolicyEngine,
+    _Compiled,
+    compile_pattern,
+)
 from spike.identity import SvidMaterial, fetch_svid, material_from_pem
 from spike.tls import client_channel
 from spike.v1 import (
@@ -438,3 +444,40 @@ def test_hostile_regex_through_the_server(agent: DevAgent, server: Nexus,
         channel.close()
     for name in ("hostile-deny", "hostile-allow"):
         pilot(["policy", "delete", name], su, server)
+
+
+class CountingPattern:
+    """A compiled pattern that counts its matches."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = compile_pattern(pattern, "test")
+        self.calls = 0
+
+    def fullmatch(self, text: str) -> Any:
+        self.calls += 1
+        return self.pattern.fullmatch(text)
+
+
+def test_decisions_are_cached_only_while_the_policy_set_is_the_same() -> None:
+    policy = Policy("app", "spiffe://td/app", "apps/.*", frozenset({"read"}))
+    engine = engine_with([policy])
+    ids, paths = CountingPattern("spiffe://td/app"), CountingPattern("apps/.*")
+    engine._cache = (time.monotonic(), [_Compiled(policy, ids, paths)])
+    for _ in range(5):
+        assert engine.allowed("spiffe://td/app", "apps/db", "read")
+        assert not engine.allowed("spiffe://td/app", "apps/db", "write")
+        assert not engine.allowed("spiffe://td/other", "apps/db", "read")
+    assert (ids.calls, paths.calls) == (2, 1)  # each decision evaluated once
+    # The policy goes away (a new compiled set, as invalidate() + reload produce): the
+    # remembered "allowed" must not survive it.
+    engine._cache = (time.monotonic(), [])
+    assert not engine.allowed("spiffe://td/app", "apps/db", "read")
+    engine._cache = (time.monotonic(), [_Compiled(policy, ids, paths)])
+    assert engine.allowed("spiffe://td/app", "apps/db", "read")
+    # Bounded: in entries, and long keys are decided without being kept.
+    for i in range(DECISION_CACHE_ENTRIES + 10):
+        engine.allowed("spiffe://td/app", f"apps/{i}", "read")
+    assert len(engine._decisions[1]) <= DECISION_CACHE_ENTRIES
+    engine._cache = (time.monotonic(), [_Compiled(policy, ids, paths)])
+    assert engine.allowed("spiffe://td/app", "apps/" + "x" * 5000, "read")
+    assert engine._decisions[1] == {}

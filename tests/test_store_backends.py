@@ -16,7 +16,6 @@ import pytest
 
 from nexus.store import (
     BlobUpdate,
-    RecordKey,
     SecretRow,
     Store,
     StoreError,
@@ -178,7 +177,7 @@ def test_sqlite_row_cache_never_serves_a_row_older_than_a_finished_write(
         destroyed = store.get_secret("a", 1)
         assert destroyed.destroyed and destroyed.blob is None
         current = store.get_secret("a")
-        store.replace_blobs([BlobUpdate(RecordKey("secret", "a", 2), 1, current.blob or b"",
+        store.replace_blobs([BlobUpdate("secret", "a", 2, 1, current.blob or b"",
                                         2, b"z-2")])
         assert store.get_secret("a").blob == b"z-2"
         assert store.get_secret("a").generation == 2

@@ -385,11 +385,11 @@ def test_replace_blobs_is_conditional(store: Store) -> None:
     store.put_policy("pa", 2, b"pa-user", 2.0)
     store.destroy_versions("s/0", [1])
     store.delete_versions("s/1", [1], 3.0)
-    updates = [BlobUpdate(r.key, r.generation, r.blob or b"", 2, b"re:" + (r.blob or b""))
+    updates = [BlobUpdate(*r.key, r.generation, r.blob or b"", 2, b"re:" + (r.blob or b""))
                for r in rows]
     # s/2 was re-encrypted by someone else already (different generation): not touched.
     s2 = next(u for u in updates if u.key.path == "s/2")
-    assert store.replace_blobs([BlobUpdate(s2.key, 1, s2.expected_blob, 3, b"other")]) == 1
+    assert store.replace_blobs([BlobUpdate(*s2.key, 1, s2.expected_blob, 3, b"other")]) == 1
     changed = store.replace_blobs(updates)
     assert changed == len(updates) - 3  # pa, s/0 and s/2 lost the race
     assert store.get_policy("pa").blob == b"pa-user"
@@ -409,7 +409,7 @@ def test_replace_blobs_is_conditional(store: Store) -> None:
 def test_replace_blobs_writes_its_progress_in_the_same_transaction(store: Store) -> None:
     _fill_for_rotation(store)
     rows = store.scan_not_in_generation(2, None, 3)
-    updates = [BlobUpdate(r.key, r.generation, r.blob or b"", 2, b"new") for r in rows]
+    updates = [BlobUpdate(*r.key, r.generation, r.blob or b"", 2, b"new") for r in rows]
     assert store.replace_blobs(updates, state=("rotation", '{"cursor": 3}')) == len(updates)
     assert store.get_state("rotation") == '{"cursor": 3}'
     # A refused batch leaves the progress document as it was.

@@ -34,6 +34,8 @@ log = structlog.get_logger("nexus.policies")
 PERMISSIONS = ("read", "write", "list", "super")
 # RE2 memory budget per compiled pattern: bounds what a hostile pattern can cost.
 _RE2_MAX_MEM = 1 << 20
+DECISION_CACHE_ENTRIES = 10_000
+DECISION_CACHE_MAX_KEY_CHARS = 4096  # longer (caller, path) pairs are decided, not kept
 
 
 @dataclass(frozen=True)
@@ -98,19 +100,36 @@ class PolicyEngine:
         self._clock = clock
         self._lock = threading.Lock()
         self._cache: tuple[float, list[_Compiled]] | None = None
+        self._decisions: tuple[list[_Compiled] | None, dict[tuple[str, str, str], bool]] = (
+            None, {})
 
     # ------------------------------------------------------------------ decisions
 
     def allowed(self, caller: str, path: str, permission: str) -> bool:
         if caller == self._superuser:
             return True
-        for compiled in self._policies():
-            perms = compiled.policy.permissions
-            if permission not in perms and "super" not in perms:
-                continue
-            if compiled.spiffe_id.fullmatch(caller) and compiled.path.fullmatch(path):
-                return True
-        return False
+        policies = self._policies()
+        # Decisions are remembered for as long as this exact set of compiled policies is
+        # the current one: a policy change (or the periodic reload) starts a new table.
+        # Each RE2 match releases the GIL, which under concurrent reads costs far more
+        # than the match itself.
+        decisions = self._decisions
+        if decisions[0] is not policies:
+            decisions = self._decisions = (policies, {})
+        key = (caller, path, permission)
+        known = decisions[1].get(key)
+        if known is not None:
+            return known
+        verdict = any(
+            (permission in c.policy.permissions or "super" in c.policy.permissions)
+            and c.spiffe_id.fullmatch(caller) and c.path.fullmatch(path)
+            for c in policies)
+        if len(caller) + len(path) <= DECISION_CACHE_MAX_KEY_CHARS:
+            table = decisions[1]
+            if len(table) >= DECISION_CACHE_ENTRIES:
+                table.clear()
+            table[key] = verdict
+        return verdict
 
     def require(self, caller: str, path: str, permission: str) -> None:
         if not self.allowed(caller, path, permission):

@@ -673,7 +673,7 @@ class RotationEngine:
                 log.error("record failed its integrity check during rotation",
                           kind=kind, path=path, version=version)
                 continue
-            add(BlobUpdate(RecordKey(kind, path, version), generation, blob, target, new_blob))
+            add(BlobUpdate(kind, path, version, generation, blob, target, new_blob))
         return updates, bad
 
     def _throttle(self, state: RotationState, count: int, started: float) -> None:

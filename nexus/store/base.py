@@ -159,13 +159,20 @@ class BlobUpdate(NamedTuple):
     """A conditional re-encryption of one row, for :meth:`Store.replace_blobs`.
 
     The row is changed only if its generation and blob still equal the expected ones.
+    Flat (no nested key) because a rotation builds and binds one per record.
     """
 
-    key: RecordKey
+    kind: str
+    path: str
+    version: int
     expected_generation: int
     expected_blob: bytes
     new_generation: int
     new_blob: bytes
+
+    @property
+    def key(self) -> RecordKey:
+        return RecordKey(self.kind, self.path, self.version)
 
 
 # --------------------------------------------------------------------------- protocol
@@ -345,7 +352,7 @@ def check_limit(limit: int) -> None:
 
 def check_unique_keys(updates: Sequence[BlobUpdate]) -> None:
     """Reject a replace_blobs batch that names one row twice."""
-    if len({u.key for u in updates}) != len(updates):
+    if len({u[:3] for u in updates}) != len(updates):
         raise ValueError("replace_blobs: duplicate record keys in one batch")
 
 

@@ -569,11 +569,11 @@ class PostgresStore:
                 self.put_state(*state)
             return 0
         check_unique_keys(updates)
-        ordered = sorted(updates, key=lambda u: u.key)  # stable lock order across nodes
+        ordered = sorted(updates, key=lambda u: u[:3])  # stable lock order across nodes
         params = (
-            [u.key.kind for u in ordered],
-            [u.key.path for u in ordered],
-            [u.key.version for u in ordered],
+            [u.kind for u in ordered],
+            [u.path for u in ordered],
+            [u.version for u in ordered],
             [u.expected_generation for u in ordered],
             [bytes(u.expected_blob) for u in ordered],
             [u.new_generation for u in ordered],

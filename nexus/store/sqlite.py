@@ -680,14 +680,13 @@ class SqliteStore:
                 self.put_state(*state)
             return 0
         check_unique_keys(updates)
-        # (new generation, new blob, kind, path, version, expected generation, expected
-        # blob), unpacked in one go: this runs for every row of a rotation.
-        params = [(ng, nb, *key, eg, eb) for key, eg, eb, ng, nb in updates]
         with self._write() as conn:
+            # Numbered parameters in BlobUpdate's field order: the updates bind as they
+            # are, with no per-row tuple built (this runs for every row of a rotation).
             cur = conn.executemany(
-                "UPDATE records SET generation = ?, blob = ?"
-                " WHERE kind = ? AND path = ? AND version = ? AND generation = ? AND blob = ?",
-                params,
+                "UPDATE records SET generation = ?6, blob = ?7 WHERE kind = ?1 AND path = ?2"
+                " AND version = ?3 AND generation = ?4 AND blob = ?5",
+                updates,
             )
             changed = max(cur.rowcount, 0)
             if state is not None:
