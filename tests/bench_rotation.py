@@ -546,8 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=0,
                         help="raw/nexus rounds (default 3; 5 with --quick)")
     parser.add_argument("--batch-size", type=int, action="append", default=[],
-                        help="batch size(s) for the in-process part (repeatable; default: the "
-                             "engine default, i.e. what `spike rotate --emergency` uses)")
+                        help="batch size(s) for the in-process part (repeatable; default: "
+                             "the engine's default batch size, 500; `spike rotate --emergency` "
+                             "alone uses 2,000)")
     parser.add_argument("--served-n", type=int, default=0, help="secrets for the served part")
     parser.add_argument("--served-rounds", type=int, default=0)
     parser.add_argument("--no-served", action="store_true", help="skip the real-process part")

@@ -478,7 +478,7 @@ class RotationEngine:
             if not rows:
                 break
             begun = time.monotonic()
-            for index, (kind, path, version, generation, blob, *_) in enumerate(rows):
+            for index, (kind, path, version, generation, blob, _c, _d, _x) in enumerate(rows):
                 if pace_rate and index and index % 16 == 0:
                     ahead = index / pace_rate - (time.monotonic() - begun)
                     self._sleep(max(ahead, 0.0001))
@@ -662,7 +662,8 @@ class RotationEngine:
         pace_every = 16 if max_rate > 0 else 0
         begun = time.monotonic()
         add = updates.append
-        for index, (kind, path, version, generation, blob, *_) in enumerate(rows):
+        # Unpacked into plain names (a starred target would build a list per row).
+        for index, (kind, path, version, generation, blob, _c, _d, _x) in enumerate(rows):
             if pace_every and index and index % pace_every == 0:
                 ahead = index / max_rate - (time.monotonic() - begun)
                 self._sleep(max(ahead, 0.0001))
