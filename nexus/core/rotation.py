@@ -40,7 +40,7 @@ from nexus.core.keymanager import KeyManager
 from nexus.crypto import envelope
 from nexus.crypto.keyring import Keyring
 from nexus.crypto.keys import Purpose
-from nexus.store.base import KIND_SECRET, BlobUpdate, RecordKey, RecordRow, Store, StoreError
+from nexus.store.base import KIND_SECRET, BlobUpdate, RecordKey, ScanRow, Store, StoreError
 
 log = structlog.get_logger("nexus.rotation")
 
@@ -478,14 +478,13 @@ class RotationEngine:
             if not rows:
                 break
             begun = time.monotonic()
-            for index, (kind, path, version, generation, blob, _c, _d, _x) in enumerate(rows):
+            for index, (kind, path, version, generation, blob) in enumerate(rows):
                 if pace_rate and index and index % 16 == 0:
                     ahead = index / pace_rate - (time.monotonic() - begun)
                     self._sleep(max(ahead, 0.0001))
                 if generation != target:
                     leftover += 1
                     continue
-                assert blob is not None
                 checker = checkers.get(kind)
                 if checker is None:
                     checker = checkers[kind] = _resealer(keyring, kind, target)
@@ -647,7 +646,7 @@ class RotationEngine:
             testpoints.reached("rotation_between_batches")
             self._throttle(state, len(rows), started)
 
-    def _reseal_rows(self, rows: list[RecordRow], target: int,
+    def _reseal_rows(self, rows: list[ScanRow], target: int,
                      max_rate: int = 0) -> tuple[list[BlobUpdate], list[RecordKey]]:
         """Decrypt each row under its own generation and encrypt it under ``target``.
 
@@ -662,12 +661,10 @@ class RotationEngine:
         pace_every = 16 if max_rate > 0 else 0
         begun = time.monotonic()
         add = updates.append
-        # Unpacked into plain names (a starred target would build a list per row).
-        for index, (kind, path, version, generation, blob, _c, _d, _x) in enumerate(rows):
+        for index, (kind, path, version, generation, blob) in enumerate(rows):
             if pace_every and index and index % pace_every == 0:
                 ahead = index / max_rate - (time.monotonic() - begun)
                 self._sleep(max(ahead, 0.0001))
-            assert blob is not None
             resealer = resealers.get(kind)
             if resealer is None:
                 resealer = resealers[kind] = _resealer(keyring, kind, target)

@@ -75,6 +75,22 @@ class RecordKey(NamedTuple):
     version: int
 
 
+class ScanRow(NamedTuple):
+    """What a rotation scan returns for one record: its key, generation and ciphertext
+    (scanned rows always have one), and nothing else (a million of these per pass)."""
+
+    kind: str
+    path: str
+    version: int
+    generation: int
+    blob: bytes
+
+    @property
+    def key(self) -> RecordKey:
+        """The row's primary key."""
+        return RecordKey(self.kind, self.path, self.version)
+
+
 class RecordRow(NamedTuple):
     """One stored record (a secret version or a policy) with its ciphertext.
 
@@ -263,7 +279,7 @@ class Store(Protocol):
         ...
 
     def scan_not_in_generation(self, target_generation: int, after: RecordKey | None,
-                               limit: int) -> list[RecordRow]:
+                               limit: int) -> list[ScanRow]:
         """Up to ``limit`` rows with a blob whose generation != target, keys > ``after``.
 
         Ordered by (kind, path, version), so the last row's key is the next ``after``.
@@ -271,7 +287,7 @@ class Store(Protocol):
         ...
 
     def scan_generation(self, generation: int, after: RecordKey | None,
-                        limit: int) -> list[RecordRow]:
+                        limit: int) -> list[ScanRow]:
         """Like :meth:`scan_not_in_generation`, for rows whose generation == ``generation``."""
         ...
 

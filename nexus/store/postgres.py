@@ -34,6 +34,7 @@ from nexus.store.base import (
     NotFound,
     RecordKey,
     RecordRow,
+    ScanRow,
     SchemaTooNew,
     Seal,
     SecretMeta,
@@ -111,22 +112,22 @@ _CONNECT_TIMEOUT_S = 10
 _POOL_WAIT_S = 30.0
 
 _SCAN_NOT_IN_FIRST = (
-    "SELECT kind, path, version, generation, blob, created_at, deleted_at, destroyed"
+    "SELECT kind, path, version, generation, blob"
     " FROM records WHERE blob IS NOT NULL AND generation <> %s"
     " ORDER BY kind, path, version LIMIT %s"
 )
 _SCAN_NOT_IN_NEXT = (
-    "SELECT kind, path, version, generation, blob, created_at, deleted_at, destroyed"
+    "SELECT kind, path, version, generation, blob"
     " FROM records WHERE blob IS NOT NULL AND generation <> %s"
     " AND (kind, path, version) > (%s, %s, %s) ORDER BY kind, path, version LIMIT %s"
 )
 _SCAN_IN_FIRST = (
-    "SELECT kind, path, version, generation, blob, created_at, deleted_at, destroyed"
+    "SELECT kind, path, version, generation, blob"
     " FROM records WHERE blob IS NOT NULL AND generation = %s"
     " ORDER BY kind, path, version LIMIT %s"
 )
 _SCAN_IN_NEXT = (
-    "SELECT kind, path, version, generation, blob, created_at, deleted_at, destroyed"
+    "SELECT kind, path, version, generation, blob"
     " FROM records WHERE blob IS NOT NULL AND generation = %s"
     " AND (kind, path, version) > (%s, %s, %s) ORDER BY kind, path, version LIMIT %s"
 )
@@ -537,27 +538,27 @@ class PostgresStore:
         return self._read(tx)
 
     def _scan(self, sql_first: str, sql_next: str, generation: int,
-              after: RecordKey | None, limit: int) -> list[RecordRow]:
+              after: RecordKey | None, limit: int) -> list[ScanRow]:
         check_limit(limit)
 
-        def tx(conn: Conn) -> list[RecordRow]:
+        def tx(conn: Conn) -> list[ScanRow]:
             if after is None:
                 rows = conn.execute(sql_first, (generation, limit)).fetchall()
             else:
                 rows = conn.execute(
                     sql_next, (generation, after.kind, after.path, after.version, limit)
                 ).fetchall()
-            return [_record(r) for r in rows]
+            return [ScanRow(r[0], r[1], r[2], r[3], bytes(r[4])) for r in rows]
 
         return self._read(tx)
 
     def scan_not_in_generation(self, target_generation: int, after: RecordKey | None,
-                               limit: int) -> list[RecordRow]:
+                               limit: int) -> list[ScanRow]:
         """See :meth:`nexus.store.base.Store.scan_not_in_generation`."""
         return self._scan(_SCAN_NOT_IN_FIRST, _SCAN_NOT_IN_NEXT, target_generation, after, limit)
 
     def scan_generation(self, generation: int, after: RecordKey | None,
-                        limit: int) -> list[RecordRow]:
+                        limit: int) -> list[ScanRow]:
         """See :meth:`nexus.store.base.Store.scan_generation`."""
         return self._scan(_SCAN_IN_FIRST, _SCAN_IN_NEXT, generation, after, limit)
 

@@ -41,6 +41,7 @@ from nexus.store.base import (
     NotFound,
     RecordKey,
     RecordRow,
+    ScanRow,
     SchemaTooNew,
     Seal,
     SecretMeta,
@@ -108,27 +109,26 @@ SCHEMA_VERSION = len(MIGRATIONS)
 """The newest schema version this code knows."""
 
 _SCAN_NOT_IN_FIRST = (
-    "SELECT kind, path, version, generation, blob, created_at, deleted_at"
+    "SELECT kind, path, version, generation, blob"
     " FROM records WHERE blob IS NOT NULL AND generation != ?"
     " ORDER BY kind, path, version LIMIT ?"
 )
 _SCAN_NOT_IN_NEXT = (
-    "SELECT kind, path, version, generation, blob, created_at, deleted_at"
+    "SELECT kind, path, version, generation, blob"
     " FROM records WHERE blob IS NOT NULL AND generation != ?"
     " AND (kind, path, version) > (?, ?, ?) ORDER BY kind, path, version LIMIT ?"
 )
 _SCAN_IN_FIRST = (
-    "SELECT kind, path, version, generation, blob, created_at, deleted_at"
+    "SELECT kind, path, version, generation, blob"
     " FROM records WHERE blob IS NOT NULL AND generation = ?"
     " ORDER BY kind, path, version LIMIT ?"
 )
 _SCAN_IN_NEXT = (
-    "SELECT kind, path, version, generation, blob, created_at, deleted_at"
+    "SELECT kind, path, version, generation, blob"
     " FROM records WHERE blob IS NOT NULL AND generation = ?"
     " AND (kind, path, version) > (?, ?, ?) ORDER BY kind, path, version LIMIT ?"
 )
 _BUSY_TIMEOUT_S = 10.0
-_NOT_DESTROYED = (False,)
 
 ROW_CACHE_ENTRIES = 4096
 ROW_CACHE_BYTES = 16 * 1024 * 1024
@@ -647,7 +647,7 @@ class SqliteStore:
         return {int(g): int(n) for g, n in rows}
 
     def _scan(self, sql_first: str, sql_next: str, generation: int,
-              after: RecordKey | None, limit: int) -> list[RecordRow]:
+              after: RecordKey | None, limit: int) -> list[ScanRow]:
         check_limit(limit)
         with self._read() as conn:
             if after is None:
@@ -656,19 +656,17 @@ class SqliteStore:
                 rows = conn.execute(
                     sql_next, (generation, after.kind, after.path, after.version, limit)
                 ).fetchall()
-        # Hot in rotation (every row, twice): the columns come in RecordRow order and
-        # _make builds each row in C. A scanned row has a blob, so it is not destroyed
-        # (the schema's CHECK ties the two); sqlite3 returns BLOBs as bytes.
-        make, not_destroyed = RecordRow._make, _NOT_DESTROYED
-        return [make(r + not_destroyed) for r in rows]
+        # Hot in rotation (every row, twice): the columns come in ScanRow order, so each
+        # row is built in C (sqlite3 returns BLOBs as bytes).
+        return list(map(ScanRow._make, rows))
 
     def scan_not_in_generation(self, target_generation: int, after: RecordKey | None,
-                               limit: int) -> list[RecordRow]:
+                               limit: int) -> list[ScanRow]:
         """See :meth:`nexus.store.base.Store.scan_not_in_generation`."""
         return self._scan(_SCAN_NOT_IN_FIRST, _SCAN_NOT_IN_NEXT, target_generation, after, limit)
 
     def scan_generation(self, generation: int, after: RecordKey | None,
-                        limit: int) -> list[RecordRow]:
+                        limit: int) -> list[ScanRow]:
         """See :meth:`nexus.store.base.Store.scan_generation`."""
         return self._scan(_SCAN_IN_FIRST, _SCAN_IN_NEXT, generation, after, limit)
 
