@@ -47,8 +47,8 @@ class AuditLog:
     in a crash, no flush per event. One thread writes at a time: a thread that finds a
     write in progress leaves its line to that writer, which writes every pending line, in
     chain order, before it returns. Without this, threads queued on the lock while the
-    holder sat in ``write(2)`` with the GIL released, and those hand-offs cost a secret
-    get about a quarter of its throughput (docs/benchmarks.md). So a routine event is in
+    holder sat in ``write(2)`` with the GIL released: about two extra context switches per
+    secret get under concurrent reads (docs/benchmarks.md). So a routine event is in
     the kernel either when ``record`` returns or, if another thread was writing, a few
     microseconds later; a durable event returns only once it is written and fsynced.
     A failed write raises in the thread that attempted it, keeps the unwritten lines
