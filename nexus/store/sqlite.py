@@ -158,7 +158,7 @@ class RowCache:
     def get(self, key: tuple[str, int | None], epoch: int) -> SecretRow | None:
         if epoch != self._epoch:
             return None
-        return self._rows.get(key)
+        return self._rows.get(key)  # this table's rows are of ``epoch`` or newer
 
     def put(self, key: tuple[str, int | None], epoch: int, row: SecretRow) -> None:
         size = len(row.blob or b"") + len(row.path)
@@ -168,9 +168,11 @@ class RowCache:
             if epoch != self._epoch:
                 if epoch < self._epoch:
                     return  # read before a write that has since committed
-                self._epoch = epoch
-                self._rows.clear()
+                # A new table first, the epoch second: ``get`` reads them in the other
+                # order without the lock, so it never pairs the new epoch with old rows.
+                self._rows = {}
                 self._bytes = 0
+                self._epoch = epoch
             old = self._rows.pop(key, None)
             if old is not None:
                 self._bytes -= len(old.blob or b"") + len(old.path)
