@@ -7,9 +7,6 @@ branches on message text.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import grpc
 import structlog
 
@@ -61,11 +58,3 @@ def abort_for(context: grpc.ServicerContext, exc: Exception) -> None:
     _log.error("internal error", error_type=type(exc).__name__, where=where)
     abort(context, grpc.StatusCode.INTERNAL, "internal", "internal error (see Nexus logs)")
 
-
-@contextmanager
-def mapped_errors(context: grpc.ServicerContext) -> Iterator[None]:
-    """Map NexusError to its status; anything else is INTERNAL with no detail."""
-    try:
-        yield
-    except Exception as exc:
-        abort_for(context, exc)

@@ -83,8 +83,14 @@ def record_identity(kind: str, path: str, version: int) -> bytes:
         raise ValueError("version must be an int")
     if not 0 <= version <= _MAX_RECORD_VERSION:
         raise ValueError("version must be in 0 .. 2**64-1")
+    return _identity(_identity_prefix(kind), path, version)
+
+
+def _identity(prefix: bytes, path: str, version: int) -> bytes:
+    """prefix || len(path) || path || version: the checked-argument-free core of
+    :func:`record_identity`, also used per row by :class:`Resealer`."""
     path_b = path.encode("utf-8")
-    return _identity_prefix(kind) + _U32.pack(len(path_b)) + path_b + _U64.pack(version)
+    return prefix + _U32.pack(len(path_b)) + path_b + _U64.pack(version)
 
 
 _U32 = struct.Struct(">I")
@@ -186,8 +192,7 @@ class Resealer:
     def reseal(self, path: str, version: int, blob: bytes) -> bytes | None:
         """``blob`` decrypted under the generation its header names and encrypted under
         the target generation, or ``None`` if it does not decrypt."""
-        path_b = path.encode("utf-8")  # record_identity(), inlined: once per row
-        identity = self._prefix + _U32.pack(len(path_b)) + path_b + _U64.pack(version)
+        identity = _identity(self._prefix, path, version)
         if len(blob) < OVERHEAD:
             return None
         fmt, generation = _HEADER.unpack_from(blob, 0)
@@ -210,11 +215,9 @@ class Resealer:
         if len(blob) < OVERHEAD or not blob.startswith(self._target_header):
             return False
         header = blob[:HEADER_SIZE]
-        path_b = path.encode("utf-8")
-        identity = self._prefix + _U32.pack(len(path_b)) + path_b + _U64.pack(version)
         try:
             self._seal.decrypt(header[_HEADER.size:], memoryview(blob)[HEADER_SIZE:],
-                               header + identity)
+                               header + _identity(self._prefix, path, version))
         except InvalidTag:
             return False
         return True
