@@ -92,8 +92,10 @@ class AuditLog:
         Request-derived fields are bounded (audited before validation, a caller could
         otherwise grow the trail by megabytes per call).
         """
-        target = _bounded(target)
-        detail = {k: _bounded_value(v) for k, v in detail.items()}
+        if len(target) > MAX_FIELD_CHARS:
+            target = _bounded(target)
+        if detail:
+            detail = {k: _bounded_value(v) for k, v in detail.items()}
         with self._lock:
             self._seq += 1
             seq = self._seq
@@ -108,11 +110,12 @@ class AuditLog:
                 event["detail"] = detail
             line, chain = sealed_line(self._prev, event)
             self._prev = chain
-            self._pending.append(line.encode("utf-8"))
-            writer = not self._writing
-            self._writing = True
-        if writer:
-            self._drain()
+            self._pending.append(line)
+            # No writer at work: this thread becomes it, and takes the lines now rather
+            # than under a second round of the lock.
+            batch = None if self._writing else self._take()
+        if batch is not None:
+            self._drain(batch)
         if durable:
             with self._written_cond:
                 while self._written < seq:
@@ -139,24 +142,35 @@ class AuditLog:
             _log.info("audit", action=action, caller=caller, target=target, outcome=outcome,
                       seq=seq, chain=chain[:16])
 
-    def _drain(self) -> None:
-        """Write pending lines until none is left; only the thread that set ``_writing``."""
+    def _take(self) -> tuple[memoryview, int]:
+        """Under the lock: claim the writer's role and every pending line (in chain order),
+        with the sequence number of the last one."""
+        self._writing = True
+        data = memoryview(b"".join(self._pending))
+        self._pending.clear()
+        return data, self._seq
+
+    def _drain(self, batch: tuple[memoryview, int] | None = None) -> None:
+        """Write ``batch`` (taken by :meth:`_take`), then pending lines until none is left;
+        only the thread that holds the writer's role."""
         rest = memoryview(b"")
         upto = 0
         try:
             while True:
-                with self._lock:
-                    if upto:
-                        self._written = upto
-                    if not self._pending:
-                        self._writing = False
-                    if self._waiters:
-                        self._written_cond.notify_all()
-                    if not self._writing:
-                        return
-                    rest = memoryview(b"".join(self._pending))
-                    self._pending.clear()
-                    upto = self._seq
+                if batch is not None:
+                    rest, upto = batch
+                    batch = None
+                else:
+                    with self._lock:
+                        if upto:
+                            self._written = upto
+                        if not self._pending:
+                            self._writing = False
+                        if self._waiters:
+                            self._written_cond.notify_all()
+                        if not self._writing:
+                            return
+                        rest, upto = self._take()
                 while rest:
                     rest = rest[os.write(self._fd, rest):]
         except BaseException:

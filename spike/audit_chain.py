@@ -47,8 +47,8 @@ def _simple_body(prev: str, event: dict[str, Any]) -> bytes | None:
             f'"prev":{_str(prev)},"target":{_str(target)},"ts":{ts!r}}}').encode()
 
 
-def sealed_line(prev: str, event: dict[str, Any]) -> tuple[str, str]:
-    """The JSON line for ``event`` chained to ``prev``, and its hash, serialized once.
+def sealed_line(prev: str, event: dict[str, Any]) -> tuple[bytes, str]:
+    """The UTF-8 JSON line for ``event`` chained to ``prev``, and its hash, serialized once.
 
     The line is the canonical body with ``hash`` appended last; verification re-derives
     the canonical body from the parsed object, so key order in the line does not matter.
@@ -57,7 +57,7 @@ def sealed_line(prev: str, event: dict[str, Any]) -> tuple[str, str]:
     if body is None:
         body = canonical(dict(event, prev=prev))
     digest = hashlib.sha256(prev.encode() + body).hexdigest()
-    return body[:-1].decode() + f',"hash":"{digest}"}}\n', digest
+    return b"".join((body[:-1], b',"hash":"', digest.encode(), b'"}\n')), digest
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,8 @@ _STATES = {
 def timestamp(seconds: float | None) -> Timestamp | None:
     if not seconds:
         return None
-    ts = Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
+    nanos = int(seconds * 1e9)  # what Timestamp.FromNanoseconds takes, without its cost
+    return Timestamp(seconds=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000)
 
 
 def backup_message(report: StatusReport) -> pb.BackupInfo:
