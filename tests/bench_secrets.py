@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "get_echo_ratio_quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
         "get_echo_ratio_rounds": [round(r, 3) for r in ratios],
         "rounds": rounds, "target_ratio": 0.7,
+        "target_met": {"get_echo_ratio": ratio >= 0.7},
     }, sort_keys=True))
     return 0
 
