@@ -1,6 +1,7 @@
 """Benchmark: secret get through Nexus next to a bare gRPC echo server with the same mTLS.
 
     python -m tests.bench_secrets [--quick] [--threads N] [--requests N] [--rounds N]
+                                  [--caller superuser|workload]
 
 Both servers are separate processes presenting the same Nexus SVID, requiring client
 certificates against the same trust bundle, with the same worker pool size. The echo server
@@ -32,7 +33,7 @@ import grpc
 
 from spike.identity import SvidMaterial, fetch_svid
 from spike.tls import client_channel
-from spike.v1 import secrets_pb2, secrets_pb2_grpc
+from spike.v1 import policies_pb2, policies_pb2_grpc, secrets_pb2, secrets_pb2_grpc
 from tests.harness import PY, TEST_PASSWORD, DevAgent, Nexus, base_env, pilot, short_tmpdir
 
 TLS_NAME = "nexus.spike.internal"
@@ -121,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="get requests per thread and round")
     parser.add_argument("--rounds", type=int, default=0, help="echo/get round pairs")
     parser.add_argument("--puts", type=int, default=0, help="put requests per thread")
+    parser.add_argument("--caller", choices=("superuser", "workload"), default="superuser",
+                        help="client identity for the loads: Pilot's superuser SVID (no policy "
+                             "matching) or the dev agent's workload SVID through a policy")
     parser.add_argument("--echo-server", metavar="SOCKET", help=argparse.SUPPRESS)
     parser.add_argument("--reply-size", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -147,6 +151,15 @@ def main(argv: list[str] | None = None) -> int:
         reply = stub.Get(secrets_pb2.GetSecretRequest(path="bench/app/db"), timeout=30)
         reply_size = reply.ByteSize()
         request = secrets_pb2.GetSecretRequest(path="bench/app/db").SerializeToString()
+        if args.caller == "workload":
+            # Reads and writes under bench/ through a policy, as an application would.
+            policies_pb2_grpc.PoliciesStub(channel).Put(policies_pb2.PutPolicyRequest(
+                policy=policies_pb2.Policy(
+                    name="bench", spiffe_id_pattern=r"spiffe://spike\.internal/workload/demo",
+                    path_pattern=r"bench/.*",
+                    permissions=[policies_pb2.PERMISSION_READ, policies_pb2.PERMISSION_WRITE])),
+                timeout=30)
+            material = fetch_svid(agent.socket("workload"))
         channel.close()
 
         echo = subprocess.Popen(
@@ -227,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"secret put x{args.threads} (durable)", put_run),
         ("secret put x1 (durable)", put_single),
     ]
-    print(f"\nclient threads: {args.threads}; payload {reply_size} B; "
+    print(f"\nclient threads: {args.threads} as {args.caller}; payload {reply_size} B; "
           f"{'quick' if args.quick else 'full'} run")
     print(f"{'workload':34} {'requests':>9} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for name, r in rows:
@@ -238,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
           f"rounds (quartiles {quartiles[0]:.2f} / {quartiles[2]:.2f}): "
           f"{' '.join(f'{r:.2f}' for r in ratios)}")
     print(json.dumps({
-        "bench": "secrets", "quick": args.quick, "threads": args.threads,
+        "bench": "secrets", "quick": args.quick, "threads": args.threads, "caller": args.caller,
         "payload_bytes": reply_size,
         "echo": {k: round(v, 3) if isinstance(v, float) else v for k, v in echo_r.items()},
         "get": {k: round(v, 3) if isinstance(v, float) else v for k, v in get_r.items()},
