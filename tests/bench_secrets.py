@@ -40,6 +40,9 @@ TLS_NAME = "nexus.spike.internal"
 ECHO_METHOD = "/bench.Echo/Echo"
 WORKERS = 32  # same as Nexus's default --workers
 SECRET = {"username": "service-account", "password": "x" * 64, "url": "postgres://db:5432/app"}
+SECRET_PATH = "bench/app/db"  # noqa: S105 - a path, not a password
+# What an echo call sends: the bytes of the get request, so both loads send the same.
+ECHO_REQUEST = secrets_pb2.GetSecretRequest(path=SECRET_PATH).SerializeToString()
 
 
 # ---------------------------------------------------------------- echo server (subprocess)
@@ -114,6 +117,67 @@ def run_load(address: str, material: SvidMaterial, threads: int, requests: int,
     }
 
 
+# ---------------------------------------------------------------- set-up shared with probe_get_cpu
+
+
+def seed_nexus(agent: DevAgent, nexus: Nexus,
+               caller: str = "superuser") -> tuple[SvidMaterial, int]:
+    """Initialize Nexus and store the benchmark's secret. For ``caller="workload"``, also a
+    policy that lets the dev agent's workload read and write under ``bench/``. Returns the
+    SVID the loads use and the size of a ``GetSecretResponse`` (the echo reply size)."""
+    init = pilot(["init", "--password-stdin"], agent.env("pilot"), nexus,
+                 stdin=TEST_PASSWORD + "\n")
+    if init.returncode != 0:
+        raise SystemExit(f"init failed: {init.stderr}")
+    material = fetch_svid(agent.socket("pilot"))
+    channel = client_channel(nexus.address, material, TLS_NAME)
+    try:
+        stub = secrets_pb2_grpc.SecretsStub(channel)
+        stub.Put(secrets_pb2.PutSecretRequest(path=SECRET_PATH, data=SECRET), timeout=30)
+        reply_size = stub.Get(secrets_pb2.GetSecretRequest(path=SECRET_PATH),
+                              timeout=30).ByteSize()
+        if caller == "workload":
+            # Reads and writes under bench/ through a policy, as an application would.
+            policies_pb2_grpc.PoliciesStub(channel).Put(policies_pb2.PutPolicyRequest(
+                policy=policies_pb2.Policy(
+                    name="bench", spiffe_id_pattern=r"spiffe://spike\.internal/workload/demo",
+                    path_pattern=r"bench/.*",
+                    permissions=[policies_pb2.PERMISSION_READ, policies_pb2.PERMISSION_WRITE])),
+                timeout=30)
+            material = fetch_svid(agent.socket("workload"))
+    finally:
+        channel.close()
+    return material, reply_size
+
+
+def start_echo(agent: DevAgent, reply_size: int) -> tuple[subprocess.Popen[str], str]:
+    """The bare echo server as a subprocess with Nexus's SVID; returns it and its address."""
+    echo = subprocess.Popen(
+        [PY, "-m", "tests.bench_secrets", "--echo-server", agent.socket("nexus"),
+         "--reply-size", str(reply_size)],
+        env=base_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert echo.stdout is not None
+    return echo, f"127.0.0.1:{int(echo.stdout.readline())}"
+
+
+def stop_echo(echo: subprocess.Popen[str] | None) -> None:
+    if echo is not None:
+        assert echo.stdin is not None
+        echo.stdin.close()  # the server stops when its stdin closes
+        echo.wait(10)
+
+
+def get_call(ch: grpc.Channel, _t: int, _i: int) -> Callable[[], Any]:
+    s = secrets_pb2_grpc.SecretsStub(ch)
+    req = secrets_pb2.GetSecretRequest(path=SECRET_PATH)
+    return lambda: s.Get(req, timeout=30)
+
+
+def echo_call(ch: grpc.Channel, _t: int, _i: int) -> Callable[[], Any]:
+    method = ch.unary_unary(ECHO_METHOD, request_serializer=None, response_deserializer=None)
+    return lambda: method(ECHO_REQUEST, timeout=30)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench_secrets")
     parser.add_argument("--quick", action="store_true", help="small N (a smoke run)")
@@ -140,44 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     nexus = Nexus(data_dir, agent.env("nexus"))
     echo: subprocess.Popen[str] | None = None
     try:
-        init = pilot(["init", "--password-stdin"], agent.env("pilot"), nexus,
-                     stdin=TEST_PASSWORD + "\n")
-        if init.returncode != 0:
-            raise SystemExit(f"init failed: {init.stderr}")
-        material = fetch_svid(agent.socket("pilot"))
-        channel = client_channel(nexus.address, material, TLS_NAME)
-        stub = secrets_pb2_grpc.SecretsStub(channel)
-        stub.Put(secrets_pb2.PutSecretRequest(path="bench/app/db", data=SECRET), timeout=30)
-        reply = stub.Get(secrets_pb2.GetSecretRequest(path="bench/app/db"), timeout=30)
-        reply_size = reply.ByteSize()
-        request = secrets_pb2.GetSecretRequest(path="bench/app/db").SerializeToString()
-        if args.caller == "workload":
-            # Reads and writes under bench/ through a policy, as an application would.
-            policies_pb2_grpc.PoliciesStub(channel).Put(policies_pb2.PutPolicyRequest(
-                policy=policies_pb2.Policy(
-                    name="bench", spiffe_id_pattern=r"spiffe://spike\.internal/workload/demo",
-                    path_pattern=r"bench/.*",
-                    permissions=[policies_pb2.PERMISSION_READ, policies_pb2.PERMISSION_WRITE])),
-                timeout=30)
-            material = fetch_svid(agent.socket("workload"))
-        channel.close()
-
-        echo = subprocess.Popen(
-            [PY, "-m", "tests.bench_secrets", "--echo-server", agent.socket("nexus"),
-             "--reply-size", str(reply_size)],
-            env=base_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert echo.stdout is not None
-        echo_address = f"127.0.0.1:{int(echo.stdout.readline())}"
-
-        def get_call(ch: grpc.Channel, _t: int, _i: int) -> Callable[[], Any]:
-            s = secrets_pb2_grpc.SecretsStub(ch)
-            req = secrets_pb2.GetSecretRequest(path="bench/app/db")
-            return lambda: s.Get(req, timeout=30)
-
-        def echo_call(ch: grpc.Channel, _t: int, _i: int) -> Callable[[], Any]:
-            method = ch.unary_unary(ECHO_METHOD, request_serializer=None,
-                                    response_deserializer=None)
-            return lambda: method(request, timeout=30)
+        material, reply_size = seed_nexus(agent, nexus, args.caller)
+        echo, echo_address = start_echo(agent, reply_size)
 
         def put_call(ch: grpc.Channel, t: int, i: int) -> Callable[[], Any]:
             s = secrets_pb2_grpc.SecretsStub(ch)
@@ -211,10 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         cold_run = run_load(nexus.address, material, args.threads, puts, cold_get_call)
         put_single = run_load(nexus.address, material, 1, puts, put_call)
     finally:
-        if echo is not None:
-            assert echo.stdin is not None
-            echo.stdin.close()
-            echo.wait(10)
+        stop_echo(echo)
         nexus.stop()
         agent.stop()
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -24,11 +24,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from spike.identity import fetch_svid
-from spike.tls import client_channel
-from spike.v1 import secrets_pb2, secrets_pb2_grpc
-from tests.bench_secrets import ECHO_METHOD, SECRET, TLS_NAME, run_load
-from tests.harness import PY, TEST_PASSWORD, DevAgent, Nexus, base_env, pilot, short_tmpdir
+from tests.bench_secrets import echo_call, get_call, run_load, seed_nexus, start_echo, stop_echo
+from tests.harness import DevAgent, Nexus, short_tmpdir
 
 
 def cpu_seconds(pid: int) -> float:
@@ -64,34 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     nexus = Nexus(data_dir, agent.env("nexus"))
     echo: subprocess.Popen[str] | None = None
     try:
-        init = pilot(["init", "--password-stdin"], agent.env("pilot"), nexus,
-                     stdin=TEST_PASSWORD + "\n")
-        if init.returncode != 0:
-            raise SystemExit(f"init failed: {init.stderr}")
-        material = fetch_svid(agent.socket("pilot"))
-        channel = client_channel(nexus.address, material, TLS_NAME)
-        stub = secrets_pb2_grpc.SecretsStub(channel)
-        stub.Put(secrets_pb2.PutSecretRequest(path="bench/app/db", data=SECRET), timeout=30)
-        reply_size = stub.Get(secrets_pb2.GetSecretRequest(path="bench/app/db"),
-                              timeout=30).ByteSize()
-        channel.close()
-        request = secrets_pb2.GetSecretRequest(path="bench/app/db").SerializeToString()
-        echo = subprocess.Popen(
-            [PY, "-m", "tests.bench_secrets", "--echo-server", agent.socket("nexus"),
-             "--reply-size", str(reply_size)],
-            env=base_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert echo.stdout is not None
-        echo_address = f"127.0.0.1:{int(echo.stdout.readline())}"
-
-        def get_call(ch: grpc.Channel, _t: int, _i: int) -> Callable[[], Any]:
-            s = secrets_pb2_grpc.SecretsStub(ch)
-            req = secrets_pb2.GetSecretRequest(path="bench/app/db")
-            return lambda: s.Get(req, timeout=30)
-
-        def echo_call(ch: grpc.Channel, _t: int, _i: int) -> Callable[[], Any]:
-            method = ch.unary_unary(ECHO_METHOD, request_serializer=None,
-                                    response_deserializer=None)
-            return lambda: method(request, timeout=30)
+        material, reply_size = seed_nexus(agent, nexus)
+        echo, echo_address = start_echo(agent, reply_size)
 
         def health_call(ch: grpc.Channel, _t: int, _i: int) -> Callable[[], Any]:
             s = health_pb2_grpc.HealthStub(ch)
@@ -115,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{(cs1[0] - cs0[0]) / calls:>13.1f} {(cs1[1] - cs0[1]) / calls:>15.1f}",
                       flush=True)
     finally:
-        if echo is not None:
-            assert echo.stdin is not None
-            echo.stdin.close()
-            echo.wait(10)
+        stop_echo(echo)
         nexus.stop()
         agent.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
