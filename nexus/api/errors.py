@@ -57,4 +57,3 @@ def abort_for(context: grpc.ServicerContext, exc: Exception) -> None:
     where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
     _log.error("internal error", error_type=type(exc).__name__, where=where)
     abort(context, grpc.StatusCode.INTERNAL, "internal", "internal error (see Nexus logs)")
-

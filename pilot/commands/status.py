@@ -13,8 +13,6 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-
-
 def status_dict(resp: Any) -> dict[str, Any]:
     from spike.v1 import operator_pb2 as pb
 
