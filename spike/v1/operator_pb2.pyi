@@ -601,6 +601,9 @@ class RotationEvent(_message.Message):
     STARTED_FIELD_NUMBER: _builtins.int
     UPDATED_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    FAILURE_KIND_FIELD_NUMBER: _builtins.int
+    FAILED_IN_PHASE_FIELD_NUMBER: _builtins.int
+    FAILURE_UNSAVED_FIELD_NUMBER: _builtins.int
     rotation_id: _builtins.str
     phase: Global___RotationPhase.ValueType
     from_generation: _builtins.int
@@ -617,6 +620,16 @@ class RotationEvent(_message.Message):
     message: _builtins.str
     sequence: _builtins.int
     """Monotone per rotation: watchers can tell order and duplicates."""
+    failure_kind: _builtins.str
+    """Set when phase is FAILED: what kind of failure ("store", "integrity", "validation",
+    "rollback", "internal") and in which phase it happened ("reencrypt", ...). The reason
+    is in message; it never holds a secret value.
+    """
+    failed_in_phase: _builtins.str
+    failure_unsaved: _builtins.bool
+    """True while the FAILED phase is known to this Nexus only: the store refused to save it
+    (disk full, store down). Nexus keeps retrying; progress up to the failure is saved.
+    """
     @_builtins.property
     def started(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -641,10 +654,13 @@ class RotationEvent(_message.Message):
         started: _timestamp_pb2.Timestamp | None = ...,
         updated: _timestamp_pb2.Timestamp | None = ...,
         sequence: _builtins.int = ...,
+        failure_kind: _builtins.str = ...,
+        failed_in_phase: _builtins.str = ...,
+        failure_unsaved: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["started", b"started", "updated", b"updated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "emergency", b"emergency", "eta_seconds", b"eta_seconds", "failed", b"failed", "from_generation", b"from_generation", "message", b"message", "phase", b"phase", "rate_per_second", b"rate_per_second", "reencrypted", b"reencrypted", "rotation_id", b"rotation_id", "sequence", b"sequence", "skipped", b"skipped", "started", b"started", "terminal", b"terminal", "to_generation", b"to_generation", "total", b"total", "updated", b"updated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "emergency", b"emergency", "eta_seconds", b"eta_seconds", "failed", b"failed", "failed_in_phase", b"failed_in_phase", "failure_kind", b"failure_kind", "failure_unsaved", b"failure_unsaved", "from_generation", b"from_generation", "message", b"message", "phase", b"phase", "rate_per_second", b"rate_per_second", "reencrypted", b"reencrypted", "rotation_id", b"rotation_id", "sequence", b"sequence", "skipped", b"skipped", "started", b"started", "terminal", b"terminal", "to_generation", b"to_generation", "total", b"total", "updated", b"updated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -744,10 +760,15 @@ class RotationSchedule(_message.Message):
     INTERVAL_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
     MAX_ENCRYPTIONS_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
     window: _builtins.str
     """"HH:MM-HH:MM" in UTC; empty: any time."""
     max_encryptions: _builtins.int
     """Rotate when a generation has been used for this many encryptions."""
+    problem: _builtins.str
+    """Non-empty when the stored schedule holds a value out of range (written by an older
+    release): what was wrong and what applies instead. Ignored in SetRotationSchedule.
+    """
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
         """Zero: scheduled rotation off."""
@@ -758,10 +779,11 @@ class RotationSchedule(_message.Message):
         interval: _duration_pb2.Duration | None = ...,
         window: _builtins.str = ...,
         max_encryptions: _builtins.int = ...,
+        problem: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "max_encryptions", b"max_encryptions", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "max_encryptions", b"max_encryptions", "problem", b"problem", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
