@@ -32,10 +32,11 @@ from nexus.crypto.backup_format import (
     BackupCorrupt,
     BackupVersionUnsupported,
     WrongPassword,
+    check_kdf_bound,
     create_backup,
     open_backup,
 )
-from nexus.crypto.kdf import KdfParams
+from nexus.crypto.kdf import KdfBound, KdfParams
 from nexus.crypto.keyring import Keyring
 from nexus.crypto.keys import fingerprint, fingerprints_equal
 from nexus.crypto.secret_buffer import SecretKey, wipe_bytearray
@@ -111,6 +112,8 @@ class KeyManager:
         self._store = store
         self._backup_path = backup_path
         self._kdf_params = kdf_params
+        # The costliest Argon2id a backup may ask of us (checked before any KDF run).
+        self._kdf_bound = KdfBound.for_configured(kdf_params)
         self._allow_insecure_kdf = allow_insecure_kdf
         self._clock = clock
         self._lock = threading.RLock()  # serializes lifecycle changes
@@ -221,14 +224,21 @@ class KeyManager:
     # ------------------------------------------------------------------ recover
 
     def recover(self, password: bytes, exported: bytes = b"") -> Keyring:
+        # An exported copy is parsed and its KDF costs bounded before the lifecycle lock is
+        # taken: a hostile copy is refused as invalid at once, costs no Argon2 run, holds
+        # nobody up and does not count as a wrong password.
+        early = self._parse_for_opening(exported) if exported else None
         with self._lock:
             if self.is_unsealed():
                 raise errors.AlreadyInitialized("Nexus is already unsealed")
             self._backoff.check()
-            backup, raw = self._load_backup_for_recovery(exported)
+            if early is not None:
+                backup, raw = early, exported
+            else:
+                backup, raw = self._load_backup_for_recovery(exported)
             pw = _password_bytes(password)
             try:
-                keys = open_backup(backup, pw)
+                keys = open_backup(backup, pw, bound=self._kdf_bound)
             except WrongPassword:
                 self._failed_attempt()
                 raise errors.WrongPassword(
@@ -302,16 +312,28 @@ class KeyManager:
         except BackupCorrupt as exc:
             raise errors.BackupInvalid(f"the backup is corrupt: {exc}") from None
 
+    def _parse_for_opening(self, raw: bytes) -> Backup:
+        """Parse a backup about to be opened with a password, and bound its KDF costs."""
+        backup = self._parse(raw)
+        try:
+            check_kdf_bound(backup, self._kdf_bound)
+        except BackupCorrupt as exc:
+            raise errors.BackupInvalid(
+                f"the backup is invalid: {exc} (if it was made with higher --kdf-* settings, "
+                "start Nexus with those settings to open it)"
+            ) from None
+        return backup
+
     def _load_backup_for_recovery(self, exported: bytes) -> tuple[Backup, bytes]:
         if exported:
-            return self._parse(exported), exported
+            return self._parse_for_opening(exported), exported
         raw = self._file_bytes()
         if raw is None:
             raise errors.BackupInvalid(
                 f"the backup file {self._backup_path} is missing or unreadable: run "
                 "`spike recover --backup-file EXPORTED_COPY`"
             )
-        return self._parse(raw), raw
+        return self._parse_for_opening(raw), raw
 
     def _check_against_store(self, keys: dict[int, SecretKey]) -> None:
         recorded = self.generations_recorded()
@@ -391,7 +413,7 @@ class KeyManager:
             health.status, health.detail = "missing", f"{self._backup_path} is missing"
         else:
             try:
-                parsed = self._parse(raw)
+                parsed = self._parse_for_opening(raw)
             except errors.BackupInvalid as exc:
                 health.status, health.detail = "corrupt", str(exc)
             else:
@@ -424,10 +446,10 @@ class KeyManager:
         raw = self._file_bytes()
         if raw is None:
             raise errors.BackupInvalid(f"the backup file {self._backup_path} is missing")
-        backup = self._parse(raw)
+        backup = self._parse_for_opening(raw)
         pw = _password_bytes(password)
         try:
-            keys = open_backup(backup, pw)
+            keys = open_backup(backup, pw, bound=self._kdf_bound)
         except WrongPassword:
             self._failed_attempt()
             raise errors.WrongPassword("the password does not open the backup") from None

@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
 from nexus.crypto import kdf
 from nexus.crypto.envelope import MAX_GENERATION
-from nexus.crypto.kdf import KdfParams
+from nexus.crypto.kdf import KdfBound, KdfParams
 from nexus.crypto.keys import FINGERPRINT_SIZE, fingerprint, fingerprints_equal
 from nexus.crypto.secret_buffer import ROOT_KEY_SIZE, SecretKey
 
@@ -74,6 +74,7 @@ __all__ = [
     "FingerprintMismatch",
     "SealedGeneration",
     "WrongPassword",
+    "check_kdf_bound",
     "create_backup",
     "open_backup",
     "verify_structure",
@@ -319,15 +320,33 @@ def create_backup(
     return backup, public_key
 
 
-def open_backup(backup: Backup, password: bytearray) -> dict[int, SecretKey]:
+def check_kdf_bound(backup: Backup, bound: KdfBound) -> None:
+    """:class:`BackupKdfRejected` when the backup's Argon2id costs exceed ``bound``.
+
+    No password and no Argon2 run: this is what keeps a hostile backup (a "KDF bomb") from
+    costing gigabytes of memory and seconds under the lifecycle lock.
+    """
+    try:
+        bound.check(backup.params)
+    except ValueError as exc:
+        raise BackupKdfRejected(str(exc)) from None
+
+
+def open_backup(
+    backup: Backup, password: bytearray, *, bound: KdfBound | None = None
+) -> dict[int, SecretKey]:
     """Recover every sealed root key with ``password``.
 
+    With ``bound``, the backup's KDF costs are checked against it first
+    (:class:`BackupKdfRejected`, before any Argon2 run).
     Checks first that the password derives the stored public key (:class:`WrongPassword`), then
     opens every generation and checks its fingerprint (:class:`BackupCorrupt`,
     :class:`FingerprintMismatch`). Either all keys are returned or none (partial results are
     wiped). The caller keeps ownership of ``password``.
     """
     verify_structure(backup)
+    if bound is not None:
+        check_kdf_bound(backup, bound)
     suite = _suite()
     recovered: dict[int, SecretKey] = {}
     try:

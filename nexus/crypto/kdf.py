@@ -6,6 +6,11 @@ anything above sanity bounds (m <= 4 GiB, t <= 64, p <= 64), so a hostile backup
 weaken the KDF nor make us allocate unbounded memory. Tests need cheap parameters: they must ask
 for them by name with :meth:`KdfParams.insecure_for_tests`.
 
+Those sanity bounds are not enough for a backup that arrives over the network (``spike recover
+--backup-file``): 4 GiB and t=64 would still cost gigabytes and many seconds. :class:`KdfBound`
+bounds what a Nexus accepts *relative to its own configured parameters* (see
+:meth:`KdfBound.for_configured`), and is checked before Argon2 runs.
+
 The hash is computed with argon2-cffi's ``core`` binding (the reference ``argon2_ctx``) rather
 than ``hash_secret_raw`` so that the password is read straight from the caller's ``bytearray``
 and the output is written straight into a :class:`SecretBuffer`: no immutable ``bytes`` copies.
@@ -28,6 +33,7 @@ __all__ = [
     "MAX_TIME_COST",
     "OWASP_MIN_MEMORY_KIB",
     "OWASP_MIN_TIME_COST",
+    "KdfBound",
     "KdfError",
     "KdfParams",
     "derive",
@@ -42,6 +48,18 @@ MIN_SALT_LEN = 16
 MAX_SALT_LEN = 64
 MIN_OUT_LEN = 16
 MAX_OUT_LEN = 1024
+
+
+# What a Nexus accepts from a backup, relative to its configured parameters: up to
+# RELATIVE_FACTOR times each configured cost, but never less than the floors (so a backup made
+# under an earlier, somewhat stronger configuration still opens) and never more than the
+# absolute caps. The work (memory x passes) is bounded the same way, so that neither a huge
+# memory nor many passes over a large memory can hold the lifecycle lock for long.
+RELATIVE_FACTOR = 4
+FLOOR_MEMORY_KIB = 1024 * 1024  # 1 GiB
+FLOOR_TIME_COST = 8
+FLOOR_PARALLELISM = 16
+FLOOR_WORK_KIB = FLOOR_MEMORY_KIB * 3  # 1 GiB x 3 passes: the RFC 9106 first option, scaled
 
 
 class KdfError(Exception):
@@ -106,6 +124,52 @@ class KdfParams:
         self.validate()
         if self.insecure_for_tests_only:
             raise ValueError("test-only KDF parameters refused in production")
+
+
+@dataclass(frozen=True)
+class KdfBound:
+    """The most expensive Argon2id parameters a Nexus accepts from a backup."""
+
+    max_memory_kib: int
+    max_time_cost: int
+    max_parallelism: int
+    max_work_kib: int
+    """``memory_kib * time_cost``: the blocks Argon2 fills, which is what its run time tracks."""
+
+    @classmethod
+    def for_configured(cls, configured: KdfParams) -> KdfBound:
+        """Up to 4x each configured cost, at least the floors, never above the absolute caps.
+
+        With the defaults (m=64 MiB, t=3, p=4): memory <= 1 GiB, t <= 12, p <= 16 and
+        memory x t <= 3 GiB (so 1 GiB with t <= 3, or 256 MiB with t <= 12).
+        """
+        return cls(
+            max_memory_kib=min(MAX_MEMORY_KIB,
+                               max(RELATIVE_FACTOR * configured.memory_kib, FLOOR_MEMORY_KIB)),
+            max_time_cost=min(MAX_TIME_COST,
+                              max(RELATIVE_FACTOR * configured.time_cost, FLOOR_TIME_COST)),
+            max_parallelism=min(MAX_PARALLELISM,
+                                max(RELATIVE_FACTOR * configured.parallelism,
+                                    FLOOR_PARALLELISM)),
+            max_work_kib=max(RELATIVE_FACTOR * configured.memory_kib * configured.time_cost,
+                             FLOOR_WORK_KIB),
+        )
+
+    def check(self, params: KdfParams) -> None:
+        """Raise ``ValueError`` (naming the bound, never a secret) when ``params`` exceed it."""
+        if params.memory_kib > self.max_memory_kib:
+            raise ValueError(f"KDF memory {params.memory_kib} KiB is above this Nexus's bound "
+                             f"of {self.max_memory_kib} KiB")
+        if params.time_cost > self.max_time_cost:
+            raise ValueError(f"KDF time cost {params.time_cost} is above this Nexus's bound "
+                             f"of {self.max_time_cost}")
+        if params.parallelism > self.max_parallelism:
+            raise ValueError(f"KDF parallelism {params.parallelism} is above this Nexus's "
+                             f"bound of {self.max_parallelism}")
+        if params.memory_kib * params.time_cost > self.max_work_kib:
+            raise ValueError(f"KDF work (memory x time cost = "
+                             f"{params.memory_kib * params.time_cost} KiB) is above this "
+                             f"Nexus's bound of {self.max_work_kib} KiB")
 
 
 def _argon2id_into(
