@@ -88,6 +88,7 @@ def schedule_message(schedule: Schedule) -> pb.RotationSchedule:
         interval=Duration(seconds=int(schedule.interval_seconds)),
         window=schedule.window,
         max_encryptions=schedule.max_encryptions,
+        problem=schedule.problem,
     )
 
 

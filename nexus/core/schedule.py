@@ -11,12 +11,14 @@ failed (that needs an operator).
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
@@ -33,6 +35,11 @@ DEFAULT_INTERVAL = 90 * 86400.0
 # 2^30: a quarter of the NIST limit, leaving room for a slow rotation to finish.
 DEFAULT_MAX_ENCRYPTIONS = 2**30
 NIST_LIMIT = 2**32
+MIN_INTERVAL = 60.0
+# Ten years (3650 days): far beyond any sensible key lifetime, and the key's creation time
+# plus the interval stays a valid protobuf Timestamp (year 9999) and Duration.
+MAX_INTERVAL_DAYS = 3650
+MAX_INTERVAL = MAX_INTERVAL_DAYS * 86400.0
 
 _WINDOW = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)")
 
@@ -42,18 +49,75 @@ class Schedule:
     interval_seconds: float = DEFAULT_INTERVAL  # 0 = no scheduled rotation
     window: str = ""  # "HH:MM-HH:MM" UTC; "" = any time
     max_encryptions: int = DEFAULT_MAX_ENCRYPTIONS
+    # Not stored: set by Scheduler.get when the stored schedule held a value out of range
+    # (what was wrong, what applies instead).
+    problem: str = field(default="", compare=False)
 
     def validate(self) -> Schedule:
-        if self.interval_seconds < 0:
+        interval = self.interval_seconds
+        if isinstance(interval, bool) or not isinstance(interval, int | float) \
+                or not math.isfinite(interval):
+            raise InvalidInput("the interval must be a number of seconds")
+        if interval < 0:
             raise InvalidInput("the interval must be >= 0 (0 turns scheduled rotation off)")
-        if self.interval_seconds and self.interval_seconds < 60:
+        if interval and interval < MIN_INTERVAL:
             raise InvalidInput("the interval must be at least 1 minute")
+        if interval > MAX_INTERVAL:
+            raise InvalidInput(f"the interval must be at most {MAX_INTERVAL_DAYS} days "
+                               "(10 years); 0 turns scheduled rotation off")
+        if not isinstance(self.window, str):
+            raise InvalidInput("the window must be HH:MM-HH:MM (UTC)")
         if self.window:
             parse_window(self.window)
-        if not 1 <= self.max_encryptions < NIST_LIMIT:
+        if isinstance(self.max_encryptions, bool) or not isinstance(self.max_encryptions, int) \
+                or not 1 <= self.max_encryptions < NIST_LIMIT:
             raise InvalidInput(f"max encryptions must be in 1..{NIST_LIMIT - 1} (NIST SP "
                                "800-38D limit for random nonces)")
         return self
+
+    def stored(self) -> dict[str, Any]:
+        return {"interval_seconds": self.interval_seconds, "window": self.window,
+                "max_encryptions": self.max_encryptions}
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def sanitize(doc: object) -> Schedule:
+    """The stored schedule document as a valid Schedule: a value out of range (stored by
+    an older release, or edited by hand) is replaced, and ``problem`` says so."""
+    if not isinstance(doc, dict):
+        return Schedule(problem="the stored schedule is unreadable: the default schedule "
+                                "applies until one is set (`spike rotation schedule`)")
+    defaults = Schedule()
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    # field, what applies instead of an invalid stored value, how that reads
+    fallbacks: tuple[tuple[str, object, str], ...] = (
+        ("interval_seconds", 0.0, "scheduled rotation by age is off"),
+        ("window", "", "any time of day"),
+        ("max_encryptions", defaults.max_encryptions, str(defaults.max_encryptions)),
+    )
+    for name, fallback, instead in fallbacks:
+        if name not in doc:
+            continue
+        value = doc[name]
+        try:
+            replace(defaults, **{name: value}).validate()
+        except InvalidInput as exc:
+            values[name] = fallback
+            label = name.replace("_seconds", "").replace("_", " ")
+            problems.append(f"stored {label} {_shown(value)} is invalid ({exc}); "
+                            f"using {instead} until a valid one is set")
+        else:
+            values[name] = float(value) if name == "interval_seconds" else value
+    schedule = replace(defaults, **values)
+    if problems:
+        schedule = replace(schedule, problem="; ".join(problems)
+                           + " (`spike rotation schedule`)")
+    return schedule
 
 
 def parse_window(text: str) -> tuple[int, int]:
@@ -97,19 +161,29 @@ class Scheduler:
         self._check_every = check_every
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._reported = ""
 
     # ------------------------------------------------------------------ schedule
 
     def get(self) -> Schedule:
+        """The stored schedule; a stored value out of range is replaced by a safe one and
+        reported in ``problem`` (never an exception: Status and Get must keep working)."""
         raw = self._store.get_state(STATE_KEY)
         if not raw:
             return Schedule()
-        doc = json.loads(raw)
-        return Schedule(**{k: v for k, v in doc.items() if k in Schedule.__dataclass_fields__})
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = None
+        schedule = sanitize(doc)
+        if schedule.problem and schedule.problem != self._reported:
+            self._reported = schedule.problem  # once, not at every status call
+            log.warning("stored rotation schedule is out of range", problem=schedule.problem)
+        return schedule
 
     def set(self, **changes: object) -> Schedule:
-        schedule = replace(self.get(), **changes).validate()  # type: ignore[arg-type]
-        self._store.put_state(STATE_KEY, json.dumps(asdict(schedule), sort_keys=True))
+        schedule = replace(self.get(), problem="", **changes).validate()  # type: ignore[arg-type]
+        self._store.put_state(STATE_KEY, json.dumps(schedule.stored(), sort_keys=True))
         return schedule
 
     # ------------------------------------------------------------------ decisions

@@ -11,11 +11,20 @@ from pilot.output import emit_json, info, text_table
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# The same bound as Nexus (nexus.core.schedule.MAX_INTERVAL_DAYS): ten years.
+MAX_INTERVAL_DAYS = 3650
+MAX_INTERVAL = MAX_INTERVAL_DAYS * 86400
+_MAX_DURATION_TEXT = 64
+# `spike rotate` / `rotation watch` / `rotation resume` when the rotation ended FAILED
+# (both keys kept, resumable); 1 stays "aborted" or another error.
+EXIT_ROTATION_FAILED = 9
 
 
 def parse_duration(text: str) -> int:
     """'90d', '12h', '1h30m', '0' -> seconds."""
     text = text.strip().lower()
+    if len(text) > _MAX_DURATION_TEXT:
+        raise UsageError(f"cannot read duration {text[:20]!r}...: too long")
     if text.isdigit():
         return int(text)
     pos, total = 0, 0
@@ -226,7 +235,11 @@ def run_schedule(args: argparse.Namespace, client: Any) -> int:
     fields: list[str] = []
     schedule = pb.RotationSchedule()
     if args.interval is not None:
-        schedule.interval.CopyFrom(Duration(seconds=parse_duration(args.interval)))
+        interval = parse_duration(args.interval)
+        if interval > MAX_INTERVAL:
+            raise UsageError(f"--interval {args.interval} is too long: at most "
+                             f"{MAX_INTERVAL_DAYS}d (10 years); 0 turns scheduled rotation off")
+        schedule.interval.CopyFrom(Duration(seconds=interval))
         fields.append("interval")
     if args.window is not None:
         schedule.window = args.window
@@ -239,18 +252,25 @@ def run_schedule(args: argparse.Namespace, client: Any) -> int:
             schedule=schedule, update_fields=fields))
     else:
         resp = client.call(stub.GetRotationSchedule, pb.GetRotationScheduleRequest())
-    data = {"interval_seconds": resp.interval.seconds, "window": resp.window,
-            "max_encryptions": resp.max_encryptions}
+    data: dict[str, Any] = {"interval_seconds": resp.interval.seconds, "window": resp.window,
+                            "max_encryptions": resp.max_encryptions}
+    if resp.problem:
+        data["problem"] = resp.problem
     if args.output == "json":
         emit_json(data)
     else:
         interval = resp.interval.seconds
-        print(text_table([
+        rows = [
             ("interval", f"{interval // 86400}d {interval % 86400 // 3600}h" if interval
              else "off"),
             ("window", resp.window or "any time (UTC)"),
             ("max encryptions", str(resp.max_encryptions)),
-        ]))
+        ]
+        if resp.problem:
+            rows.append(("problem", resp.problem))
+        print(text_table(rows))
+    if resp.problem:
+        info(f"warning: {resp.problem}")
     return 0
 
 

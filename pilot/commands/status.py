@@ -49,6 +49,7 @@ def status_dict(resp: Any) -> dict[str, Any]:
             "failed": rotation.failed,
         } if resp.HasField("rotation") else None,
         "next_rotation": iso_time(resp, "next_rotation"),
+        "schedule_problem": resp.schedule.problem,
         "records_by_generation": {str(k): v for k, v in resp.records_by_generation.items()},
         "store": resp.store,
         "version": resp.version,
@@ -88,5 +89,7 @@ def run(args: argparse.Namespace, client: Any) -> int:
                                  f"{rot['to_generation']} {rot['done']}/{rot['total']}"))
     if data["next_rotation"]:
         rows.append(("next rotation", data["next_rotation"]))
+    if data["schedule_problem"]:
+        rows.append(("schedule", data["schedule_problem"]))
     print(text_table(rows))
     return 0
