@@ -252,6 +252,43 @@ def test_list_by_prefix(store: Store) -> None:
     assert "b" in store.list_secret_paths("")  # documented: listed while metadata exists
 
 
+def test_list_pages_by_keyset(store: Store, backend: Backend) -> None:
+    """after/limit resume a listing from its last path (byte order on every backend): no
+    path that exists throughout is repeated or skipped, whatever changes between pages."""
+    paths = ["k/a", "k/b", "k/B", "k/b/c", "k/b-", "k/z", "k.", "k/\u00e9", "ka"]
+    for path in paths:
+        put(store, path)
+    in_prefix = sorted((p for p in paths if p.startswith("k/")), key=str.encode)
+    assert store.list_secret_paths("k/") == in_prefix
+    assert store.list_secret_paths("k/", limit=2) == in_prefix[:2]
+    pages: list[str] = []
+    after: str | None = None
+    while True:
+        page = store.list_secret_paths("k/", after=after, limit=2)
+        pages.extend(page)
+        if len(page) < 2:
+            break
+        after = page[-1]
+    assert pages == in_prefix
+    # After a cursor that is not itself a stored path; after the last; outside the prefix.
+    assert store.list_secret_paths("k/", after="k/b0") == [p for p in in_prefix
+                                                           if p.encode() > b"k/b0"]
+    assert store.list_secret_paths("k/", after=in_prefix[-1]) == []
+    assert store.list_secret_paths("k/", after="a") == in_prefix
+    # Paths added before and after the cursor, one removed: the listing goes on from it.
+    first = store.list_secret_paths("k/", limit=3)
+    put(store, "k/0-before")
+    put(store, "k/zz-after")
+    backend.raw("DELETE FROM secret_meta WHERE path = ?" if backend.name == "sqlite"
+                else "DELETE FROM secret_meta WHERE path = %s", ("k/z",))
+    rest = store.list_secret_paths("k/", after=first[-1])
+    assert "k/0-before" not in rest and "k/zz-after" in rest and "k/z" not in rest
+    assert first + [p for p in rest if p != "k/zz-after"] == [p for p in in_prefix
+                                                             if p != "k/z"]
+    with pytest.raises(ValueError):
+        store.list_secret_paths("k/", limit=0)
+
+
 # --------------------------------------------------------------------------- policies
 
 

@@ -33,7 +33,9 @@ class SecretsServicer(pb_grpc.SecretsServicer):
 
     def List(self, request: pb.ListSecretsRequest, context: grpc.ServicerContext) -> Any:
         with rpc_call(context, self._audit, "secret.list", request.prefix) as caller:
-            return pb.ListSecretsResponse(paths=self._secrets.list_paths(caller, request.prefix))
+            page = self._secrets.list_page(caller, request.prefix, request.page_size,
+                                           request.page_token)
+            return pb.ListSecretsResponse(paths=page.paths, next_page_token=page.next_token)
 
     def Delete(self, request: pb.DeleteSecretRequest, context: grpc.ServicerContext) -> Any:
         with rpc_call(context, self._audit, "secret.delete", request.path,

@@ -7,7 +7,9 @@ decrypt. Authorization is checked here, per path, through the policy engine.
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,7 +20,14 @@ from nexus.core.counter import EncryptionCounter
 from nexus.core.errors import Conflict, IntegrityError, InvalidInput, NotFound, NotReady
 from nexus.core.keymanager import KeyManager
 from nexus.core.policies import PolicyEngine
-from nexus.core.validation import check_data, check_path, check_prefix, check_versions
+from nexus.core.validation import (
+    MAX_PAGE_TOKEN_CHARS,
+    check_data,
+    check_page_size,
+    check_path,
+    check_prefix,
+    check_versions,
+)
 from nexus.crypto.envelope import DecryptionError, peek_generation, record_identity
 from nexus.crypto.keyring import Keyring
 from nexus.crypto.keys import Purpose
@@ -26,6 +35,32 @@ from nexus.store.base import KIND_SECRET, CasMismatch, SecretMeta, Store
 from nexus.store.base import NotFound as StoreNotFound
 
 log = structlog.get_logger("nexus.secrets")
+
+MAX_PAGE_BYTES = 1024 * 1024
+"""A list page ends before its paths (with their protobuf framing) pass this: a reply stays
+far below the 4 MiB message limit, whatever the page size and the path lengths."""
+PATH_OVERHEAD_BYTES = 3  # field tag + length varint of one path (<= 512 bytes)
+MAX_SCANNED_PER_PAGE = 10_000
+SCANNED_PER_PATH = 10
+"""A page looks at no more than SCANNED_PER_PATH * page size paths (listed or hidden), and
+never more than MAX_SCANNED_PER_PAGE: this bounds the work of one call."""
+LIST_BATCH = 500
+"""Paths read from the store per query while filling a page."""
+
+_TOKEN_FORMAT = b"\x01"
+_TOKEN_KIND = "spike/v1/list-page-token"  # noqa: S105 - a record kind
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _token_identity(caller: str, prefix: str) -> bytes:
+    """Associated data of a page token: it opens only for the same caller and prefix."""
+    return record_identity(_TOKEN_KIND, f"{len(caller)}:{caller}/{prefix}", 0)
+
+
+@dataclass(frozen=True)
+class PathPage:
+    paths: list[str]
+    next_token: str  # "" on the last page
 
 
 @dataclass(frozen=True)
@@ -119,11 +154,75 @@ class SecretsService:
                            "which this node does not hold: run `spike recover` on this node "
                            "with the current backup")
 
-    def list_paths(self, caller: str, prefix: str) -> list[str]:
+    def list_page(self, caller: str, prefix: str, page_size: int = 0,
+                  page_token: str = "") -> PathPage:
+        """One page of the paths under ``prefix`` that ``caller`` may list.
+
+        Keyset pagination on the path: the token carries the last path this page *decided
+        on* (listed or hidden), encrypted and bound to the caller and the prefix, so it
+        reveals no hidden path and cannot be edited to start anywhere else. A page ends at
+        ``page_size`` paths, at :data:`MAX_PAGE_BYTES` of paths, or once it has looked at
+        its share of paths (:data:`SCANNED_PER_PATH`; a page that covered only hidden paths
+        is empty but still has a successor).
+        """
         check_prefix(prefix)
-        self._keys.require_unsealed()
-        return [p for p in self._store.list_secret_paths(prefix)
-                if self._policies.allowed(caller, p, "list")]
+        size = check_page_size(page_size)
+        keyring = self._keys.require_unsealed()
+        after = self._open_page_token(keyring, caller, prefix, page_token) if page_token \
+            else None
+        budget = min(MAX_SCANNED_PER_PAGE, SCANNED_PER_PATH * size)
+        paths: list[str] = []
+        used = scanned = 0
+        more = False
+        batch = min(LIST_BATCH, budget + 1)
+        while not more:
+            found = self._store.list_secret_paths(prefix, after=after, limit=batch)
+            for path in found:
+                if len(paths) >= size or scanned >= budget:
+                    more = True
+                    break
+                if self._policies.allowed(caller, path, "list"):
+                    cost = len(path.encode()) + PATH_OVERHEAD_BYTES
+                    if used + cost > MAX_PAGE_BYTES:
+                        more = True
+                        break
+                    paths.append(path)
+                    used += cost
+                after = path
+                scanned += 1
+            if len(found) < batch:
+                break
+        token = ""
+        if more and after is not None:
+            token = self._seal_page_token(keyring, caller, prefix, after)
+        return PathPage(paths, token)
+
+    def _seal_page_token(self, keyring: Keyring, caller: str, prefix: str, after: str) -> str:
+        generation = keyring.active_generation
+        assert generation is not None
+        blob = keyring.encrypt(Purpose.METADATA, _TOKEN_FORMAT + after.encode(),
+                               _token_identity(caller, prefix))
+        self._counter.add(generation)
+        return base64.urlsafe_b64encode(blob).rstrip(b"=").decode("ascii")
+
+    def _open_page_token(self, keyring: Keyring, caller: str, prefix: str, token: str) -> str:
+        invalid = InvalidInput(
+            "invalid page token: it was altered, belongs to another listing (another caller "
+            "or prefix) or was made under a root key that has since been retired; list again "
+            "without a token")
+        if len(token) > MAX_PAGE_TOKEN_CHARS or not _TOKEN_CHARS.fullmatch(token):
+            raise invalid
+        try:
+            blob = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            plain = keyring.decrypt(Purpose.METADATA, blob, _token_identity(caller, prefix))
+            if not plain.startswith(_TOKEN_FORMAT):
+                raise invalid
+            after = plain[len(_TOKEN_FORMAT):].decode()
+        except (ValueError, DecryptionError):
+            raise invalid from None
+        if not after.startswith(prefix):
+            raise invalid
+        return after
 
     def metadata(self, caller: str, path: str) -> SecretMeta:
         check_path(path)

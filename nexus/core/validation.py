@@ -14,6 +14,9 @@ MAX_KEY_CHARS = 256
 MAX_KEYS = 1024
 MAX_POLICY_NAME_CHARS = 128
 MAX_PATTERN_CHARS = 1024
+DEFAULT_PAGE_SIZE = 1000
+MAX_PAGE_SIZE = 5000
+MAX_PAGE_TOKEN_CHARS = 2048
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -82,6 +85,15 @@ def check_policy_name(name: str) -> str:
         raise InvalidInput(f"policy names are 1..{MAX_POLICY_NAME_CHARS} letters, digits, "
                            "'.', '_' or '-'")
     return name
+
+
+def check_page_size(page_size: int) -> int:
+    """The page size to use: 0 is the default, anything above the maximum the maximum."""
+    if page_size < 0:
+        raise InvalidInput(f"page_size must be 0 (default {DEFAULT_PAGE_SIZE}) or positive")
+    if page_size == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(page_size, MAX_PAGE_SIZE)
 
 
 def check_versions(versions: list[int]) -> list[int]:

@@ -224,8 +224,14 @@ class Store(Protocol):
         """Return the metadata of ``path``; :class:`NotFound` if it was never written."""
         ...
 
-    def list_secret_paths(self, prefix: str = "") -> list[str]:
+    def list_secret_paths(self, prefix: str = "", *, after: str | None = None,
+                          limit: int | None = None) -> list[str]:
         """Sorted paths that start with ``prefix`` (a literal string, no wildcards).
+
+        Keyset pagination: only paths sorting strictly after ``after`` (when given), at most
+        ``limit`` (>= 1; ``None``: all) of them. Paths order by their UTF-8 bytes on every
+        backend, so a listing resumed from its last path neither repeats nor skips a path
+        that existed throughout, whatever was added or deleted between the pages.
 
         A path is listed while its metadata exists, i.e. once written it stays listed even if
         every retained version is soft-deleted or destroyed; callers filter further if needed.

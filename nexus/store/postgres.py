@@ -410,16 +410,24 @@ class PostgresStore:
 
         return self._run(tx)
 
-    def list_secret_paths(self, prefix: str = "") -> list[str]:
+    def list_secret_paths(self, prefix: str = "", *, after: str | None = None,
+                          limit: int | None = None) -> list[str]:
         """See :meth:`nexus.store.base.Store.list_secret_paths`."""
+        if limit is not None:
+            check_limit(limit)
+        sql = ("SELECT path FROM secret_meta WHERE path >= %s AND starts_with(path, %s)"
+               " AND current_version > 0")
+        params: list[Any] = [prefix, prefix]
+        if after is not None:
+            sql += " AND path > %s"
+            params.append(after)
+        sql += " ORDER BY path"  # COLLATE "C": byte order, as on SQLite
+        if limit is not None:
+            sql += " LIMIT %s"
+            params.append(limit)
 
         def tx(conn: Conn) -> list[str]:
-            rows = conn.execute(
-                "SELECT path FROM secret_meta WHERE path >= %s AND starts_with(path, %s)"
-                " AND current_version > 0 ORDER BY path",
-                (prefix, prefix),
-            ).fetchall()
-            return [r[0] for r in rows]
+            return [r[0] for r in conn.execute(sql, params).fetchall()]
 
         return self._read(tx)
 

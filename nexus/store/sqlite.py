@@ -531,22 +531,27 @@ class SqliteStore:
             versions=tuple(VersionInfo(r[0], r[1], r[2], bool(r[3])) for r in rows),
         )
 
-    def list_secret_paths(self, prefix: str = "") -> list[str]:
+    def list_secret_paths(self, prefix: str = "", *, after: str | None = None,
+                          limit: int | None = None) -> list[str]:
         """See :meth:`nexus.store.base.Store.list_secret_paths`."""
+        if limit is not None:
+            check_limit(limit)
         upper = _prefix_upper_bound(prefix)
+        # BINARY collation: paths compare by their UTF-8 bytes, as on PostgreSQL ("C").
+        sql = "SELECT path FROM secret_meta WHERE path >= ? AND substr(path, 1, ?) = ?"
+        params: list[Any] = [prefix, len(prefix), prefix]
+        if upper is not None:
+            sql += " AND path < ?"
+            params.append(upper)
+        if after is not None:
+            sql += " AND path > ?"
+            params.append(after)
+        sql += " ORDER BY path"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
         with self._read() as conn:
-            if upper is None:
-                rows = conn.execute(
-                    "SELECT path FROM secret_meta WHERE path >= ? AND substr(path, 1, ?) = ?"
-                    " ORDER BY path",
-                    (prefix, len(prefix), prefix),
-                ).fetchall()
-            else:
-                rows = conn.execute(
-                    "SELECT path FROM secret_meta WHERE path >= ? AND path < ?"
-                    " AND substr(path, 1, ?) = ? ORDER BY path",
-                    (prefix, upper, len(prefix), prefix),
-                ).fetchall()
+            rows = conn.execute(sql, params).fetchall()
         return [r[0] for r in rows]
 
     def _update_versions(self, path: str, versions: Sequence[int], sql: str,

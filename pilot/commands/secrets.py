@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,13 +127,31 @@ def run_get(args: argparse.Namespace, client: Any) -> int:
     return 0
 
 
-def run_list(args: argparse.Namespace, client: Any) -> int:
+def list_paths(client: Any, prefix: str) -> Iterator[str]:
+    """Every path under ``prefix`` the caller may list, in order, following the pages."""
     pb, stub = _stub(client)
-    resp = client.call(stub.List, pb.ListSecretsRequest(prefix=args.prefix))
-    if args.output == "json":
-        emit_json({"paths": list(resp.paths)})
-    else:
+    token = ""
+    last: bytes | None = None
+    while True:
+        resp = client.call(stub.List, pb.ListSecretsRequest(prefix=prefix, page_token=token))
         for path in resp.paths:
+            key = path.encode()
+            if last is not None and key <= last:
+                # Pages come in path order; anything else would repeat or loop.
+                raise PilotError("Nexus returned list pages out of order; the listing is "
+                                 "incomplete")
+            last = key
+            yield path
+        token = resp.next_page_token
+        if not token:
+            return
+
+
+def run_list(args: argparse.Namespace, client: Any) -> int:
+    if args.output == "json":
+        emit_json({"paths": list(list_paths(client, args.prefix))})
+    else:
+        for path in list_paths(client, args.prefix):
             print(path)
     return 0
 

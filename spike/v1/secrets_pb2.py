@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16spike/v1/secrets.proto\x12\x08spike.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x01\n\x10PutSecretRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x32\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32$.spike.v1.PutSecretRequest.DataEntry\x12\x10\n\x03\x63\x61s\x18\x03 \x01(\rH\x00\x88\x01\x01\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04_cas\"2\n\x11PutSecretResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"1\n\x10GetSecretRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\xc1\x01\n\x11GetSecretResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x33\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32%.spike.v1.GetSecretResponse.DataEntry\x12+\n\x07\x63reated\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\x12ListSecretsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\"$\n\x13ListSecretsResponse\x12\r\n\x05paths\x18\x01 \x03(\t\"5\n\x13\x44\x65leteSecretRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\r\"\x16\n\x14\x44\x65leteSecretResponse\"7\n\x15UndeleteSecretRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\r\"\x18\n\x16UndeleteSecretResponse\"6\n\x14\x44\x65stroySecretRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\r\"\x17\n\x15\x44\x65stroySecretResponse\"\x91\x01\n\x11SecretVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\r\x12+\n\x07\x63reated\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07\x64\x65leted\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tdestroyed\x18\x04 \x01(\x08\"%\n\x15SecretMetadataRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\xf6\x01\n\x16SecretMetadataResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\r\x12\x16\n\x0eoldest_version\x18\x03 \x01(\r\x12+\n\x07\x63reated\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x08versions\x18\x06 \x03(\x0b\x32\x1b.spike.v1.SecretVersionInfo\x12\x14\n\x0cmax_versions\x18\x07 \x01(\r2\x81\x04\n\x07Secrets\x12>\n\x03Put\x12\x1a.spike.v1.PutSecretRequest\x1a\x1b.spike.v1.PutSecretResponse\x12>\n\x03Get\x12\x1a.spike.v1.GetSecretRequest\x1a\x1b.spike.v1.GetSecretResponse\x12\x43\n\x04List\x12\x1c.spike.v1.ListSecretsRequest\x1a\x1d.spike.v1.ListSecretsResponse\x12G\n\x06\x44\x65lete\x12\x1d.spike.v1.DeleteSecretRequest\x1a\x1e.spike.v1.DeleteSecretResponse\x12M\n\x08Undelete\x12\x1f.spike.v1.UndeleteSecretRequest\x1a .spike.v1.UndeleteSecretResponse\x12J\n\x07\x44\x65stroy\x12\x1e.spike.v1.DestroySecretRequest\x1a\x1f.spike.v1.DestroySecretResponse\x12M\n\x08Metadata\x12\x1f.spike.v1.SecretMetadataRequest\x1a .spike.v1.SecretMetadataResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16spike/v1/secrets.proto\x12\x08spike.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9b\x01\n\x10PutSecretRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x32\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32$.spike.v1.PutSecretRequest.DataEntry\x12\x10\n\x03\x63\x61s\x18\x03 \x01(\rH\x00\x88\x01\x01\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x06\n\x04_cas\"2\n\x11PutSecretResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"1\n\x10GetSecretRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\xc1\x01\n\x11GetSecretResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x33\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32%.spike.v1.GetSecretResponse.DataEntry\x12+\n\x07\x63reated\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"K\n\x12ListSecretsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"=\n\x13ListSecretsResponse\x12\r\n\x05paths\x18\x01 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"5\n\x13\x44\x65leteSecretRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\r\"\x16\n\x14\x44\x65leteSecretResponse\"7\n\x15UndeleteSecretRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\r\"\x18\n\x16UndeleteSecretResponse\"6\n\x14\x44\x65stroySecretRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\r\"\x17\n\x15\x44\x65stroySecretResponse\"\x91\x01\n\x11SecretVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\r\x12+\n\x07\x63reated\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07\x64\x65leted\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tdestroyed\x18\x04 \x01(\x08\"%\n\x15SecretMetadataRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"\xf6\x01\n\x16SecretMetadataResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x02 \x01(\r\x12\x16\n\x0eoldest_version\x18\x03 \x01(\r\x12+\n\x07\x63reated\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x08versions\x18\x06 \x03(\x0b\x32\x1b.spike.v1.SecretVersionInfo\x12\x14\n\x0cmax_versions\x18\x07 \x01(\r2\x81\x04\n\x07Secrets\x12>\n\x03Put\x12\x1a.spike.v1.PutSecretRequest\x1a\x1b.spike.v1.PutSecretResponse\x12>\n\x03Get\x12\x1a.spike.v1.GetSecretRequest\x1a\x1b.spike.v1.GetSecretResponse\x12\x43\n\x04List\x12\x1c.spike.v1.ListSecretsRequest\x1a\x1d.spike.v1.ListSecretsResponse\x12G\n\x06\x44\x65lete\x12\x1d.spike.v1.DeleteSecretRequest\x1a\x1e.spike.v1.DeleteSecretResponse\x12M\n\x08Undelete\x12\x1f.spike.v1.UndeleteSecretRequest\x1a .spike.v1.UndeleteSecretResponse\x12J\n\x07\x44\x65stroy\x12\x1e.spike.v1.DestroySecretRequest\x1a\x1f.spike.v1.DestroySecretResponse\x12M\n\x08Metadata\x12\x1f.spike.v1.SecretMetadataRequest\x1a .spike.v1.SecretMetadataResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,27 +49,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSECRETRESPONSE_DATAENTRY']._serialized_start=174
   _globals['_GETSECRETRESPONSE_DATAENTRY']._serialized_end=217
   _globals['_LISTSECRETSREQUEST']._serialized_start=526
-  _globals['_LISTSECRETSREQUEST']._serialized_end=562
-  _globals['_LISTSECRETSRESPONSE']._serialized_start=564
-  _globals['_LISTSECRETSRESPONSE']._serialized_end=600
-  _globals['_DELETESECRETREQUEST']._serialized_start=602
-  _globals['_DELETESECRETREQUEST']._serialized_end=655
-  _globals['_DELETESECRETRESPONSE']._serialized_start=657
-  _globals['_DELETESECRETRESPONSE']._serialized_end=679
-  _globals['_UNDELETESECRETREQUEST']._serialized_start=681
-  _globals['_UNDELETESECRETREQUEST']._serialized_end=736
-  _globals['_UNDELETESECRETRESPONSE']._serialized_start=738
-  _globals['_UNDELETESECRETRESPONSE']._serialized_end=762
-  _globals['_DESTROYSECRETREQUEST']._serialized_start=764
-  _globals['_DESTROYSECRETREQUEST']._serialized_end=818
-  _globals['_DESTROYSECRETRESPONSE']._serialized_start=820
-  _globals['_DESTROYSECRETRESPONSE']._serialized_end=843
-  _globals['_SECRETVERSIONINFO']._serialized_start=846
-  _globals['_SECRETVERSIONINFO']._serialized_end=991
-  _globals['_SECRETMETADATAREQUEST']._serialized_start=993
-  _globals['_SECRETMETADATAREQUEST']._serialized_end=1030
-  _globals['_SECRETMETADATARESPONSE']._serialized_start=1033
-  _globals['_SECRETMETADATARESPONSE']._serialized_end=1279
-  _globals['_SECRETS']._serialized_start=1282
-  _globals['_SECRETS']._serialized_end=1795
+  _globals['_LISTSECRETSREQUEST']._serialized_end=601
+  _globals['_LISTSECRETSRESPONSE']._serialized_start=603
+  _globals['_LISTSECRETSRESPONSE']._serialized_end=664
+  _globals['_DELETESECRETREQUEST']._serialized_start=666
+  _globals['_DELETESECRETREQUEST']._serialized_end=719
+  _globals['_DELETESECRETRESPONSE']._serialized_start=721
+  _globals['_DELETESECRETRESPONSE']._serialized_end=743
+  _globals['_UNDELETESECRETREQUEST']._serialized_start=745
+  _globals['_UNDELETESECRETREQUEST']._serialized_end=800
+  _globals['_UNDELETESECRETRESPONSE']._serialized_start=802
+  _globals['_UNDELETESECRETRESPONSE']._serialized_end=826
+  _globals['_DESTROYSECRETREQUEST']._serialized_start=828
+  _globals['_DESTROYSECRETREQUEST']._serialized_end=882
+  _globals['_DESTROYSECRETRESPONSE']._serialized_start=884
+  _globals['_DESTROYSECRETRESPONSE']._serialized_end=907
+  _globals['_SECRETVERSIONINFO']._serialized_start=910
+  _globals['_SECRETVERSIONINFO']._serialized_end=1055
+  _globals['_SECRETMETADATAREQUEST']._serialized_start=1057
+  _globals['_SECRETMETADATAREQUEST']._serialized_end=1094
+  _globals['_SECRETMETADATARESPONSE']._serialized_start=1097
+  _globals['_SECRETMETADATARESPONSE']._serialized_end=1343
+  _globals['_SECRETS']._serialized_start=1346
+  _globals['_SECRETS']._serialized_end=1859
 # @@protoc_insertion_point(module_scope)

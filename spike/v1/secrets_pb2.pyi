@@ -169,18 +169,36 @@ Global___GetSecretResponse: _TypeAlias = GetSecretResponse  # noqa: Y015
 
 @_typing.final
 class ListSecretsRequest(_message.Message):
+    """One page of the paths the caller may list, in path order. Follow next_page_token
+    until it is empty: a page may hold fewer paths than page_size (even none, when
+    every path it covered is hidden from the caller) and still have a successor.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PREFIX_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     prefix: _builtins.str
+    page_size: _builtins.int
+    """Most paths in one page. 0: the server's default (1000); above the maximum
+    (5000): the maximum. The server also ends a page before its paths reach
+    1 MiB, so a reply always fits the message limit.
+    """
+    page_token: _builtins.str
+    """Empty: the first page. Otherwise next_page_token of the previous page of the
+    same listing (same caller, same prefix); opaque, and refused if altered.
+    """
     def __init__(
         self,
         *,
         prefix: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["prefix", b"prefix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "prefix", b"prefix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -191,16 +209,20 @@ class ListSecretsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PATHS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty: this was the last page."""
     @_builtins.property
     def paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         paths: _abc.Iterable[_builtins.str] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["paths", b"paths"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "paths", b"paths"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
