@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from spike.errors import IdentityError
+from spike.svid import SvidRuleError, check_svid_chain, leaf_spiffe_id
 
 if TYPE_CHECKING:
     from spiffe import X509Source
@@ -62,7 +63,7 @@ def dns_sans(cert: x509.Certificate) -> list[str]:
 
 
 def material_from_pem(chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> SvidMaterial:
-    """Build :class:`SvidMaterial` from PEM bytes, checking the leaf is an SVID."""
+    """Build :class:`SvidMaterial` from PEM bytes, checking the chain by the SVID rules."""
     try:
         chain = x509.load_pem_x509_certificates(chain_pem)
         key = serialization.load_pem_private_key(key_pem, password=None)
@@ -72,16 +73,19 @@ def material_from_pem(chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> Sv
     if not chain or not bundle:
         raise IdentityError("SVID PEM material: empty certificate chain or trust bundle")
     leaf = chain[0]
-    ids = [u for u in uri_sans(leaf) if u.startswith("spiffe://")]
-    if len(ids) != 1:
-        raise IdentityError(f"SVID leaf must carry exactly one spiffe:// URI SAN, found {len(ids)}")
+    try:
+        # The X509-SVID rules, in the leaf's own trust domain (the same rules Nexus
+        # applies to its callers): one valid SPIFFE ID, not a CA, no workload SVID above.
+        spiffe_id = check_svid_chain(chain, leaf_spiffe_id(leaf).trust_domain)
+    except SvidRuleError as exc:
+        raise IdentityError(f"the SVID breaks the X509-SVID rules: {exc}") from None
     pkcs8 = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     return SvidMaterial(
-        spiffe_id=ids[0],
+        spiffe_id=str(spiffe_id),
         cert_chain_pem=b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain),
         private_key_pem=pkcs8,
         bundle_pem=b"".join(c.public_bytes(serialization.Encoding.PEM) for c in bundle),

@@ -1,24 +1,30 @@
 """Authorization as data: which SPIFFE identities may call which RPC.
 
 ``rpc_rules(trust_domain)`` is the table; the interceptor applies it before
-any servicer runs, then applies the sealed gate. The caller's ID comes only
-from gRPC core's ``peer_spiffe_id`` (set when the verified client leaf has
-exactly one spiffe:// URI SAN). Secrets RPCs admit any identity of our trust
-domain here; the policies in core then decide per path.
+any servicer runs, then applies the sealed gate. The caller's ID is read from the
+client certificate that the TLS handshake verified (the PEM in the auth context),
+parsed with ``cryptography`` and checked by the SPIFFE ID and X509-SVID rules
+(:mod:`spike.svid`); gRPC core's own ``peer_spiffe_id`` is never used, since it is
+cut at a NUL byte. Secrets RPCs admit any identity of our trust domain here; the
+policies in core then decide per path.
 """
 
 from __future__ import annotations
 
 import contextvars
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
+from cryptography import x509
 
 from nexus.api.errors import abort
 from nexus.api.handlers import wrap_handler
+from spike.svid import SvidRuleError, check_intermediates, leaf_spiffe_id
 
 if TYPE_CHECKING:
     _Interceptor = grpc.ServerInterceptor[Any, Any]
@@ -112,20 +118,73 @@ _verified: contextvars.ContextVar[tuple[object, str] | None] = contextvars.Conte
 
 
 def caller_of(context: grpc.ServicerContext) -> str:
-    """The caller verified by the interceptor for this very call, else from gRPC core."""
+    """The caller verified by the interceptor for this very call, else from the certificate."""
     seen = _verified.get()
     if seen is not None and seen[0] is context:
         return seen[1]
-    return peer_spiffe_id(context)
+    peer = verify_peer(context)
+    return peer.spiffe_id if isinstance(peer, VerifiedPeer) else ""
 
 
-def peer_spiffe_id(context: grpc.ServicerContext) -> str:
-    """The verified caller ID, or "" when gRPC core did not set exactly one."""
-    values: Any = context.auth_context().get("peer_spiffe_id") or []
-    if len(values) != 1:
-        return ""
-    raw = values[0]
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
+@dataclass(frozen=True, slots=True)
+class VerifiedPeer:
+    """What a verified client chain says: the leaf's ID and the trust domains above it."""
+
+    spiffe_id: str
+    trust_domain: str
+    chain_trust_domains: frozenset[str]
+
+
+# (leaf PEM, presented chain PEM) -> the verdict. Parsing a certificate costs tens of
+# microseconds; a caller keeps its SVID for many calls, so the hot path is one dict
+# lookup. Keyed by the bytes themselves (no digest collisions to reason about);
+# bounded, least recently used out.
+VERDICT_CACHE_ENTRIES = 4096
+_verdicts: OrderedDict[tuple[bytes, bytes], VerifiedPeer | str] = OrderedDict()
+_verdicts_lock = threading.Lock()
+
+
+def _one(auth: Mapping[str, Any], key: str) -> bytes:
+    values: list[Any] = list(auth.get(key) or ())
+    return values[0] if len(values) == 1 and isinstance(values[0], bytes) else b""
+
+
+def verify_peer(context: grpc.ServicerContext) -> VerifiedPeer | str:
+    """The caller's identity from its verified certificate, or the reason it has none."""
+    auth: Mapping[str, Any] = context.auth_context()
+    leaf_pem = _one(auth, "x509_pem_cert")
+    chain_pem = _one(auth, "x509_pem_cert_chain")
+    key = (leaf_pem, chain_pem)
+    with _verdicts_lock:
+        verdict = _verdicts.get(key)
+        if verdict is not None:
+            _verdicts.move_to_end(key)
+            return verdict
+    verdict = judge_chain(leaf_pem, chain_pem)
+    with _verdicts_lock:
+        _verdicts[key] = verdict
+        while len(_verdicts) > VERDICT_CACHE_ENTRIES:
+            _verdicts.popitem(last=False)
+    return verdict
+
+
+def judge_chain(leaf_pem: bytes, chain_pem: bytes) -> VerifiedPeer | str:
+    """Apply the SVID rules to a client chain the handshake verified (PEM, leaf first)."""
+    if not leaf_pem:
+        return "no client certificate"
+    try:
+        leaf = x509.load_pem_x509_certificate(leaf_pem)
+        presented = x509.load_pem_x509_certificates(chain_pem) if chain_pem else []
+    except ValueError:
+        return "the client certificate cannot be parsed"
+    # gRPC core lists the certificates sent after the leaf; skip the leaf if it is there.
+    intermediates = [c for c in presented if c != leaf]
+    try:
+        spiffe_id = leaf_spiffe_id(leaf)
+        domains = check_intermediates(intermediates)
+    except SvidRuleError as exc:
+        return str(exc)
+    return VerifiedPeer(str(spiffe_id), spiffe_id.trust_domain, domains)
 
 
 class Gate:
@@ -150,8 +209,10 @@ class AuthorizationInterceptor(_Interceptor):
         rules: Mapping[str, Rule],
         gate: Gate,
         on_denied: Callable[[str, str, str], None],
+        trust_domain: str,
     ) -> None:
         self._rules = rules
+        self._trust_domain = trust_domain
         self._gate = gate
         self._on_denied = on_denied
         self._wrapped: dict[str, tuple[Any, Any]] = {}
@@ -172,14 +233,21 @@ class AuthorizationInterceptor(_Interceptor):
         rule = self._rules.get(method)
         gate = self._gate
         on_denied = self._on_denied
+        trust_domain = self._trust_domain
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def guarded(request: Any, context: grpc.ServicerContext, *more: Any) -> Any:
-                caller = peer_spiffe_id(context)
-                if not caller:
-                    on_denied(method, "", "no single SPIFFE ID in the client certificate")
+                peer = verify_peer(context)
+                if not isinstance(peer, VerifiedPeer):
+                    on_denied(method, "", peer)
                     abort(context, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
-                          "client certificate carries no single spiffe:// URI SAN")
+                          f"client certificate is not a valid X509-SVID: {peer}")
+                caller = peer.spiffe_id
+                if peer.chain_trust_domains - {trust_domain}:
+                    # Not a verified identity: the audit names no caller.
+                    on_denied(method, "", "the chain names another trust domain")
+                    abort(context, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
+                          "client certificate chain names another trust domain")
                 if rule is None or not rule.allows(caller):
                     on_denied(method, caller, "not allowed by the RPC table")
                     abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission_denied",

@@ -7,6 +7,8 @@ branches on message text.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import grpc
 import structlog
 
@@ -39,7 +41,8 @@ def status_for(exc: errors.NexusError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def abort(context: grpc.ServicerContext, code: grpc.StatusCode, kind: str, message: str) -> None:
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, kind: str,
+          message: str) -> NoReturn:
     context.set_trailing_metadata(((ERROR_KIND_KEY, kind),))
     context.abort(code, message)
 

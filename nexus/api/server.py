@@ -59,6 +59,7 @@ class NexusServer:
             rpc_rules(config.trust_domain),
             Gate(node.is_unsealed, node.sealed_message),
             on_denied,
+            config.trust_domain,
         )
         options: list[tuple[str, Any]] = [
             ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
