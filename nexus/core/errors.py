@@ -11,7 +11,9 @@ NexusError
 ├── WrongPassword          the password does not open the backup
 ├── BackupInvalid          the backup is missing, corrupt, truncated, foreign or mismatched
 ├── TooManyAttempts        recovery backoff in force; retry later
-└── Unavailable            the store cannot be reached or written
+├── Unavailable            the store cannot be reached or written
+└── IntegrityError         a stored record failed to decrypt (DATA_LOSS)
+    └── MetadataIntegrityError  a path's plaintext metadata contradicts its records
 
 Messages are safe to show to the caller: never a value, a password or a key.
 """
@@ -77,3 +79,10 @@ class IntegrityError(NexusError):
     """A stored record failed to decrypt (tampered, moved, or its key is gone)."""
 
     kind = "integrity"
+
+
+class MetadataIntegrityError(IntegrityError):
+    """A path's plaintext metadata contradicts its stored records (a damaged or edited
+    database): the operation is refused and nothing is changed."""
+
+    kind = "metadata_integrity"
