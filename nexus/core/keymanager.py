@@ -126,6 +126,10 @@ class KeyManager:
         self._latest_recorded = 0
         self._latest_checked = -1e9
         self._pending_generation = 0
+        self._health_lock = threading.Lock()
+        # The file's identity (inode, size, times) when it was last checked: status re-checks
+        # a file that changed since, so it never reports a deleted file as "ok".
+        self._verified_signature: tuple[int, int, int, int] | None = None
         if backup_path.exists():
             self.backup_health.last_written = backup_path.stat().st_mtime
         self.backup_health.status = "unknown" if backup_path.exists() else "missing"
@@ -389,10 +393,11 @@ class KeyManager:
             self.backup_health.status = "corrupt"
             self.backup_health.detail = "read-back after write differs from what was written"
             raise errors.Unavailable("the backup file did not read back as written")
-        self._parse(data)  # structure and KDF bounds, as recovery will see them
+        self._parse_for_opening(data)  # structure and KDF bounds, as recovery will see them
         self.backup_health.status = "ok"
         self.backup_health.detail = ""
         self.backup_health.last_verified = now
+        self._verified_signature = self._file_signature()
 
     def backup_generations(self) -> tuple[int, ...]:
         return self._backup.generations if self._backup else ()
@@ -404,14 +409,36 @@ class KeyManager:
         return (f"argon2id t={params.time_cost} m={params.memory_kib}KiB "
                 f"p={params.parallelism}")
 
+    def _file_signature(self) -> tuple[int, int, int, int] | None:
+        """What identifies the file's current content cheaply (None when it is absent)."""
+        try:
+            st = os.lstat(self._backup_path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def backup_file_changed(self) -> bool:
+        """True when the file was deleted, replaced or modified since it was last checked."""
+        return self._file_signature() != self._verified_signature
+
     def verify_backup_file(self) -> BackupHealth:
         """Check the file's structure and that it matches the keys in memory (no password)."""
+        with self._health_lock:
+            return self._verify_backup_file()
+
+    def _verify_backup_file(self) -> BackupHealth:
         health = self.backup_health
-        raw = self._file_bytes()
+        signature = self._file_signature()
         now = self._clock()
-        if raw is None:
+        raw: bytes | None = None
+        try:
+            raw = read_backup_file(self._backup_path)
+        except FileNotFoundError:
             health.status, health.detail = "missing", f"{self._backup_path} is missing"
-        else:
+        except OSError as exc:  # BackupFileError included: too large, not a regular file
+            health.status = "corrupt"
+            health.detail = f"{self._backup_path} is unreadable: {exc.strerror or exc}"
+        if raw is not None:
             try:
                 parsed = self._parse_for_opening(raw)
             except errors.BackupInvalid as exc:
@@ -427,6 +454,7 @@ class KeyManager:
                     health.detail = (f"backup holds generations {list(parsed.generations)}, "
                                      f"memory holds {list(keyring.generations)}")
         health.last_verified = now
+        self._verified_signature = signature
         if health.status != "ok":
             log.warning("backup check failed", status=health.status, detail=health.detail)
         return health

@@ -134,9 +134,26 @@ class Node:
     # ------------------------------------------------------------------ backup checks
 
     def _verify_loop(self, interval: float) -> None:
-        self.verify_backup_now()
+        # The loop survives any error of a check: a dead verifier would leave status
+        # reporting the last result for ever.
+        self._verify_logged()
         while not self._stop.wait(interval):
+            self._verify_logged()
+
+    def _verify_logged(self) -> None:
+        try:
             self.verify_backup_now()
+        except Exception as exc:
+            # The type and place only: the text of a lower layer's error may quote the file.
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+            log.error("backup check failed with an error", error_type=type(exc).__name__,
+                      where=where)
+            health = self.keys.backup_health
+            health.status = "unknown"
+            health.detail = f"the last check failed ({type(exc).__name__}): see the Nexus log"
 
     def verify_backup_now(self) -> None:
         before = self.keys.backup_health.status
@@ -145,6 +162,12 @@ class Node:
             self.audit.record("backup.check", caller="(nexus)", outcome=health.status,
                               detail_text=health.detail)
 
+    def _backup_health_now(self) -> None:
+        """Re-check the file when it changed since its last check (deleted, replaced,
+        edited): cheap (a stat), so status always tells the truth about the file."""
+        if self.keys.backup_file_changed():
+            self._verify_logged()
+
     # ------------------------------------------------------------------ status
 
     def status(self) -> StatusReport:
@@ -152,6 +175,7 @@ class Node:
         generation = keyring.active_generation or 0
         recorded = self.keys.generations_recorded()
         info = recorded.get(generation)
+        self._backup_health_now()
         health = self.keys.backup_health
         try:
             counts = self.store.count_by_generation()

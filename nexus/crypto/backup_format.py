@@ -287,7 +287,17 @@ class Backup:
         :class:`BackupKdfRejected` for unsafe KDF parameters (sub-OWASP costs are accepted only
         with ``allow_insecure_kdf_for_tests``) and :class:`BackupCorrupt` for anything else wrong.
         """
-        return _parse(data, allow_insecure_kdf_for_tests)
+        if not isinstance(data, bytes | bytearray):
+            raise ValueError("backup data must be bytes")
+        try:
+            return _parse(data, allow_insecure_kdf_for_tests)
+        except BackupError:
+            raise
+        except Exception as exc:
+            # Whatever a hostile or damaged file makes a lower layer raise (a ValueError
+            # from a 4,300-digit integer, ...) is a corrupt backup, never an internal error.
+            # The type only: the text may quote the file.
+            raise BackupCorrupt(f"backup is malformed ({type(exc).__name__})") from None
 
     def __repr__(self) -> str:
         return (
@@ -499,6 +509,9 @@ def _parse(data: bytes, allow_insecure: bool) -> Backup:
         doc = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise BackupCorrupt("backup is not valid JSON (truncated or damaged)") from None
+    except ValueError:
+        # e.g. an integer of more than 4,300 digits (int_max_str_digits)
+        raise BackupCorrupt("backup holds a number out of range") from None
     if not isinstance(doc, dict) or doc.get("format") != BACKUP_FORMAT:
         raise BackupCorrupt("not a SPIKE Nexus backup")
     version = doc.get("version")
