@@ -89,7 +89,7 @@ def translate(err: grpc.RpcError, address: str) -> errors.PilotError:
         return errors.UsageError(detail)
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return errors.PilotError(f"this Nexus does not implement that call yet: {detail}")
-    return errors.PilotError(f"{code.name}: {detail}")
+    return errors.from_status(code.name, kind, detail)
 
 
 class NexusClient:

@@ -49,3 +49,55 @@ class PasswordOrBackup(PilotError):
     """Wrong password or invalid backup."""
 
     exit_code = 8
+
+
+class TooManyAttempts(PilotError):
+    """The wrong-password backoff is in force: wait and try again."""
+
+    exit_code = 9
+
+
+class AlreadyDone(PilotError):
+    """Nothing to do: Nexus is already initialized (`init`) or already unsealed (`recover`)."""
+
+    exit_code = 10
+
+
+# What each gRPC status means to an operator, for the statuses Pilot has no more precise
+# error for. No raw code name (RESOURCE_EXHAUSTED, ...) is ever shown.
+_STATUS_WORDS = {
+    "OK": "unexpected answer from Nexus",
+    "CANCELLED": "the call was cancelled",
+    "UNKNOWN": "Nexus failed with an unexpected error (see its log)",
+    "INVALID_ARGUMENT": "invalid request",
+    "DEADLINE_EXCEEDED": "Nexus did not answer in time",
+    "NOT_FOUND": "not found",
+    "ALREADY_EXISTS": "already exists",
+    "PERMISSION_DENIED": "permission denied",
+    "RESOURCE_EXHAUSTED": "a size or rate limit was reached",
+    "FAILED_PRECONDITION": "Nexus is not in a state to do that",
+    "ABORTED": "the operation was aborted",
+    "OUT_OF_RANGE": "a value is out of range",
+    "UNIMPLEMENTED": "this Nexus does not implement that call",
+    "INTERNAL": "Nexus hit an internal error (see its log)",
+    "UNAVAILABLE": "Nexus is unavailable",
+    "DATA_LOSS": "stored data or the backup failed an integrity check",
+    "UNAUTHENTICATED": "not authenticated",
+}
+
+BACKOFF_HINT = ("each wrong password doubles the delay (up to 300 s): wait the time shown, "
+                "then try again")
+
+
+def from_status(code_name: str, kind: str, detail: str) -> PilotError:
+    """The error for a status Pilot's client has no more specific mapping for."""
+    if kind == "backoff":
+        return TooManyAttempts(detail or "too many failed attempts", BACKOFF_HINT)
+    if kind in ("already_initialized", "already_unsealed"):
+        return AlreadyDone(detail or "nothing to do")
+    words = _STATUS_WORDS.get(code_name, "Nexus refused the call")
+    if not detail:
+        return PilotError(words)
+    if kind:  # Nexus's own message: it already says what went wrong
+        return PilotError(detail)
+    return PilotError(f"{words}: {detail}")
