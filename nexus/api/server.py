@@ -11,6 +11,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nexus.api.authz import AuthorizationInterceptor, Gate, rpc_rules
+from nexus.api.health import BoundedHealthServicer
 from nexus.api.operator import OperatorServicer
 from nexus.api.policies import PoliciesServicer
 from nexus.api.secrets import SecretsServicer
@@ -47,7 +48,7 @@ class NexusServer:
         """``interceptors`` run before authorization (e.g. metrics); ``denied_hooks`` are
         called with (method, caller, reason) after a denial is audited."""
         self.node = node
-        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.health = BoundedHealthServicer(SERVICE_NAMES)
 
         def on_denied(method: str, caller: str, reason: str) -> None:
             audit.record("rpc.denied", caller=caller or "(none)", target=method,
