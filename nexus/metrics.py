@@ -189,6 +189,24 @@ class NodeCollector:
         yield family
         yield _gauge("rotation_in_progress", "1 while a rotation has not reached a terminal "
                      "phase", 1 if current is not None and not current.terminal else 0)
+        failed = current is not None and current.phase == rot.FAILED
+        kinds = _gauge("rotation_failure", "The failed rotation's kind of failure: 1 for it "
+                       "(all 0 unless the current or last rotation failed)", labels=["kind"])
+        kind = (current.failure_kind if current is not None else "") or rot.FAILURE_INTERNAL
+        for name in rot.FAILURE_KINDS:
+            kinds.add_metric([name], 1 if failed and kind == name else 0)
+        yield kinds
+        yield _gauge("rotation_failure_unsaved", "1 when the rotation failed and the store "
+                     "refused to save that (disk full, store down); Nexus keeps retrying",
+                     1 if failed and current is not None and current.failure_unsaved else 0)
+        try:
+            orphaned = self._node.rotation.orphaned()
+        except Exception:
+            log.exception("metrics: cannot tell whether the rotation has a worker")
+            orphaned = False
+        yield _gauge("rotation_orphaned", "1 when a rotation of this node is neither "
+                     "finished nor driven by a worker while Nexus is unsealed",
+                     1 if orphaned else 0)
         progress = _gauge("rotation_records", "Record counts of the current or last rotation",
                           labels=["count"])
         if current is not None:

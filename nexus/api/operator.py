@@ -80,6 +80,9 @@ def rotation_event(state: RotationState | None) -> pb.RotationEvent:
         started=timestamp(state.started),
         updated=timestamp(state.updated),
         sequence=state.sequence,
+        failure_kind=state.failure_kind,
+        failed_in_phase=state.failed_in_phase,
+        failure_unsaved=state.failure_unsaved,
     )
 
 

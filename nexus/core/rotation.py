@@ -20,6 +20,8 @@ events with a monotone sequence number; any number of watchers read them.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import shutil
 import threading
@@ -35,7 +37,7 @@ import structlog
 from nexus.audit import AuditLog
 from nexus.core import testpoints
 from nexus.core.counter import EncryptionCounter
-from nexus.core.errors import Conflict, InvalidInput, NotFound, NotReady
+from nexus.core.errors import Conflict, InvalidInput, NotFound, NotReady, Unavailable
 from nexus.core.keymanager import KeyManager
 from nexus.crypto import envelope
 from nexus.crypto.keyring import Keyring
@@ -70,6 +72,18 @@ MIN_FREE_BYTES = 64 * 1024 * 1024
 # Seconds between recording a new generation and dropping the old one when several
 # nodes share the store (see finalize): twice KeyManager.assert_current's refresh.
 STALE_NODE_GRACE = 2.0
+# A FAILED phase the store refused to save (disk full, store down) is retried this often
+# (doubling from the first) until it is saved or superseded.
+FAILURE_SAVE_FIRST_RETRY = 0.5
+FAILURE_SAVE_MAX_RETRY = 10.0
+# failure_kind of a FAILED rotation (RotationEvent.failure_kind, metric label).
+FAILURE_STORE = "store"  # the database or a file in the data directory refused an operation
+FAILURE_INTEGRITY = "integrity"  # records that do not decrypt under their own key
+FAILURE_VALIDATION = "validation"  # a record does not decrypt under the new key
+FAILURE_ROLLBACK = "rollback"  # a rollback left records under the new key
+FAILURE_INTERNAL = "internal"  # anything else (a bug): the log has the traceback
+FAILURE_KINDS = (FAILURE_STORE, FAILURE_INTEGRITY, FAILURE_VALIDATION, FAILURE_ROLLBACK,
+                 FAILURE_INTERNAL)
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,12 @@ class RotationState:
     # Set when an operator asked to abort; persisted so that a crash or a restart
     # before the rollback starts does not lose the request.
     abort_requested: bool = False
+    # FAILED only: what kind of failure (FAILURE_KINDS) and the phase it stopped in.
+    failure_kind: str = ""
+    failed_in_phase: str = ""
+    # FAILED only: the store refused to save the failure; this process alone knows it
+    # (and keeps trying to save it). Never true in the stored document.
+    failure_unsaved: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -168,16 +188,31 @@ class RotationEngine:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        # A FAILED state the store refused to save: it stands in for the stored (older,
+        # non-terminal) one until it is saved or a newer state is.
+        self._unsaved: RotationState | None = None
         self._state: RotationState | None = self._load()
         self._thread: threading.Thread | None = None
         self._stop = _Stop()
         self._listeners: list[Callable[[RotationState], None]] = []
+        self._saver: threading.Thread | None = None
+        self._closing = threading.Event()
 
     # ------------------------------------------------------------------ queries
 
     def _load(self) -> RotationState | None:
         raw = self._store.get_state(STATE_KEY)
-        return RotationState.from_json(raw) if raw else None
+        return self._overlay(RotationState.from_json(raw) if raw else None)
+
+    def _overlay(self, stored: RotationState | None) -> RotationState | None:
+        """The stored state, unless this process holds a newer FAILED one of the same
+        rotation that the store refused to save."""
+        pending = self._unsaved
+        if pending is not None and stored is not None \
+                and stored.rotation_id == pending.rotation_id \
+                and stored.sequence < pending.sequence:
+            return pending
+        return stored
 
     @property
     def current(self) -> RotationState | None:
@@ -199,6 +234,15 @@ class RotationEngine:
     def running(self) -> bool:
         thread = self._thread
         return thread is not None and thread.is_alive()
+
+    def orphaned(self) -> bool:
+        """A rotation of this node is neither terminal nor driven by a worker while Nexus
+        is unsealed: nothing will move it on (the metric and alert for a dead worker)."""
+        if self.running() or not self._keys.is_unsealed():
+            return False
+        state = self.current
+        return state is not None and not state.terminal \
+            and state.node in ("", self._node_name) and not self.running()
 
     def add_listener(self, listener: Callable[[RotationState], None]) -> None:
         self._listeners.append(listener)
@@ -250,10 +294,11 @@ class RotationEngine:
         finishing = self._thread
         if finishing is not None and self._state is not None and self._state.terminal:
             finishing.join(10.0)  # it published its terminal state and is writing the audit
-        with self._lock:
+        with self._lock, _store_errors("start a rotation"):
             # The store decides, not this process's memory: several nodes may share it.
             stored_raw = self._store.get_state(STATE_KEY)
-            previous = RotationState.from_json(stored_raw) if stored_raw else None
+            previous = self._overlay(RotationState.from_json(stored_raw) if stored_raw
+                                     else None)
             self._state = previous
             if self.running() or (previous is not None and not previous.terminal):
                 where = f" on node {previous.node}" if previous and previous.node and \
@@ -312,25 +357,35 @@ class RotationEngine:
                         and not current.terminal:
                     self._publish_locked(replace(current, abort_requested=True))
         else:
-            self._enter_rollback(state, f"abort requested by {caller}")
+            with _store_errors("abort the rotation"):
+                self._enter_rollback(state, f"abort requested by {caller}")
             self._spawn()
         return state
 
     def resume(self, caller: str) -> RotationState:
         self.current  # noqa: B018 - refresh from the store when no worker runs here
-        with self._lock:
+        with self._lock, _store_errors("resume the rotation"):
             state = self._state
             if state is None or state.phase in (COMPLETED, ABORTED):
                 raise NotFound("no interrupted or failed rotation to resume")
             if self.running():
                 raise Conflict("the rotation is already running")
             if state.phase == FAILED:
-                # A failure before the new key was in place (to_generation still 0)
-                # resumes at the new-key step, which picks up a key already added.
-                phase = REENCRYPT if state.to_generation else NEW_KEY
-                self._publish_locked(replace(state, phase=phase, cursor=None, failed=0,
-                                             abort_requested=False, node=self._node_name,
-                                             message=f"resumed by {caller}"))
+                if state.failed_in_phase == ROLLBACK:
+                    phase = ROLLBACK  # an abort that failed goes on rolling back
+                else:
+                    # A failure before the new key was in place (to_generation still 0)
+                    # resumes at the new-key step, which picks up a key already added.
+                    phase = REENCRYPT if state.to_generation else NEW_KEY
+                # After a store failure the saved cursor is good: continue from it.
+                # Records that failed their integrity check are tried again from the start.
+                keep_cursor = state.failure_kind == FAILURE_STORE and phase == REENCRYPT \
+                    and state.failed_in_phase == REENCRYPT and not state.failed
+                self._publish_locked(replace(
+                    state, phase=phase, cursor=state.cursor if keep_cursor else None,
+                    failed=0, abort_requested=False, node=self._node_name,
+                    failure_kind="", failed_in_phase="", failure_unsaved=False,
+                    message=f"resumed by {caller}"))
             elif state.node != self._node_name:  # an operator moves the job here
                 self._publish_locked(replace(state, node=self._node_name,
                                              message=f"taken over by {caller}"))
@@ -362,12 +417,14 @@ class RotationEngine:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Checkpoint: stop at the next batch boundary; the state stays resumable."""
+        self._closing.set()
         self._stop.shutdown.set()
         with self._changed:
             self._changed.notify_all()
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
+        self._save_failure()  # one last try; else the stored phase resumes after a restart
 
     # ------------------------------------------------------------------ worker
 
@@ -382,11 +439,18 @@ class RotationEngine:
         except _Interrupted:
             log.info("rotation checkpointed for shutdown")
         except Exception as exc:  # never leave a rotation silently half-done
-            log.exception("rotation failed")
             state = self._state
+            kind, message = _describe_failure(exc, state.phase if state else "")
+            if kind == FAILURE_STORE:
+                log.error("rotation failed: the store refused an operation",
+                          error=message, phase=state.phase if state else "")
+            else:
+                log.exception("rotation failed")
             if state is not None and not state.terminal:
-                self._fail(state, f"internal error ({type(exc).__name__}); keys are "
-                                  "kept: check the logs, then `spike rotation resume`")
+                try:
+                    self._fail(state, message, kind)
+                except Exception:  # not even in memory: the orphan metric shows it
+                    log.exception("rotation failure could not be recorded")
 
     def _drive(self) -> None:
         while True:
@@ -492,7 +556,8 @@ class RotationEngine:
                 # column says the new generation but whose header says otherwise fails.
                 if not checker.opens_under_target(path, version, blob):
                     self._fail(state, f"validation: {kind} {path} v{version} does "
-                                      f"not decrypt under generation {target}; both keys kept")
+                                      f"not decrypt under generation {target}; both keys kept",
+                               FAILURE_VALIDATION)
                     return
             checked += len(rows)
             after = rows[-1].key
@@ -500,7 +565,8 @@ class RotationEngine:
             if state.failed:
                 self._fail(state, f"{state.failed} record(s) failed their integrity check and "
                                   f"stay under generation {state.from_generation}: destroy or "
-                                  "rewrite them, then `spike rotation resume`")
+                                  "rewrite them, then `spike rotation resume`",
+                           FAILURE_INTEGRITY)
                 return
             # Writes that raced the switch: sweep again.
             self._publish(replace(state, phase=REENCRYPT, cursor=None,
@@ -547,6 +613,7 @@ class RotationEngine:
             if state.to_generation else 0
         self._publish(replace(state, phase=ROLLBACK, cursor=None, total=total, done=0,
                               reencrypted=0, skipped=0, failed=0, abort_requested=False,
+                              failure_kind="", failed_in_phase="", failure_unsaved=False,
                               message=message))
 
     def _step_rollback(self, state: RotationState) -> None:
@@ -563,7 +630,7 @@ class RotationEngine:
             testpoints.reached("rotation_rolled_back")
             if self._store.count_by_generation().get(source, 0):
                 self._fail(state, f"rollback left records under generation {source}; both "
-                                  "keys kept: `spike rotation abort` again")
+                                  "keys kept: `spike rotation abort` again", FAILURE_ROLLBACK)
                 return
             self._keys.drop_generation(source)
         testpoints.reached("rotation_abort_dropped")
@@ -722,6 +789,8 @@ class RotationEngine:
     def _announce_locked(self, state: RotationState) -> RotationState:
         previous = self._state
         self._state = state
+        if not state.failure_unsaved:
+            self._unsaved = None  # a newer state reached the store
         self._changed.notify_all()
         for listener in self._listeners:
             try:
@@ -734,10 +803,113 @@ class RotationEngine:
                      done=state.done, total=state.total)
         return state
 
-    def _fail(self, state: RotationState, message: str) -> None:
-        self._publish(replace(self._state or state, phase=FAILED, message=message, eta=0.0))
-        self._audit.record("rotation.failed", caller="(nexus)", target=state.rotation_id,
-                           outcome="failed", durable=True, reason=message)
+    def _fail(self, state: RotationState, message: str, kind: str = FAILURE_INTERNAL) -> None:
+        """Enter FAILED. Announced to watchers even when the store refuses to save it (the
+        disk is full: the very failure may be why); it is then saved as soon as the store
+        takes writes again, and until then stands in for the stored state here."""
+        base = self._state or state
+        failed = replace(base, phase=FAILED, message=message, eta=0.0, failure_kind=kind,
+                         failed_in_phase=base.failed_in_phase if base.phase == FAILED
+                         else base.phase, failure_unsaved=False)
+        with self._lock:
+            failed = self._stamp_locked(failed)
+            try:
+                self._store.put_state(STATE_KEY, failed.to_json())
+            except Exception as exc:
+                log.error("rotation failure not saved: the store refuses writes; retrying",
+                          rotation_id=failed.rotation_id, error=_store_detail(exc))
+                failed = replace(failed, failure_unsaved=True)
+            self._announce_locked(failed)
+            if failed.failure_unsaved:
+                self._unsaved = failed
+        if failed.failure_unsaved:
+            self._start_saver()
+        try:
+            self._audit.record("rotation.failed", caller="(nexus)", target=state.rotation_id,
+                               outcome="failed", durable=True, reason=message, kind=kind,
+                               phase=failed.failed_in_phase)
+        except Exception as exc:  # kept by the audit log and written with its next event
+            log.error("audit event rotation.failed not written yet", error=_store_detail(exc))
+
+    def _start_saver(self) -> None:
+        saver = self._saver
+        if saver is not None and saver.is_alive():
+            return
+        self._saver = threading.Thread(target=self._saver_loop, name="rotation-failure-saver",
+                                       daemon=True)
+        self._saver.start()
+
+    def _saver_loop(self) -> None:
+        delay = FAILURE_SAVE_FIRST_RETRY
+        while not self._closing.wait(delay):
+            if self._save_failure():
+                return
+            delay = min(delay * 2, FAILURE_SAVE_MAX_RETRY)
+
+    def _save_failure(self) -> bool:
+        """Try to save the unsaved FAILED state; True once nothing is left to save."""
+        with self._lock:
+            pending = self._unsaved
+            if pending is None:
+                return True
+            try:
+                raw = self._store.get_state(STATE_KEY)
+                stored = RotationState.from_json(raw) if raw else None
+                if stored is not None and (stored.rotation_id != pending.rotation_id
+                                           or stored.sequence >= pending.sequence):
+                    self._unsaved = None  # superseded (another node, an operator)
+                    return True
+                saved = replace(pending, failure_unsaved=False)
+                if not self._store.swap_state(STATE_KEY, raw, saved.to_json()):
+                    return False  # changed meanwhile: look again next time
+            except Exception as exc:
+                log.debug("rotation failure still not saved", error=_store_detail(exc))
+                return False
+            log.info("rotation failure saved", rotation_id=saved.rotation_id)
+            if self._state is pending:
+                self._announce_locked(saved)  # same sequence: watchers see no new event
+            else:
+                self._unsaved = None
+            return True
+
+
+def _store_detail(exc: BaseException) -> str:
+    """A short description of a store or file error: the driver's and the kernel's words
+    (the store holds ciphertext only, so no secret value can be in them), bounded."""
+    parts = [type(exc).__name__]
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if text:
+        parts.append(text[:200])
+    cause = exc.__cause__ or exc.__context__
+    name = getattr(cause, "sqlite_errorname", None) or getattr(exc, "sqlite_errorname", None)
+    if name:
+        parts.append(str(name))
+    code = getattr(exc, "errno", None) or getattr(cause, "errno", None)
+    if isinstance(code, int) and code in errno.errorcode:
+        parts.append(errno.errorcode[code])
+    return ": ".join(parts[:2]) + (f" ({', '.join(parts[2:])})" if parts[2:] else "")
+
+
+def _describe_failure(exc: BaseException, phase: str) -> tuple[str, str]:
+    """(failure kind, message) for an exception that stopped the worker."""
+    if isinstance(exc, StoreError | OSError):
+        return FAILURE_STORE, (
+            f"the store or the data directory refused an operation during "
+            f"{phase or 'the rotation'} "
+            f"({_store_detail(exc)}): progress up to the last batch is saved and both keys "
+            "are kept; fix the cause (disk full? store down?), then `spike rotation resume`")
+    return FAILURE_INTERNAL, (f"internal error ({type(exc).__name__}); keys are kept: check "
+                              "the logs, then `spike rotation resume`")
+
+
+@contextlib.contextmanager
+def _store_errors(action: str) -> Iterator[None]:
+    """An operator's command that the store cannot carry out now: UNAVAILABLE, not INTERNAL."""
+    try:
+        yield
+    except StoreError as exc:
+        raise Unavailable(f"cannot {action} now: the store refused ({_store_detail(exc)}); "
+                          "fix the store and try again") from None
 
 
 class _Interrupted(Exception):

@@ -17,7 +17,7 @@ MAX_INTERVAL = MAX_INTERVAL_DAYS * 86400
 _MAX_DURATION_TEXT = 64
 # `spike rotate` / `rotation watch` / `rotation resume` when the rotation ended FAILED
 # (both keys kept, resumable); 1 stays "aborted" or another error.
-EXIT_ROTATION_FAILED = 9
+EXIT_ROTATION_FAILED = 11
 
 
 def parse_duration(text: str) -> int:
@@ -96,6 +96,9 @@ def event_dict(pb: Any, event: Any) -> dict[str, Any]:
         "terminal": event.terminal,
         "message": event.message,
         "sequence": event.sequence,
+        "failure_kind": event.failure_kind,
+        "failed_in_phase": event.failed_in_phase,
+        "failure_unsaved": event.failure_unsaved,
     }
 
 
@@ -134,8 +137,25 @@ def watch(args: argparse.Namespace, client: Any, rotation_id: str = "") -> int:
         info(f"rotation {last['rotation_id']} completed: generation {last['to_generation']} "
              f"active ({last['reencrypted']} re-encrypted, {last['skipped']} skipped)")
         return 0
+    if last["phase"] == "failed":
+        report_failure(last)
+        return EXIT_ROTATION_FAILED
     info(f"rotation {last['rotation_id']} {last['phase']}: {last['message']}")
     return 1
+
+
+def report_failure(event: dict[str, Any]) -> None:
+    where = f" during {event['failed_in_phase']}" if event["failed_in_phase"] else ""
+    kind = f" ({event['failure_kind']})" if event["failure_kind"] else ""
+    info(f"spike: rotation {event['rotation_id']} FAILED{where}{kind}: {event['message']}")
+    info(f"  both keys (generations {event['from_generation']} and "
+         f"{event['to_generation'] or '-'}) are kept; every record stays readable; "
+         f"{event['done']} of {event['total']} record(s) done")
+    if event["failure_unsaved"]:
+        info("  the store refused to save this failure too: Nexus keeps trying; until then "
+             "only this Nexus process knows it")
+    info("  fix the cause, then `spike rotation resume` (continues where it stopped) or "
+         "`spike rotation abort`")
 
 
 def _draw(pb: Any, stream: Any) -> dict[str, Any] | None:
