@@ -590,3 +590,71 @@ def test_unconditional_concurrent_writes_get_distinct_versions(store: Store) -> 
     for t in pool:
         t.join(timeout=60)
     assert sorted(versions) == list(range(1, 151))
+
+
+# --------------------------------------------------------------------------- metadata integrity
+
+
+def _envelope(generation: int, tag: bytes = b"x") -> bytes:
+    """A blob shaped like a real envelope header (format 1, generation, 33+ bytes)."""
+    return bytes([1]) + generation.to_bytes(4, "big") + b"\0" * 28 + tag
+
+
+def _sql(backend: Backend, query: str) -> str:
+    return query if backend.name == "sqlite" else query.replace("?", "%s")
+
+
+def test_inconsistent_metadata_is_refused_and_nothing_is_deleted(store: Store,
+                                                                 backend: Backend) -> None:
+    from nexus.store.base import InconsistentMetadata
+
+    for path in ("bad/oldest", "bad/lost", "bad/behind"):
+        for _ in range(3):
+            put(store, path)
+    backend.raw(_sql(backend, "UPDATE secret_meta SET oldest_version = 99 WHERE path = ?"),
+                ("bad/oldest",))
+    backend.raw(_sql(backend, "DELETE FROM secret_meta WHERE path = ?"), ("bad/lost",))
+    backend.raw(_sql(backend, "UPDATE secret_meta SET current_version = 1 WHERE path = ?"),
+                ("bad/behind",))
+    for path, reason in (("bad/oldest", "oldest retained version (99)"),
+                         ("bad/lost", "no metadata"),
+                         ("bad/behind", "version 3 is stored")):
+        with pytest.raises(InconsistentMetadata) as info:
+            put(store, path, max_versions=2)
+        assert info.value.path == path and reason in info.value.reason
+        assert backend.secret_versions(path) == [1, 2, 3]
+    with pytest.raises(InconsistentMetadata):
+        store.secret_meta("bad/oldest")
+    # The missing row was not recreated by the refused put.
+    assert "bad/lost" not in store.list_secret_paths("bad/")
+    assert put(store, "good", max_versions=2) == 1
+
+
+def test_generation_cells_against_headers(store: Store, backend: Backend) -> None:
+    for i in range(5):
+        store.put_secret(f"g/{i}", cas=None, max_versions=10, now=1.0,
+                         seal=lambda v, i=i: (1, _envelope(1, str(i).encode())))
+    store.put_policy("pol", 1, _envelope(1, b"p"), 1.0)
+    assert store.count_by_header_generation() == {1: 6}
+    assert store.generation_mismatches(None, 10) == []
+    backend.raw(_sql(backend, "UPDATE records SET generation = 7 WHERE path = ?"), ("g/1",))
+    backend.raw(_sql(backend, "UPDATE records SET generation = 2 WHERE path = ?"), ("pol",))
+    backend.raw(_sql(backend, "UPDATE records SET blob = ? WHERE path = ?"),
+                (_envelope(0), "g/3"))  # generation 0: no valid header
+    backend.raw(_sql(backend, "UPDATE records SET blob = ? WHERE path = ?"), (b"short", "g/4"))
+    assert store.count_by_generation() == {1: 4, 2: 1, 7: 1}
+    assert store.count_by_header_generation() == {1: 4, 0: 2}
+    found = store.generation_mismatches(None, 10)
+    assert [(m.kind, m.path, m.cell, m.header) for m in found] == [
+        ("policy", "pol", 2, 1), ("secret", "g/1", 7, 1), ("secret", "g/3", 1, 0),
+        ("secret", "g/4", 1, 0)]
+    # Keyset pages.
+    assert store.generation_mismatches(None, 1) == found[:1]
+    assert store.generation_mismatches(found[1].key, 10) == found[2:]
+    # Only cells with a valid header change, and only if the row is still as found.
+    stale = found[0]._replace(cell=5)
+    assert store.fix_generation_cells([stale]) == 0
+    assert store.fix_generation_cells(found) == 2
+    assert store.count_by_generation() == {1: 6}
+    assert [m.path for m in store.generation_mismatches(None, 10)] == ["g/3", "g/4"]
+    assert store.get_secret("g/1").blob == _envelope(1, b"1")  # the blob never changes

@@ -26,6 +26,7 @@ import structlog
 
 from nexus.core import errors, testpoints
 from nexus.core.backup_file import BackupFileError, read_backup_file, write_backup_file
+from nexus.core.integrity import needed_generations
 from nexus.core.password_policy import PasswordRejected, check_password, normalize_password
 from nexus.crypto.backup_format import (
     Backup,
@@ -360,7 +361,8 @@ class KeyManager:
                     f"generation {generation} in this backup does not match this Nexus's "
                     "records: is it a backup of another Nexus?"
                 )
-        needed = {g for g, n in self._store.count_by_generation().items() if n}
+        # By the ciphertext headers, not the plaintext generation column (nexus.core.integrity).
+        needed = needed_generations(self._store, recorded)
         missing = sorted(needed - set(keys))
         if missing:
             raise errors.BackupInvalid(

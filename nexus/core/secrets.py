@@ -17,7 +17,15 @@ from dataclasses import dataclass
 import structlog
 
 from nexus.core.counter import EncryptionCounter
-from nexus.core.errors import Conflict, IntegrityError, InvalidInput, NotFound, NotReady
+from nexus.core.errors import (
+    Conflict,
+    IntegrityError,
+    InvalidInput,
+    MetadataIntegrityError,
+    NotFound,
+    NotReady,
+)
+from nexus.core.integrity import reconcile_generation_cells
 from nexus.core.keymanager import KeyManager
 from nexus.core.policies import PolicyEngine
 from nexus.core.validation import (
@@ -31,7 +39,7 @@ from nexus.core.validation import (
 from nexus.crypto.envelope import DecryptionError, peek_generation, record_identity
 from nexus.crypto.keyring import Keyring
 from nexus.crypto.keys import Purpose
-from nexus.store.base import KIND_SECRET, CasMismatch, SecretMeta, Store
+from nexus.store.base import KIND_SECRET, CasMismatch, InconsistentMetadata, SecretMeta, Store
 from nexus.store.base import NotFound as StoreNotFound
 
 log = structlog.get_logger("nexus.secrets")
@@ -55,6 +63,14 @@ _TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]+")
 def _token_identity(caller: str, prefix: str) -> bytes:
     """Associated data of a page token: it opens only for the same caller and prefix."""
     return record_identity(_TOKEN_KIND, f"{len(caller)}:{caller}/{prefix}", 0)
+
+
+def _metadata_refused(exc: InconsistentMetadata, outcome: str) -> MetadataIntegrityError:
+    """Log the inconsistency (version numbers only, never a value) and build the refusal."""
+    log.error("secret metadata inconsistent", path=exc.path, reason=exc.reason)
+    return MetadataIntegrityError(
+        f"the metadata of {exc.path} contradicts its stored versions ({exc.reason}): refused, "
+        f"{outcome}; repair the database or restore it (see the Nexus log)")
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,14 @@ class SecretsService:
         self._max_versions = max_versions
         self._max_value_bytes = max_value_bytes
         self._clock = clock
+        # Registered before the rotation engine's listener (the node builds this first), so
+        # a resumed rotation already sees truthful generation cells.
+        keys.on_unsealed(self._reconcile_generations)
+
+    def _reconcile_generations(self) -> None:
+        """After every unseal: a generation cell that disagrees with its ciphertext header
+        is logged and, where this node holds the header's key, set to the header's value."""
+        reconcile_generation_cells(self._store, self._keys.keyring.generations)
 
     def put(self, caller: str, path: str, data: Mapping[str, str], cas: int | None) -> int:
         check_path(path)
@@ -113,6 +137,8 @@ class SecretsService:
         except CasMismatch as exc:
             raise Conflict(f"check-and-set failed for {path}: expected version "
                            f"{exc.expected}, current is {exc.actual}") from None
+        except InconsistentMetadata as exc:
+            raise _metadata_refused(exc, "nothing was written") from None
         for generation in used:
             self._counter.add(generation)
         return version
@@ -232,6 +258,8 @@ class SecretsService:
             return self._store.secret_meta(path)
         except StoreNotFound:
             raise NotFound(f"no secret {path}") from None
+        except InconsistentMetadata as exc:
+            raise _metadata_refused(exc, "its versions are still stored") from None
 
     def _versions(self, path: str, versions: list[int], *, required: bool = False) -> list[int]:
         if required and not versions:

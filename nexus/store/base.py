@@ -60,6 +60,19 @@ class SchemaTooNew(StoreError):
         self.known = known
 
 
+class InconsistentMetadata(StoreError):
+    """A path's plaintext bookkeeping contradicts its records (a damaged or edited database).
+
+    The operation is refused and nothing is changed: acting on such metadata could delete
+    data (e.g. an ``oldest_version`` above the current version would prune every version).
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"secret {path!r}: inconsistent metadata: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 class StoreUnavailable(StoreError):
     """The database cannot be reached, is locked for too long, read-only or out of space."""
 
@@ -169,6 +182,59 @@ class SecretMeta:
     created_at: float
     updated_at: float
     versions: tuple[VersionInfo, ...]
+
+
+class GenerationMismatch(NamedTuple):
+    """A record whose ``generation`` column disagrees with its ciphertext header.
+
+    The header (authenticated: it is part of the associated data) is the truth; the column
+    is only an index of it. ``header`` is 0 when the blob has no well-formed envelope header
+    (too short, unknown format, generation 0): such a record cannot be decrypted at all.
+    """
+
+    kind: str
+    path: str
+    version: int
+    cell: int
+    header: int
+
+    @property
+    def key(self) -> RecordKey:
+        return RecordKey(self.kind, self.path, self.version)
+
+
+ENVELOPE_FORMAT = 1
+ENVELOPE_MIN_BYTES = 33
+"""The envelope header the store can read without any key (see nexus.crypto.envelope):
+byte 0 the format (1), bytes 1..4 the generation (big-endian), at least 33 bytes in all."""
+
+
+def header_generation(head: bytes | None, long_enough: bool) -> int:
+    """The generation in the first 5 bytes of a blob, or 0 if they are no valid header."""
+    if head is None or not long_enough or len(head) < 5 or head[0] != ENVELOPE_FORMAT:
+        return 0
+    return int.from_bytes(bytes(head[1:5]), "big")
+
+
+def check_metadata(path: str, current: int, oldest: int, newest_stored: int | None) -> None:
+    """Raise :class:`InconsistentMetadata` unless a path's metadata agrees with its records.
+
+    ``current``/``oldest`` come from the metadata row (0/1 for a path not yet written);
+    ``newest_stored`` is the highest version present in the records table (None: none).
+    """
+    if current < 0 or oldest < 1:
+        raise InconsistentMetadata(path, f"current version {current}, oldest {oldest}")
+    if current > 0 and oldest > current:
+        raise InconsistentMetadata(
+            path, f"the oldest retained version ({oldest}) is above the current one "
+                  f"({current})")
+    if newest_stored is not None and newest_stored > current:
+        if current == 0:
+            reason = f"versions up to {newest_stored} are stored but the path has no metadata"
+        else:
+            reason = (f"version {newest_stored} is stored but the metadata says the current "
+                      f"version is {current}")
+        raise InconsistentMetadata(path, reason)
 
 
 class BlobUpdate(NamedTuple):
@@ -308,6 +374,26 @@ class Store(Protocol):
         user write, delete or destroy that landed meanwhile always wins. Keys must be unique
         within one call.
         """
+        ...
+
+    # -- integrity of the plaintext columns -------------------------------------------
+
+    def count_by_header_generation(self) -> dict[int, int]:
+        """Like :meth:`count_by_generation`, but by the generation each ciphertext header
+        names (the truth), whatever the ``generation`` column says; 0 counts blobs with no
+        valid header."""
+        ...
+
+    def generation_mismatches(self, after: RecordKey | None,
+                              limit: int) -> list[GenerationMismatch]:
+        """Up to ``limit`` records (keys > ``after``, in key order) whose ``generation``
+        column differs from their header, or whose header is not valid."""
+        ...
+
+    def fix_generation_cells(self, mismatches: Sequence[GenerationMismatch]) -> int:
+        """Set each record's ``generation`` column to its header's generation (which must be
+        valid), if the row still holds the same cell and header; return rows changed.
+        Only the index column changes: never a blob, never a row removed."""
         ...
 
     # -- small durable documents -------------------------------------------------------

@@ -26,11 +26,13 @@ from psycopg import errors as pg_errors
 from psycopg.pq import TransactionStatus
 
 from nexus.store.base import (
+    ENVELOPE_MIN_BYTES,
     KIND_POLICY,
     KIND_SECRET,
     POLICY_VERSION,
     BlobUpdate,
     CasMismatch,
+    GenerationMismatch,
     NotFound,
     RecordKey,
     RecordRow,
@@ -45,8 +47,10 @@ from nexus.store.base import (
     check_cas,
     check_limit,
     check_max_versions,
+    check_metadata,
     check_nonempty_versions,
     check_unique_keys,
+    header_generation,
     prune_bounds,
 )
 
@@ -131,6 +135,17 @@ _SCAN_IN_NEXT = (
     " FROM records WHERE blob IS NOT NULL AND generation = %s"
     " AND (kind, path, version) > (%s, %s, %s) ORDER BY kind, path, version LIMIT %s"
 )
+
+# A blob whose envelope header (format byte 1, then the generation big-endian, 33 bytes at
+# least: see nexus.crypto.envelope) does not name the generation in its column.
+_MISMATCH = (
+    "SELECT kind, path, version, generation, substring(blob from 1 for 5),"
+    " length(blob) >= 33 FROM records WHERE blob IS NOT NULL AND (length(blob) < 33"
+    " OR get_byte(blob, 0) <> 1 OR substring(blob from 2 for 4) <> int4send(generation))"
+)
+_MISMATCH_FIRST = _MISMATCH + " ORDER BY kind, path, version LIMIT %s"
+_MISMATCH_NEXT = (_MISMATCH + " AND (kind, path, version) > (%s, %s, %s)"
+                  " ORDER BY kind, path, version LIMIT %s")
 
 
 def _record(row: tuple[Any, ...]) -> RecordRow:
@@ -338,6 +353,14 @@ class PostgresStore:
                 if meta is None:  # pragma: no cover - the row was just inserted or existed
                     raise StoreError(f"secret {path!r}: metadata row vanished")
             current, old_oldest = int(meta[0]), int(meta[1])
+            newest = conn.execute(
+                "SELECT max(version) FROM records WHERE kind = %s AND path = %s",
+                (KIND_SECRET, path),
+            ).fetchone()
+            # Before anything is written or pruned: metadata that contradicts the
+            # records would make this put fail, or prune versions it must keep.
+            check_metadata(path, current, old_oldest,
+                           None if newest is None or newest[0] is None else int(newest[0]))
             if cas is not None and cas != current:
                 raise CasMismatch(cas, current)
             version = current + 1
@@ -402,6 +425,8 @@ class PostgresStore:
                 " WHERE kind = %s AND path = %s ORDER BY version",
                 (KIND_SECRET, path),
             ).fetchall()
+            # The row alone (at READ COMMITTED its two reads are not one snapshot).
+            check_metadata(path, int(meta[0]), int(meta[1]), None)
             return SecretMeta(
                 path=path, current_version=meta[0], oldest_version=meta[1],
                 created_at=meta[2], updated_at=meta[3],
@@ -607,6 +632,65 @@ class PostgresStore:
                     " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     state,
                 )
+            return changed
+
+        return self._run(tx)
+
+    # ------------------------------------------------------------------ integrity
+
+    def count_by_header_generation(self) -> dict[int, int]:
+        """See :meth:`nexus.store.base.Store.count_by_header_generation`."""
+
+        def tx(conn: Conn) -> dict[int, int]:
+            rows = conn.execute(
+                "SELECT substring(blob from 1 for 5), length(blob) >= %s, count(*)"
+                " FROM records WHERE blob IS NOT NULL GROUP BY 1, 2",
+                (ENVELOPE_MIN_BYTES,),
+            ).fetchall()
+            counts: dict[int, int] = {}
+            for head, long_enough, n in rows:
+                generation = header_generation(bytes(head), bool(long_enough))
+                counts[generation] = counts.get(generation, 0) + int(n)
+            return counts
+
+        return self._read(tx)
+
+    def generation_mismatches(self, after: RecordKey | None,
+                              limit: int) -> list[GenerationMismatch]:
+        """See :meth:`nexus.store.base.Store.generation_mismatches`."""
+        check_limit(limit)
+
+        def tx(conn: Conn) -> list[GenerationMismatch]:
+            if after is None:
+                rows = conn.execute(_MISMATCH_FIRST, (limit,)).fetchall()
+            else:
+                rows = conn.execute(
+                    _MISMATCH_NEXT, (after.kind, after.path, after.version, limit)).fetchall()
+            return [GenerationMismatch(r[0], r[1], r[2], int(r[3]),
+                                       header_generation(bytes(r[4]), bool(r[5])))
+                    for r in rows]
+
+        return self._read(tx)
+
+    def fix_generation_cells(self, mismatches: Sequence[GenerationMismatch]) -> int:
+        """See :meth:`nexus.store.base.Store.fix_generation_cells`."""
+        # The generation column is a signed 32-bit integer: a header naming a larger
+        # generation (none was ever created) is left alone.
+        fixes = [m for m in mismatches if 0 < m.header < 2**31]
+        if not fixes:
+            return 0
+
+        def tx(conn: Conn) -> int:
+            changed = 0
+            for m in fixes:
+                cur = conn.execute(
+                    "UPDATE records SET generation = %s WHERE kind = %s AND path = %s"
+                    " AND version = %s AND generation = %s AND blob IS NOT NULL"
+                    " AND length(blob) >= 33 AND get_byte(blob, 0) = 1"
+                    " AND substring(blob from 2 for 4) = int4send(%s::integer)",
+                    (m.header, m.kind, m.path, m.version, m.cell, m.header),
+                )
+                changed += max(cur.rowcount, 0)
             return changed
 
         return self._run(tx)

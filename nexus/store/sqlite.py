@@ -33,11 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from nexus.store.base import (
+    ENVELOPE_MIN_BYTES,
     KIND_POLICY,
     KIND_SECRET,
     POLICY_VERSION,
     BlobUpdate,
     CasMismatch,
+    GenerationMismatch,
     NotFound,
     RecordKey,
     RecordRow,
@@ -52,8 +54,10 @@ from nexus.store.base import (
     check_cas,
     check_limit,
     check_max_versions,
+    check_metadata,
     check_nonempty_versions,
     check_unique_keys,
+    header_generation,
     prune_bounds,
 )
 
@@ -128,6 +132,16 @@ _SCAN_IN_NEXT = (
     " FROM records WHERE blob IS NOT NULL AND generation = ?"
     " AND (kind, path, version) > (?, ?, ?) ORDER BY kind, path, version LIMIT ?"
 )
+# A blob whose envelope header (format byte 1, then the generation big-endian, 33 bytes at
+# least: see nexus.crypto.envelope) does not name the generation in its column.
+_MISMATCH = (
+    "SELECT kind, path, version, generation, substr(blob, 1, 5), length(blob) >= 33"
+    " FROM records WHERE blob IS NOT NULL AND (length(blob) < 33"
+    " OR substr(blob, 1, 1) != x'01' OR hex(substr(blob, 2, 4)) != printf('%08X', generation))"
+)
+_MISMATCH_FIRST = _MISMATCH + " ORDER BY kind, path, version LIMIT ?"
+_MISMATCH_NEXT = (_MISMATCH + " AND (kind, path, version) > (?, ?, ?)"
+                  " ORDER BY kind, path, version LIMIT ?")
 _BUSY_TIMEOUT_S = 10.0
 
 ROW_CACHE_ENTRIES = 4096
@@ -451,6 +465,14 @@ class SqliteStore:
                 "SELECT current_version, oldest_version FROM secret_meta WHERE path = ?", (path,)
             ).fetchone()
             current = 0 if meta is None else int(meta[0])
+            old_oldest = 1 if meta is None else int(meta[1])
+            newest = conn.execute(
+                "SELECT max(version) FROM records WHERE kind = ? AND path = ?",
+                (KIND_SECRET, path),
+            ).fetchone()[0]
+            # Before anything is written or pruned: metadata that contradicts the
+            # records would make this put fail, or prune versions it must keep.
+            check_metadata(path, current, old_oldest, newest)
             if cas is not None and cas != current:
                 raise CasMismatch(cas, current)
             version = current + 1
@@ -460,7 +482,7 @@ class SqliteStore:
                 " deleted_at, destroyed) VALUES (?, ?, ?, ?, ?, ?, NULL, 0)",
                 (KIND_SECRET, path, version, generation, bytes(blob), now),
             )
-            oldest = prune_bounds(version, 1 if meta is None else int(meta[1]), max_versions)
+            oldest = prune_bounds(version, old_oldest, max_versions)
             if meta is None:
                 conn.execute(
                     "INSERT INTO secret_meta (path, current_version, oldest_version,"
@@ -525,6 +547,8 @@ class SqliteStore:
                 " WHERE kind = ? AND path = ? ORDER BY version",
                 (KIND_SECRET, path),
             ).fetchall()
+        # The row alone (its two reads are not one snapshot, so no cross-check here).
+        check_metadata(path, int(meta[0]), int(meta[1]), None)
         return SecretMeta(
             path=path, current_version=meta[0], oldest_version=meta[1],
             created_at=meta[2], updated_at=meta[3],
@@ -701,6 +725,50 @@ class SqliteStore:
                     state,
                 )
             return changed
+
+    # ------------------------------------------------------------------ integrity
+
+    def count_by_header_generation(self) -> dict[int, int]:
+        """See :meth:`nexus.store.base.Store.count_by_header_generation`."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT substr(blob, 1, 5), length(blob) >= ?, count(*) FROM records"
+                " WHERE blob IS NOT NULL GROUP BY 1, 2",
+                (ENVELOPE_MIN_BYTES,),
+            ).fetchall()
+        counts: dict[int, int] = {}
+        for head, long_enough, n in rows:
+            generation = header_generation(head, bool(long_enough))
+            counts[generation] = counts.get(generation, 0) + int(n)
+        return counts
+
+    def generation_mismatches(self, after: RecordKey | None,
+                              limit: int) -> list[GenerationMismatch]:
+        """See :meth:`nexus.store.base.Store.generation_mismatches`."""
+        check_limit(limit)
+        with self._read() as conn:
+            if after is None:
+                rows = conn.execute(_MISMATCH_FIRST, (limit,)).fetchall()
+            else:
+                rows = conn.execute(
+                    _MISMATCH_NEXT, (after.kind, after.path, after.version, limit)).fetchall()
+        return [GenerationMismatch(r[0], r[1], r[2], int(r[3]),
+                                   header_generation(r[4], bool(r[5]))) for r in rows]
+
+    def fix_generation_cells(self, mismatches: Sequence[GenerationMismatch]) -> int:
+        """See :meth:`nexus.store.base.Store.fix_generation_cells`."""
+        fixes = [(m.header, m.kind, m.path, m.version, m.cell, f"{m.header:08X}")
+                 for m in mismatches if m.header > 0]
+        if not fixes:
+            return 0
+        with self._write() as conn:
+            cur = conn.executemany(
+                "UPDATE records SET generation = ? WHERE kind = ? AND path = ? AND version = ?"
+                " AND generation = ? AND blob IS NOT NULL AND length(blob) >= 33"
+                " AND substr(blob, 1, 1) = x'01' AND hex(substr(blob, 2, 4)) = ?",
+                fixes,
+            )
+            return max(cur.rowcount, 0)
 
     # ------------------------------------------------------------------ state
 
