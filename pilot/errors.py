@@ -5,62 +5,74 @@ from __future__ import annotations
 
 class PilotError(Exception):
     exit_code = 1
+    default_message = "the command failed"
+    """Shown when the message is empty (e.g. a status with no detail)."""
 
     def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
+        super().__init__(message or self.default_message)
         self.hint = hint
 
 
 class UsageError(PilotError):
     exit_code = 2
+    default_message = "invalid usage or input"
 
 
 class Unreachable(PilotError):
     """Nexus unreachable or the TLS handshake failed."""
 
     exit_code = 3
+    default_message = "Nexus is unreachable"
 
 
 class IdentityUnavailable(PilotError):
     """No SVID: the agent socket is missing or not answering (cannot reach Nexus without one)."""
 
     exit_code = 3
+    default_message = "no SVID is available"
 
 
 class PermissionDenied(PilotError):
     exit_code = 4
+    default_message = "permission denied"
 
 
 class NotReady(PilotError):
     """Nexus is sealed or uninitialized."""
 
     exit_code = 5
+    default_message = "Nexus is sealed or uninitialized"
 
 
 class NotFound(PilotError):
     exit_code = 6
+    default_message = "not found"
 
 
 class Conflict(PilotError):
     exit_code = 7
+    default_message = "conflict: the state changed meanwhile"
 
 
 class PasswordOrBackup(PilotError):
     """Wrong password or invalid backup."""
 
     exit_code = 8
+    default_message = "wrong password or invalid backup"
 
 
 class TooManyAttempts(PilotError):
     """The wrong-password backoff is in force: wait and try again."""
 
     exit_code = 9
+    default_message = "too many failed attempts: retry later"
 
 
 class AlreadyDone(PilotError):
     """Nothing to do: Nexus is already initialized (`init`) or already unsealed (`recover`)."""
 
     exit_code = 10
+    default_message = "nothing to do"
 
 
 # What each gRPC status means to an operator, for the statuses Pilot has no more precise

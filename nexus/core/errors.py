@@ -3,6 +3,7 @@
 NexusError
 ├── NotReady               the root key is not available (kind: "sealed" or "uninitialized")
 ├── AlreadyInitialized     init on an initialized Nexus
+│   └── AlreadyUnsealed    recover on an unsealed Nexus
 ├── InvalidInput           bad path, value, pattern, parameter (INVALID_ARGUMENT)
 ├── PasswordRejected       the password policy refused a new password (INVALID_ARGUMENT)
 ├── NotFound               no such secret, version or policy
@@ -33,6 +34,12 @@ class NotReady(NexusError):
 
 class AlreadyInitialized(NexusError):
     kind = "already_initialized"
+
+
+class AlreadyUnsealed(AlreadyInitialized):
+    """recover on a Nexus that holds its root key already (nothing to do)."""
+
+    kind = "already_unsealed"
 
 
 class InvalidInput(NexusError):

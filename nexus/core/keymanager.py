@@ -85,6 +85,9 @@ class Backoff:
         self._not_before = self._clock() + delay
         return delay
 
+    def remaining(self) -> float:
+        return max(0.0, self._not_before - self._clock())
+
     def succeeded(self) -> None:
         self.failures = 0
         self._not_before = 0.0
@@ -98,6 +101,11 @@ def _password_bytes(raw: bytes) -> bytearray:
         raise errors.WrongPassword("the password does not open the backup") from exc
 
 
+# How long a wrong-password answer may be held back (the backoff is served in the answer, see
+# KeyManager._wait_out_backoff). Below Pilot's 120 s deadline for password calls.
+WRONG_PASSWORD_DELAY_CAP = 30.0
+
+
 class KeyManager:
     def __init__(
         self,
@@ -109,6 +117,7 @@ class KeyManager:
         backoff_base: float = 1.0,
         backoff_cap: float = 300.0,
         clock: Callable[[], float] = time.time,
+        wrong_password_delay_cap: float = WRONG_PASSWORD_DELAY_CAP,
     ) -> None:
         self._store = store
         self._backup_path = backup_path
@@ -121,6 +130,8 @@ class KeyManager:
         self._keyring = Keyring.empty()
         self._backup: Backup | None = None
         self._backoff = Backoff(backoff_base, backoff_cap, time.monotonic)
+        self._wrong_password_delay_cap = wrong_password_delay_cap
+        self._closing = threading.Event()  # wakes a held-back answer at shutdown
         self.backup_health = BackupHealth()
         self.recover_failures = 0
         self._unseal_listeners: list[Callable[[], None]] = []
@@ -228,14 +239,36 @@ class KeyManager:
 
     # ------------------------------------------------------------------ recover
 
+    def _wait_out_backoff(self) -> None:
+        """Serve the backoff in the wrong-password answer, outside the lifecycle lock.
+
+        The answer comes once the delay has passed (at most ``wrong_password_delay_cap``), so
+        the next attempt - the right password right after a typo - is accepted at once, while
+        concurrent guesses meanwhile are still refused (:class:`errors.TooManyAttempts`).
+        """
+        deadline = time.monotonic() + min(self._backoff.remaining(),
+                                          self._wrong_password_delay_cap)
+        while not self._closing.is_set():
+            left = min(self._backoff.remaining(), deadline - time.monotonic())
+            if left <= 0:
+                return
+            self._closing.wait(left)
+
     def recover(self, password: bytes, exported: bytes = b"") -> Keyring:
+        try:
+            return self._recover(password, exported)
+        except errors.WrongPassword:
+            self._wait_out_backoff()
+            raise
+
+    def _recover(self, password: bytes, exported: bytes) -> Keyring:
         # An exported copy is parsed and its KDF costs bounded before the lifecycle lock is
         # taken: a hostile copy is refused as invalid at once, costs no Argon2 run, holds
         # nobody up and does not count as a wrong password.
         early = self._parse_for_opening(exported) if exported else None
         with self._lock:
             if self.is_unsealed():
-                raise errors.AlreadyInitialized("Nexus is already unsealed")
+                raise errors.AlreadyUnsealed("Nexus is already unsealed: nothing to do")
             self._backoff.check()
             if early is not None:
                 backup, raw = early, exported
@@ -467,8 +500,12 @@ class KeyManager:
         Every password attempt runs under the lifecycle lock, one at a time, so that
         concurrent guesses cannot slip past the backoff (nor run many 64 MiB KDFs).
         """
-        with self._lock:
-            return self._verify_with_password(password)
+        try:
+            with self._lock:
+                return self._verify_with_password(password)
+        except errors.WrongPassword:
+            self._wait_out_backoff()
+            raise
 
     def _verify_with_password(self, password: bytes) -> tuple[int, ...]:
         keyring = self.require_unsealed()
@@ -513,9 +550,16 @@ class KeyManager:
         return raw, self._parse(raw).generations
 
     def change_password(self, old: bytes, new: bytes) -> tuple[int, ...]:
+        try:
+            return self._change_password(old, new)
+        except errors.WrongPassword:
+            self._wait_out_backoff()
+            raise
+
+    def _change_password(self, old: bytes, new: bytes) -> tuple[int, ...]:
         with self._lock:
             keyring = self.require_unsealed()
-            self.verify_with_password(old)
+            self._verify_with_password(old)
             try:
                 pw = check_password(new)
             except PasswordRejected as exc:
@@ -634,6 +678,7 @@ class KeyManager:
 
     def seal(self) -> None:
         """Wipe every root key from memory (shutdown)."""
+        self._closing.set()
         with self._lock:
             keyring = self._keyring
             self._keyring = Keyring.empty()
