@@ -295,20 +295,28 @@ class RecoverRequest(_message.Message):
 
     PASSWORD_FIELD_NUMBER: _builtins.int
     BACKUP_FIELD_NUMBER: _builtins.int
+    ACCEPT_OLD_PASSWORD_FIELD_NUMBER: _builtins.int
     password: _builtins.bytes
     backup: _builtins.bytes
     """An exported backup, used when the server's own file is lost. Empty: use
     the server's backup file.
+    """
+    accept_old_password: _builtins.bool
+    """The operator's explicit consent to recover from a backup sealed under an
+    earlier administrator password (one made before a password change): the
+    server's backup is then sealed under that old password again. Without it
+    such a backup is refused. Audited.
     """
     def __init__(
         self,
         *,
         password: _builtins.bytes = ...,
         backup: _builtins.bytes = ...,
+        accept_old_password: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "password", b"password"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_old_password", b"accept_old_password", "backup", b"backup", "password", b"password"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -322,12 +330,24 @@ class RecoverResponse(_message.Message):
     ROOT_KEY_FINGERPRINT_FIELD_NUMBER: _builtins.int
     GENERATIONS_FIELD_NUMBER: _builtins.int
     ROTATION_RESUMED_FIELD_NUMBER: _builtins.int
+    OLD_PASSWORD_ACCEPTED_FIELD_NUMBER: _builtins.int
+    RETIRED_GENERATIONS_FIELD_NUMBER: _builtins.int
     root_key_generation: _builtins.int
     root_key_fingerprint: _builtins.str
     rotation_resumed: _builtins.bool
     """True when an interrupted rotation was found and resumed."""
+    old_password_accepted: _builtins.bool
+    """True when the backup was sealed under an earlier password and the
+    request's accept_old_password allowed it: run `spike password change`.
+    """
     @_builtins.property
     def generations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def retired_generations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Generations the backup holds that this Nexus has retired since it was
+        made (after a completed rotation): ignored, never loaded.
+        """
+
     def __init__(
         self,
         *,
@@ -335,10 +355,12 @@ class RecoverResponse(_message.Message):
         root_key_fingerprint: _builtins.str = ...,
         generations: _abc.Iterable[_builtins.int] | None = ...,
         rotation_resumed: _builtins.bool = ...,
+        old_password_accepted: _builtins.bool = ...,
+        retired_generations: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generations", b"generations", "root_key_fingerprint", b"root_key_fingerprint", "root_key_generation", b"root_key_generation", "rotation_resumed", b"rotation_resumed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generations", b"generations", "old_password_accepted", b"old_password_accepted", "retired_generations", b"retired_generations", "root_key_fingerprint", b"root_key_fingerprint", "root_key_generation", b"root_key_generation", "rotation_resumed", b"rotation_resumed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
