@@ -16,6 +16,7 @@ from nexus.core.keymanager import KeyManager
 from nexus.core.node import Node
 from nexus.crypto.hardening import harden_process
 from nexus.crypto.kdf import KdfParams
+from nexus.limits import connection_limits, raise_open_file_limit
 from nexus.logs import configure_logging
 from nexus.store.base import Store
 from spike.errors import SpikeError
@@ -83,6 +84,14 @@ def serve(config: NexusConfig) -> int:
         log.warning("process hardening incomplete",
                     core_dumps_disabled=hardening.core_dumps_disabled,
                     dumpable_off=hardening.dumpable_off, mlock_available=hardening.mlock_available)
+    open_files = raise_open_file_limit()
+    limits = connection_limits(open_files, max_connections=config.max_connections,
+                               handshake_timeout=config.handshake_timeout_seconds,
+                               max_concurrent_streams=config.max_concurrent_streams)
+    if config.max_connections > limits.max_connections:
+        log.warning("max_connections lowered to what the open-file limit allows",
+                    requested=config.max_connections, max_connections=limits.max_connections,
+                    open_files=open_files)
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     identity = open_identity(config)
     check_own_identity(config, identity)
@@ -109,7 +118,8 @@ def serve(config: NexusConfig) -> int:
                                backup_verify_interval=config.backup_verify_interval_seconds)
     server = NexusServer(config, node, identity, audit,
                          interceptors=[metrics.interceptor] if metrics else [],
-                         denied_hooks=[metrics.on_denied] if metrics else [])
+                         denied_hooks=[metrics.on_denied] if metrics else [],
+                         limits=limits)
     node.on_state_change(server.update_health)
     node.start()
     stop = threading.Event()
@@ -126,7 +136,10 @@ def serve(config: NexusConfig) -> int:
     endpoint = metrics.serve(config.metrics_listen) if metrics else None
     server.start()
     log.info("nexus listening", address=server.address, spiffe_id=config.nexus_spiffe_id,
-             state=node.state, store=config.store)
+             state=node.state, store=config.store, open_files=limits.open_files,
+             max_connections=limits.max_connections,
+             handshake_timeout_ms=limits.handshake_timeout_ms,
+             max_concurrent_streams=limits.max_concurrent_streams)
     audit.record("nexus.start", caller="(nexus)", outcome="ok", state=node.state, durable=True)
     try:
         stop.wait()

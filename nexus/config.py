@@ -50,6 +50,12 @@ class NexusConfig:
     max_secret_versions: int = 10
     max_value_bytes: int = 64 * 1024
     workers: int = 32
+    # A connection that has not finished its TLS handshake by then is closed.
+    handshake_timeout_seconds: float = 10.0
+    # Open connections Nexus accepts at once; 0 = derived from the file descriptor limit.
+    max_connections: int = 0
+    # Concurrent streams (calls) per connection.
+    max_concurrent_streams: int = 100
 
     @property
     def backup_path(self) -> Path:
@@ -141,6 +147,11 @@ _HELP = {
     "svid_key": "PEM PKCS#8 private key of the SVID",
     "trust_bundle": "PEM trust bundle of our trust domain",
     "log_level": "debug, info, warning or error",
+    "handshake_timeout_seconds": "close a connection that has not completed its TLS "
+    "handshake after this long (default 10)",
+    "max_connections": "connections accepted at once; 0 (default) = the open-file limit "
+    "less a reserve for the store, the audit trail and the backup",
+    "max_concurrent_streams": "concurrent calls per connection (default 100)",
 }
 
 
@@ -191,3 +202,9 @@ def validate(config: NexusConfig) -> None:
         raise ConfigError(f"--listen must be HOST:PORT, got {config.listen!r}")
     if config.max_secret_versions < 1:
         raise ConfigError("max_secret_versions must be at least 1")
+    if not 0.1 <= config.handshake_timeout_seconds <= 300:
+        raise ConfigError("handshake_timeout_seconds must be between 0.1 and 300")
+    if config.max_connections < 0:
+        raise ConfigError("max_connections must be 0 (derived) or positive")
+    if not 1 <= config.max_concurrent_streams <= 10_000:
+        raise ConfigError("max_concurrent_streams must be between 1 and 10000")

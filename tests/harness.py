@@ -92,7 +92,9 @@ class Nexus:
         args: Sequence[str] = (),
         wait: bool = True,
         insecure_kdf: bool = True,
+        preexec_fn: Any = None,
     ) -> None:
+        """``preexec_fn`` runs in the child before exec (e.g. to set resource limits)."""
         self.data_dir = data_dir
         # Cheap Argon2id for tests; benchmarks pass insecure_kdf=False for production costs.
         self.args = [
@@ -105,7 +107,7 @@ class Nexus:
         self._listening = threading.Event()
         self.proc = subprocess.Popen(
             self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True,
+            text=True, preexec_fn=preexec_fn,
         )
         threading.Thread(target=self._drain, daemon=True).start()
         if wait:

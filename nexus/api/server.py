@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
@@ -19,6 +20,7 @@ from nexus.audit import AuditLog
 from nexus.config import NexusConfig
 from nexus.core.backup_file import MAX_BACKUP_FILE_SIZE
 from nexus.core.node import Node
+from nexus.limits import ConnectionLimits, connection_limits
 from spike.identity import IdentitySource
 from spike.tls import MAX_MESSAGE_BYTES, server_credentials
 from spike.v1 import (
@@ -44,10 +46,19 @@ class NexusServer:
         self, config: NexusConfig, node: Node, identity: IdentitySource, audit: AuditLog,
         *, interceptors: Sequence[Any] = (),
         denied_hooks: Sequence[Callable[[str, str, str], None]] = (),
+        limits: ConnectionLimits | None = None,
     ) -> None:
         """``interceptors`` run before authorization (e.g. metrics); ``denied_hooks`` are
-        called with (method, caller, reason) after a denial is audited."""
+        called with (method, caller, reason) after a denial is audited; ``limits`` default
+        to those derived from the current open-file limit."""
         self.node = node
+        if limits is None:
+            limits = connection_limits(
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                max_connections=config.max_connections,
+                handshake_timeout=config.handshake_timeout_seconds,
+                max_concurrent_streams=config.max_concurrent_streams)
+        self.limits = limits
         self.health = BoundedHealthServicer(SERVICE_NAMES)
 
         def on_denied(method: str, caller: str, reason: str) -> None:
@@ -71,6 +82,10 @@ class NexusServer:
              max(config.max_value_bytes, MAX_BACKUP_FILE_SIZE) + 64 * 1024),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            # Unauthenticated connections hold a descriptor each (nexus/limits.py).
+            ("grpc.server_handshake_timeout_ms", limits.handshake_timeout_ms),
+            ("grpc.max_allowed_incoming_connections", limits.max_connections),
+            ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
         ]
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
