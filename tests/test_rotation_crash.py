@@ -74,7 +74,7 @@ def pause_env(agent: DevAgent, point: str | None, after: int = 1) -> dict[str, s
     return env
 
 
-def wait_paused(nexus: Nexus, point: str, timeout: float = 30) -> None:
+def wait_paused(nexus: Nexus, point: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for event in nexus.log_events():
@@ -94,7 +94,7 @@ def recover(agent: DevAgent, nexus: Nexus) -> None:
 
 def watch_events(agent: DevAgent, nexus: Nexus) -> tuple[int, list[dict[str, Any]]]:
     result = pilot(["rotation", "watch", "--output", "json"], agent.env("pilot"), nexus,
-                   timeout=60)
+                   timeout=300)
     events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     return result.returncode, events
 

@@ -4,6 +4,10 @@ Writer threads each own a few paths and write increasing values with check-and-s
 threads read prepopulated secrets and the writers' paths. Every call must succeed, and at the
 end each path's versions hold exactly the values written (no lost or clobbered write), all
 under the new generation.
+
+Nothing depends on timing: the rotation is held after its first batch at a test gate
+(``SPIKE_NEXUS_TEST_GATE_AT``) until the load has made progress, so the load overlaps the
+re-encryption on any machine; waits are for conditions, with generous deadlines.
 """
 
 from __future__ import annotations
@@ -13,28 +17,61 @@ import random
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
+import pytest
 
 from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import operator_pb2, operator_pb2_grpc, secrets_pb2, secrets_pb2_grpc
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot_json
+from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot_json, short_tmpdir
 
 PREPOPULATED = 500
 WRITERS = 3
 PATHS_PER_WRITER = 2
 READERS = 2
 MAX_VERSIONS = 10  # Nexus's default --max-secret-versions
+RPC_TIMEOUT = 60  # generous: the suite must pass beside a CPU hog under nice -n 19
+LOAD_STEP = 10  # calls the load must make while the rotation is held, and after its end
+GATE = "rotation_between_batches"
+
+
+def wait_for(what: str, check: Callable[[], Any], nexus: Nexus, timeout: float = 300) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (got := check()):
+        if time.monotonic() > deadline or nexus.proc.poll() is not None:
+            raise AssertionError(f"no {what}:\n" + "".join(nexus.lines[-40:]))
+        time.sleep(0.02)
+    return got
+
+
+@pytest.fixture()
+def gated(agent: DevAgent, data_dir: Path) -> Iterator[tuple[Nexus, Path]]:
+    gate = short_tmpdir("gate-")
+    env = agent.env("nexus")
+    env["SPIKE_NEXUS_TEST_GATE_AT"] = GATE
+    env["SPIKE_NEXUS_TEST_GATE_DIR"] = str(gate)
+    nexus = Nexus(data_dir, env)
+    try:
+        yield nexus, gate
+    finally:
+        (gate / "all").touch()
+        nexus.stop()
+        for child in gate.iterdir():
+            child.unlink()
+        gate.rmdir()
 
 
 def value(path: str, version: int) -> dict[str, str]:
     return {"n": str(version), "path": path, "pad": "\u00e9" * (version % 7)}
 
 
-def test_reads_and_writes_during_rotation(agent: DevAgent, nexus: Nexus,
-                                          data_dir: Path) -> None:
+def test_reads_and_writes_during_rotation(agent: DevAgent, data_dir: Path,
+                                          gated: tuple[Nexus, Path]) -> None:
+    nexus, gate = gated
     env = agent.env("pilot")
     pilot_json(["init", "--password-stdin", "--output", "json"], env, nexus,
                stdin=TEST_PASSWORD + "\n")
@@ -67,7 +104,8 @@ def test_reads_and_writes_during_rotation(agent: DevAgent, nexus: Nexus,
                 version = current[path] + 1
                 try:
                     resp = secrets.Put(secrets_pb2.PutSecretRequest(
-                        path=path, data=value(path, version), cas=current[path]), timeout=10)
+                        path=path, data=value(path, version), cas=current[path]),
+                        timeout=RPC_TIMEOUT)
                 except Exception as exc:
                     failed(f"put {path} cas={current[path]}", exc)
                     return
@@ -84,14 +122,15 @@ def test_reads_and_writes_during_rotation(agent: DevAgent, nexus: Nexus,
         while not stop.is_set():
             i = rng.randrange(PREPOPULATED)
             try:
-                got = secrets.Get(secrets_pb2.GetSecretRequest(path=f"pre/{i:04d}"), timeout=10)
+                got = secrets.Get(secrets_pb2.GetSecretRequest(path=f"pre/{i:04d}"),
+                                  timeout=RPC_TIMEOUT)
                 if dict(got.data) != {"i": str(i)}:
                     raise AssertionError(f"pre/{i:04d} read {dict(got.data)}")
                 with lock:
                     mine = [p for p in written if written[p] > 0]
                 if mine:
                     path = rng.choice(mine)
-                    got = secrets.Get(secrets_pb2.GetSecretRequest(path=path), timeout=10)
+                    got = secrets.Get(secrets_pb2.GetSecretRequest(path=path), timeout=RPC_TIMEOUT)
                     if dict(got.data) != value(path, got.version):
                         raise AssertionError(f"{path} v{got.version} read {dict(got.data)}")
             except Exception as exc:
@@ -104,51 +143,70 @@ def test_reads_and_writes_during_rotation(agent: DevAgent, nexus: Nexus,
     threads += [threading.Thread(target=reader, args=(r,)) for r in range(READERS)]
     for t in threads:
         t.start()
+
+    def load() -> tuple[int, int]:
+        with lock:
+            return calls["put"], calls["get"]
+
+    def load_grew_by(step: int) -> Callable[[], bool]:
+        puts, gets = load()
+        # An error ends the wait too: it is reported by the assertions below.
+        return lambda: bool(errors) or min(load()[0] - puts, load()[1] - gets) >= step
+
     try:
-        time.sleep(0.3)  # load is running before the rotation starts
+        wait_for("load before the rotation", load_grew_by(LOAD_STEP), nexus)
+        assert not errors, errors
         started = pilot_json(["rotate", "--detach", "--batch-size", "25", "--max-rate", "250",
                               "--output", "json"], env, nexus)
         assert started["from_generation"] == 1
-        seen_phases: list[str] = []
-        puts_at: dict[str, int] = {}
-        deadline = time.monotonic() + 60
+        # Held after the first batch: the load goes on meanwhile, under both keys.
+        wait_for("the first batch held at the gate", lambda: any(
+            e.get("event") == "test gate reached" for e in nexus.log_events()), nexus)
+        held = operator.RotationStatus(operator_pb2.RotationStatusRequest(),
+                                       timeout=RPC_TIMEOUT)
+        seen_phases = [operator_pb2.RotationPhase.Name(held.phase).removeprefix(
+            "ROTATION_PHASE_").lower()]
+        before = load()
+        wait_for("load during the re-encryption", load_grew_by(LOAD_STEP), nexus)
+        during = load()
+        assert not errors, errors
+        (gate / "all").touch()
+        deadline = time.monotonic() + 300
         while True:
-            event = operator.RotationStatus(operator_pb2.RotationStatusRequest(), timeout=10)
+            event = operator.RotationStatus(operator_pb2.RotationStatusRequest(),
+                                            timeout=RPC_TIMEOUT)
             phase = operator_pb2.RotationPhase.Name(event.phase).removeprefix(
                 "ROTATION_PHASE_").lower()
-            if not seen_phases or seen_phases[-1] != phase:
+            if seen_phases[-1] != phase:
                 seen_phases.append(phase)
-                with lock:
-                    puts_at[phase] = calls["put"]
             if event.terminal:
                 break
             assert not errors, errors
             assert time.monotonic() < deadline, seen_phases
             time.sleep(0.05)
-        time.sleep(0.2)  # a little load after the end too
+        wait_for("load after the end", load_grew_by(LOAD_STEP), nexus)  # a little after too
     finally:
         stop.set()
         for t in threads:
-            t.join(30)
+            t.join(RPC_TIMEOUT)
     assert not errors, errors
     assert phase == "completed", (seen_phases, event.message)
-    assert "reencrypt" in seen_phases
-    # The load really overlapped the re-encryption.
-    after_reencrypt = next(p for p in seen_phases[seen_phases.index("reencrypt") + 1:])
-    assert puts_at[after_reencrypt] > puts_at["reencrypt"], (puts_at, seen_phases)
+    assert seen_phases[0] == "reencrypt", seen_phases
+    # The load really overlapped the re-encryption (it ran while the rotation was held).
+    assert during[0] - before[0] >= LOAD_STEP and during[1] - before[1] >= LOAD_STEP
     assert calls["put"] >= 50 and calls["get"] >= 50, calls
 
     # No lost or clobbered write: every kept version holds exactly what was written to it.
     assert len(written) == WRITERS * PATHS_PER_WRITER
     for path, last in written.items():
-        meta = secrets.Metadata(secrets_pb2.SecretMetadataRequest(path=path), timeout=10)
+        meta = secrets.Metadata(secrets_pb2.SecretMetadataRequest(path=path), timeout=RPC_TIMEOUT)
         assert meta.current_version == last, path
         for version in range(max(1, last - MAX_VERSIONS + 1), last + 1):
             got = secrets.Get(secrets_pb2.GetSecretRequest(path=path, version=version),
-                              timeout=10)
+                              timeout=RPC_TIMEOUT)
             assert (got.version, dict(got.data)) == (version, value(path, version))
     for i in range(PREPOPULATED):
-        got = secrets.Get(secrets_pb2.GetSecretRequest(path=f"pre/{i:04d}"), timeout=10)
+        got = secrets.Get(secrets_pb2.GetSecretRequest(path=f"pre/{i:04d}"), timeout=RPC_TIMEOUT)
         assert dict(got.data) == {"i": str(i)}
     channel.close()
     db = sqlite3.connect(data_dir / "spike.db")

@@ -11,6 +11,7 @@ import itertools
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,19 @@ import pytest
 
 from nexus.audit import AuditLog
 from nexus.core.counter import EncryptionCounter
-from nexus.core.errors import Conflict, NotFound
+from nexus.core.errors import Conflict, NotFound, Unavailable
 from nexus.core.keymanager import KeyManager
 from nexus.core.policies import Policy, PolicyEngine
-from nexus.core.rotation import ABORTED, COMPLETED, FAILED, ROLLBACK, RotationEngine, RotationState
+from nexus.core.rotation import (
+    ABORTED,
+    COMPLETED,
+    FAILED,
+    REENCRYPT,
+    ROLLBACK,
+    STATE_KEY,
+    RotationEngine,
+    RotationState,
+)
 from nexus.core.secrets import SecretsService
 from nexus.crypto.kdf import KdfParams
 from nexus.store import open_store
@@ -30,17 +40,33 @@ from nexus.store.base import BlobUpdate, Store, StoreUnavailable
 from tests.harness import TEST_PASSWORD, short_tmpdir
 
 SUPERUSER = "spiffe://spike.internal/spike/pilot/role/superuser"
+# How long a test waits for a state it expects (generous: a loaded machine is slow).
+HOLD = 300.0
 
 
 class RacingStore:
     """The real SQLite store; ``before_replace`` runs right before a batch's conditional update
     (after the engine read and re-encrypted the rows), to stage a racing user write;
-    ``fail_count`` makes the next ``count_by_generation`` call fail like a lost database."""
+    ``fail_count`` makes the next ``count_by_generation`` call fail like a lost database;
+    while ``writes_fail`` is set every write fails like a full disk (reads still work)."""
 
     def __init__(self, inner: Store) -> None:
         self._inner = inner
         self.before_replace: Callable[[Sequence[BlobUpdate]], None] | None = None
         self.fail_count = False
+        self.writes_fail = False
+
+    def _full(self) -> None:
+        if self.writes_fail:
+            raise StoreUnavailable("sqlite: database or disk is full (injected)")
+
+    def put_state(self, key: str, value: str) -> None:
+        self._full()
+        self._inner.put_state(key, value)
+
+    def swap_state(self, key: str, expected: str | None, value: str) -> bool:
+        self._full()
+        return self._inner.swap_state(key, expected, value)
 
     def count_by_generation(self) -> dict[int, int]:
         if self.fail_count:
@@ -53,6 +79,7 @@ class RacingStore:
         hook, self.before_replace = self.before_replace, None
         if hook is not None:
             hook(updates)
+        self._full()
         return self._inner.replace_blobs(updates, state=state)
 
     def __getattr__(self, name: str) -> Any:
@@ -105,7 +132,7 @@ class World:
         for (path, version), data in expected.items():
             assert self.secrets.get(SUPERUSER, path, version).data == data
 
-    def wait(self, timeout: float = 30) -> RotationState:
+    def wait(self, timeout: float = HOLD) -> RotationState:
         for _ in self.engine.watch(timeout=0.2):
             pass
         thread = self.engine._thread
@@ -295,12 +322,12 @@ def test_resume_after_unseal_continues_an_interrupted_rotation(tmpdir_short: Pat
 
     def sleep(seconds: float) -> None:
         stopped.set()
-        gate.wait(10)
+        gate.wait(HOLD)  # until the test lets it go: no timing assumption
 
     world = World(tmpdir_short, sleep=sleep)
     expected = world.fill()
     world.engine.start(caller="test", batch_size=10, max_rate=1000)
-    assert stopped.wait(10)
+    assert stopped.wait(HOLD)
     world.engine._stop.shutdown.set()  # what shutdown() does, without waiting
     gate.set()
     world.close()
@@ -325,12 +352,12 @@ def test_abort_request_survives_a_checkpoint(tmpdir_short: Path) -> None:
 
     def sleep(seconds: float) -> None:
         stopped.set()
-        gate.wait(10)
+        gate.wait(HOLD)  # until the test lets it go: no timing assumption
 
     world = World(tmpdir_short, sleep=sleep)
     expected = world.fill()
     world.engine.start(caller="test", batch_size=10, max_rate=1000)
-    assert stopped.wait(10)
+    assert stopped.wait(HOLD)
     world.engine.abort("test")
     assert world.engine.current is not None and world.engine.current.abort_requested
     world.engine._stop.shutdown.set()
@@ -402,35 +429,34 @@ def test_failure_right_after_the_new_key_resume_or_abort(world: World, operator:
     world.read_all(expected)
 
 
-def test_generation_numbers_are_never_reused_after_an_abort(tmp_path: Path) -> None:
+def test_generation_numbers_are_never_reused_after_an_abort(tmpdir_short: Path) -> None:
     """An aborted rotation's number stays burnt: an old export holding it can never pass
-    for a later key with the same number."""
-    from nexus.audit import AuditLog
-    from nexus.core.counter import EncryptionCounter
-    from nexus.core.keymanager import KeyManager
-    from nexus.core.rotation import ABORTED, COMPLETED, RotationEngine
-    from nexus.crypto.kdf import KdfParams
-    from nexus.store import open_store
+    for a later key with the same number. The abort is requested from the worker's own
+    pause after its first batch, so it always lands mid-rotation (requested from outside
+    right after the start, it raced the worker: NotFound or Conflict on a fast finish)."""
+    holder: list[World] = []
+    requested = threading.Event()
 
-    store = open_store("sqlite", path=tmp_path / "s.db")
-    keys = KeyManager(store, tmp_path / "b.backup", KdfParams.insecure_for_tests(),
-                      allow_insecure_kdf=True)
-    keys.init(b"correct horse battery staple orbit")
-    engine = RotationEngine(store, keys, EncryptionCounter(store),
-                            AuditLog(str(tmp_path / "a.jsonl")), sleep=lambda _s: None)
-    assert keys.next_generation() == 2
-    engine.start(caller="t", emergency=True)
-    engine.abort("t")
-    assert list(engine.watch(timeout=1))[-1].phase in (ABORTED, COMPLETED)
-    final = engine.current
-    assert final is not None
-    if final.phase == ABORTED:
-        assert keys.keyring.generations == (1,)
-    assert keys.next_generation() == 3
-    engine.start(caller="t", emergency=True)
-    last = list(engine.watch(timeout=1))[-1]
-    assert last.phase == COMPLETED and last.to_generation == 3
-    store.close()
+    def sleep(seconds: float) -> None:
+        if not requested.is_set():
+            requested.set()
+            holder[0].engine.abort("t")
+
+    world = World(tmpdir_short, sleep=sleep)
+    holder.append(world)
+    try:
+        world.fill(paths=20, versions=1)
+        assert world.keys.next_generation() == 2
+        world.engine.start(caller="t", batch_size=5, max_rate=1000)
+        state = world.wait()
+        assert requested.is_set() and state.phase == ABORTED, state
+        assert world.keys.keyring.generations == (1,)
+        assert world.keys.next_generation() == 3
+        world.engine.start(caller="t", emergency=True)
+        last = world.wait()
+        assert last.phase == COMPLETED and last.to_generation == 3
+    finally:
+        world.close()
 
 
 def test_validation_uses_the_new_key_not_whatever_the_header_names(world: World) -> None:
@@ -453,3 +479,55 @@ def test_validation_uses_the_new_key_not_whatever_the_header_names(world: World)
     gens = world.generations()
     assert gens["memory"] == gens["backup"] == gens["file"] == {1, 2}  # nothing dropped
     world.read_all(expected)
+
+
+def test_a_full_disk_fails_the_rotation_visibly_and_resume_continues(tmpdir_short: Path) -> None:
+    """The store refuses every write after the first batch, the FAILED phase too: the
+    worker must still end the rotation FAILED (in memory, for watchers), save that once the
+    store takes writes again, and resume from the saved cursor (it used to die, leaving
+    ``reencrypt`` with no worker)."""
+    holder: list[World] = []
+    filled = threading.Event()
+
+    def sleep(seconds: float) -> None:  # the throttle's pause after a batch
+        if not filled.is_set():
+            filled.set()
+            holder[0].store.writes_fail = True
+
+    world = World(tmpdir_short, sleep=sleep)
+    holder.append(world)
+    try:
+        expected = world.fill(paths=30, versions=1)
+        world.engine.start(caller="test", batch_size=10, max_rate=1000)
+        state = world.wait()
+        assert state.phase == FAILED and state.terminal, state
+        assert (state.failure_kind, state.failed_in_phase) == ("store", REENCRYPT), state
+        assert state.failure_unsaved and "disk is full" in state.message, state
+        stored_raw = world.store._inner.get_state(STATE_KEY)
+        stored = RotationState.from_json(stored_raw)
+        assert stored.phase == REENCRYPT and stored.done == 10
+        assert not world.engine.running() and not world.engine.orphaned()
+        current = world.engine.current
+        assert current is not None and current.phase == FAILED  # not the stored phase
+        with pytest.raises(Conflict):
+            world.engine.start(caller="test")
+        with pytest.raises(Unavailable):
+            world.engine.resume("test")
+        world.read_all(expected)  # both keys kept: everything reads
+
+        world.store.writes_fail = False
+        deadline = time.monotonic() + HOLD
+        while RotationState.from_json(world.store._inner.get_state(STATE_KEY)).phase != FAILED:
+            assert time.monotonic() < deadline, "the failure was never saved"
+            time.sleep(0.02)
+        saved = RotationState.from_json(world.store._inner.get_state(STATE_KEY))
+        assert not saved.failure_unsaved and saved.cursor == stored.cursor
+        resumed = world.engine.resume("test")
+        assert resumed.cursor == stored.cursor  # continues from the saved progress
+        state = world.wait()
+        assert state.phase == COMPLETED, state.message
+        assert world.generations() == {"rows": {2}, "memory": {2}, "backup": {2}, "file": {2}}
+        world.read_all(expected)
+    finally:
+        world.store.writes_fail = False
+        world.close()

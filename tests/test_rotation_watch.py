@@ -5,6 +5,11 @@ stream is cancelled after a few events. Every complete watcher sees a strictly i
 sequence, progress that never goes back within a phase, identical events for the same
 sequence number, and exactly one terminal event, last. The rotation completes regardless of
 the watchers that left.
+
+Nothing here depends on timing: the rotation is held between batches at a test gate
+(``SPIKE_NEXUS_TEST_GATE_AT``, see nexus/core/testpoints.py) and moves on only when the test
+lets it, so the late watcher always attaches mid-re-encryption, however loaded the machine
+(it once attached after the end on a busy one).
 """
 
 from __future__ import annotations
@@ -13,26 +18,80 @@ import itertools
 import json
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import operator_pb2, operator_pb2_grpc
-from tests.harness import PY, TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json
+from tests.harness import PY, TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
+
+GATE = "rotation_between_batches"
+RECORDS = 400
+BATCH = 20
 
 
-def spawn_watcher(agent: DevAgent, nexus: Nexus) -> subprocess.Popen[str]:
-    env = agent.env("pilot")
-    env["SPIKE_NEXUS_ADDR"] = nexus.address
-    return subprocess.Popen([PY, "-m", "pilot", "rotation", "watch", "--output", "json"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class Watcher:
+    """`spike rotation watch --output json` as a real process; lines collected as they come."""
+
+    def __init__(self, agent: DevAgent, nexus: Nexus) -> None:
+        env = agent.env("pilot")
+        env["SPIKE_NEXUS_ADDR"] = nexus.address
+        self.proc = subprocess.Popen([PY, "-m", "pilot", "rotation", "watch", "--output",
+                                      "json"], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def finish(self, timeout: float = 180) -> tuple[int, list[dict[str, Any]], str]:
+        code = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        assert self.proc.stderr is not None
+        err = self.proc.stderr.read()
+        return code, [json.loads(line) for line in self.lines if line.strip()], err
 
 
-def finish(proc: subprocess.Popen[str]) -> tuple[int, list[dict[str, Any]], str]:
-    out, err = proc.communicate(timeout=60)
-    return proc.returncode, [json.loads(line) for line in out.splitlines() if line.strip()], err
+def wait_for(what: str, check: Callable[[], Any], nexus: Nexus, timeout: float = 180) -> Any:
+    """Poll a condition with a generous deadline (never a fixed sleep that asserts)."""
+    deadline = time.monotonic() + timeout
+    while not (got := check()):
+        if time.monotonic() > deadline or nexus.proc.poll() is not None:
+            raise AssertionError(f"no {what}:\n" + "".join(nexus.lines[-40:]))
+        time.sleep(0.02)
+    return got
+
+
+def gate_reached(nexus: Nexus, count: int) -> bool:
+    return any(e.get("event") == "test gate reached" and e.get("count") == count
+               for e in nexus.log_events())
+
+
+@pytest.fixture()
+def gated(agent: DevAgent, data_dir: Path) -> Iterator[tuple[Nexus, Path]]:
+    gate = short_tmpdir("gate-")
+    env = agent.env("nexus")
+    env["SPIKE_NEXUS_TEST_GATE_AT"] = GATE
+    env["SPIKE_NEXUS_TEST_GATE_DIR"] = str(gate)
+    nexus = Nexus(data_dir, env)
+    try:
+        yield nexus, gate
+    finally:
+        (gate / "all").touch()
+        nexus.stop()
+        for child in gate.iterdir():
+            child.unlink()
+        gate.rmdir()
 
 
 def check_stream(events: list[dict[str, Any]]) -> None:
@@ -51,23 +110,28 @@ def phase_of(event: Any) -> str:
     return operator_pb2.RotationPhase.Name(event.phase).removeprefix("ROTATION_PHASE_").lower()
 
 
-def test_two_watchers_a_late_one_and_leavers(agent: DevAgent, nexus: Nexus,
-                                             data_dir: Path) -> None:
+def test_two_watchers_a_late_one_and_leavers(agent: DevAgent, data_dir: Path,
+                                             gated: tuple[Nexus, Path]) -> None:
+    nexus, gate = gated
     env = agent.env("pilot")
     pilot_json(["init", "--password-stdin", "--output", "json"], env, nexus,
                stdin=TEST_PASSWORD + "\n")
     lines = data_dir / "import.jsonl"
     lines.write_text("".join(json.dumps({"path": f"w/{i:04d}", "data": {"i": str(i)}}) + "\n"
-                             for i in range(400)))
+                             for i in range(RECORDS)))
     pilot_json(["secret", "import", "--file", str(lines), "--output", "json"], env, nexus)
 
     # Nothing to watch yet: a clear answer, exit 1.
     idle = pilot(["rotation", "watch", "--output", "json"], env, nexus)
     assert idle.returncode == 1 and json.loads(idle.stdout)["phase"] == "idle"
 
-    pilot_json(["rotate", "--detach", "--batch-size", "20", "--max-rate", "150",
-                "--output", "json"], env, nexus)
-    first, second, leaver = (spawn_watcher(agent, nexus) for _ in range(3))
+    pilot_json(["rotate", "--detach", "--batch-size", str(BATCH), "--output", "json"],
+               env, nexus)
+    # Held after the first batch: three watchers attach and get their snapshot.
+    wait_for("first batch held at the gate", lambda: gate_reached(nexus, 1), nexus)
+    first, second, leaver = (Watcher(agent, nexus) for _ in range(3))
+    for watcher in (first, second, leaver):
+        wait_for("watcher snapshot", lambda w=watcher: w.lines, nexus)
     channel = client_channel(nexus.address, fetch_svid(agent.socket("pilot")),
                              "nexus.spike.internal")
     operator = operator_pb2_grpc.OperatorStub(channel)
@@ -78,16 +142,23 @@ def test_two_watchers_a_late_one_and_leavers(agent: DevAgent, nexus: Nexus,
         if len(raw_events) == 3:
             raw.cancel()  # a client that goes away mid-stream
             break
+        # Let exactly one more batch through: the next event is its progress.
+        (gate / str(len(raw_events))).touch()
     assert [e.sequence for e in raw_events] == sorted({e.sequence for e in raw_events})
+    assert [e.done for e in raw_events] == [BATCH, 2 * BATCH, 3 * BATCH]
 
-    time.sleep(1.0)
+    # Still held (after the third batch): the late watcher attaches mid-re-encryption.
+    wait_for("third batch held at the gate", lambda: gate_reached(nexus, 3), nexus)
     status = pilot_json(["rotation", "status", "--output", "json"], env, nexus)
-    assert not status["terminal"], "the rotation ended before the late watcher attached"
-    late = spawn_watcher(agent, nexus)
-    leaver.send_signal(signal.SIGKILL)  # a Pilot that dies mid-watch
-    leaver.wait(10)
+    assert not status["terminal"] and status["phase"] == "reencrypt", status
+    late = Watcher(agent, nexus)
+    wait_for("late watcher snapshot", lambda: late.lines, nexus)
+    wait_for("the leaver's progress", lambda: len(leaver.lines) >= 3, nexus)
+    leaver.proc.send_signal(signal.SIGKILL)  # a Pilot that dies mid-watch
+    leaver.proc.wait(60)
+    (gate / "all").touch()  # now let the rotation run to its end
 
-    results = {name: finish(proc) for name, proc in
+    results = {name: watcher.finish() for name, watcher in
                (("first", first), ("second", second), ("late", late))}
     by_sequence: dict[int, dict[str, Any]] = {}
     for name, (code, events, err) in results.items():
@@ -98,7 +169,8 @@ def test_two_watchers_a_late_one_and_leavers(agent: DevAgent, nexus: Nexus,
             assert by_sequence.setdefault(event["sequence"], event) == event, name
     assert results["late"][1][0]["sequence"] > results["first"][1][0]["sequence"]
     assert results["late"][1][0]["done"] > 0  # its snapshot shows progress made so far
-    assert results["first"][1][-1]["done"] == 400
+    assert results["first"][1][-1]["done"] == RECORDS
+    assert results["late"][1][0]["done"] == 3 * BATCH
     assert any(e["phase"] == "reencrypt" for e in results["late"][1])
 
     # The rotation finished although watchers left; a watcher attaching now gets the

@@ -214,14 +214,14 @@ def test_not_while_a_rotation_runs(tmpdir_short: Path, clock: Clock) -> None:
 
     def sleep(seconds: float) -> None:
         paused.set()
-        gate.wait(10)
+        gate.wait(300)  # until the test lets it go: no timing assumption
 
     world = World(tmpdir_short, clock=clock, sleep=sleep)
     try:
         world.fill(paths=30, versions=1)
         sched = scheduler(world, clock)
         world.engine.start(caller="test", batch_size=10, max_rate=1000)
-        assert paused.wait(10)
+        assert paused.wait(300)
         assert world.engine.running()
         assert sched.due(at(365, "00:00")) is None
         assert not sched.tick(at(365, "00:00"))
@@ -296,7 +296,7 @@ def test_pilot_schedule_and_counter_trigger_in_a_real_nexus(agent: DevAgent,
         lines.write_text("".join(json.dumps({"path": "s/hot", "data": {"v": str(i)}}) + "\n"
                                  for i in range(45)))
         pilot_json(["secret", "import", "--file", str(lines), "--output", "json"], env, nexus)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 300  # generous: a condition, not a speed
         while True:
             status = pilot_json(["rotation", "status", "--output", "json"], env, nexus)
             if status["phase"] == "completed":
