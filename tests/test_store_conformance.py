@@ -625,6 +625,12 @@ def test_inconsistent_metadata_is_refused_and_nothing_is_deleted(store: Store,
         assert backend.secret_versions(path) == [1, 2, 3]
     with pytest.raises(InconsistentMetadata):
         store.secret_meta("bad/oldest")
+    put(store, "bad/huge")
+    backend.raw(_sql(backend, "UPDATE secret_meta SET current_version = ? WHERE path = ?"),
+                (2**31 - 1, "bad/huge"))
+    with pytest.raises(InconsistentMetadata):
+        put(store, "bad/huge")
+    assert backend.secret_versions("bad/huge") == [1]
     # The missing row was not recreated by the refused put.
     assert "bad/lost" not in store.list_secret_paths("bad/")
     assert put(store, "good", max_versions=2) == 1

@@ -216,6 +216,10 @@ def header_generation(head: bytes | None, long_enough: bool) -> int:
     return int.from_bytes(bytes(head[1:5]), "big")
 
 
+MAX_SECRET_VERSION = 2**31 - 1
+"""The largest version number (a signed 32-bit column on PostgreSQL)."""
+
+
 def check_metadata(path: str, current: int, oldest: int, newest_stored: int | None) -> None:
     """Raise :class:`InconsistentMetadata` unless a path's metadata agrees with its records.
 
@@ -224,6 +228,10 @@ def check_metadata(path: str, current: int, oldest: int, newest_stored: int | No
     """
     if current < 0 or oldest < 1:
         raise InconsistentMetadata(path, f"current version {current}, oldest {oldest}")
+    if current >= MAX_SECRET_VERSION:
+        raise InconsistentMetadata(
+            path, f"current version {current} is at or past the last possible version "
+                  f"({MAX_SECRET_VERSION})")
     if current > 0 and oldest > current:
         raise InconsistentMetadata(
             path, f"the oldest retained version ({oldest}) is above the current one "
