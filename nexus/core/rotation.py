@@ -330,9 +330,11 @@ class RotationEngine:
             self._precheck(state)
             # Claim the job with a compare-and-set: of two nodes starting at once, one wins.
             self._publish_locked(state, claim=True, expected_raw=stored_raw)
-        self._audit.record("rotation.start", caller=caller, target=state.rotation_id,
-                           outcome="ok", durable=True, from_generation=active,
-                           emergency=emergency, reason=reason)
+        # The job is claimed: a worker must drive it even if the audit cannot be written
+        # now (a full disk: the line stays queued in the audit log; the worker will fail
+        # visibly on its first write).
+        self._record_quietly("rotation.start", caller=caller, target=state.rotation_id,
+                             from_generation=active, emergency=emergency, reason=reason)
         self._spawn()
         return state
 
@@ -347,15 +349,20 @@ class RotationEngine:
                                "that node is gone for good, `spike rotation resume` here first")
             if state.phase in (FINALIZE,):
                 raise Conflict("the rotation is finalizing and can no longer be aborted")
-        self._audit.record("rotation.abort", caller=caller, target=state.rotation_id,
-                           outcome="ok", durable=True, reason=reason)
+        with _store_errors("abort the rotation"):  # audited before anything is done
+            self._audit.record("rotation.abort", caller=caller, target=state.rotation_id,
+                               outcome="ok", durable=True, reason=reason)
         if self.running():
             self._stop.abort.set()
             with self._lock:  # persist the request: a crash before the worker sees it
                 current = self._state
                 if current is not None and current.phase not in (ROLLBACK, FINALIZE) \
                         and not current.terminal:
-                    self._publish_locked(replace(current, abort_requested=True))
+                    try:
+                        self._publish_locked(replace(current, abort_requested=True))
+                    except StoreError as exc:  # the worker still sees the request
+                        log.warning("abort request not saved; the worker rolls back anyway",
+                                    error=_store_detail(exc))
         else:
             with _store_errors("abort the rotation"):
                 self._enter_rollback(state, f"abort requested by {caller}")
@@ -389,8 +396,7 @@ class RotationEngine:
             elif state.node != self._node_name:  # an operator moves the job here
                 self._publish_locked(replace(state, node=self._node_name,
                                              message=f"taken over by {caller}"))
-        self._audit.record("rotation.resume", caller=caller, target=state.rotation_id,
-                           outcome="ok", durable=True)
+        self._record_quietly("rotation.resume", caller=caller, target=state.rotation_id)
         self._spawn()
         assert self._state is not None
         return self._state
@@ -410,10 +416,21 @@ class RotationEngine:
             return False
         log.info("resuming interrupted rotation", rotation_id=state.rotation_id,
                  phase=state.phase)
-        self._audit.record("rotation.resume", caller="(nexus)", target=state.rotation_id,
-                           outcome="ok", durable=True, phase=state.phase)
+        self._record_quietly("rotation.resume", caller="(nexus)", target=state.rotation_id,
+                             phase=state.phase)
         self._spawn()
         return True
+
+    def _record_quietly(self, action: str, *, caller: str, target: str,
+                        outcome: str = "ok", **detail: Any) -> None:
+        """A durable audit event after the fact it records: a failed write (disk full) is
+        logged, not raised (the audit log keeps the line and writes it with its next
+        event), so that it never leaves a claimed rotation without a worker."""
+        try:
+            self._audit.record(action, caller=caller, target=target, outcome=outcome,
+                               durable=True, **detail)
+        except Exception as exc:
+            log.error("audit event not written yet", action=action, error=_store_detail(exc))
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Checkpoint: stop at the next batch boundary; the state stays resumable."""
@@ -603,10 +620,10 @@ class RotationEngine:
         self._publish(replace(state, phase=COMPLETED, message=(
             f"generation {target} active; generation {state.from_generation} removed from "
             "memory and backup"), eta=0.0))
-        self._audit.record("rotation.completed", caller="(nexus)", target=state.rotation_id,
-                           outcome="ok", durable=True, from_generation=state.from_generation,
-                           to_generation=target, reencrypted=state.reencrypted,
-                           skipped=state.skipped)
+        self._record_quietly("rotation.completed", caller="(nexus)",
+                             target=state.rotation_id, from_generation=state.from_generation,
+                             to_generation=target, reencrypted=state.reencrypted,
+                             skipped=state.skipped)
 
     def _enter_rollback(self, state: RotationState, message: str) -> None:
         total = self._store.count_by_generation().get(state.to_generation, 0) \
@@ -636,8 +653,7 @@ class RotationEngine:
         testpoints.reached("rotation_abort_dropped")
         self._publish(replace(state, phase=ABORTED, cursor=None, eta=0.0,
                               message=f"aborted; generation {back} active"))
-        self._audit.record("rotation.aborted", caller="(nexus)", target=state.rotation_id,
-                           outcome="ok", durable=True)
+        self._record_quietly("rotation.aborted", caller="(nexus)", target=state.rotation_id)
 
     # -- the batch loop
 
@@ -824,12 +840,9 @@ class RotationEngine:
                 self._unsaved = failed
         if failed.failure_unsaved:
             self._start_saver()
-        try:
-            self._audit.record("rotation.failed", caller="(nexus)", target=state.rotation_id,
-                               outcome="failed", durable=True, reason=message, kind=kind,
-                               phase=failed.failed_in_phase)
-        except Exception as exc:  # kept by the audit log and written with its next event
-            log.error("audit event rotation.failed not written yet", error=_store_detail(exc))
+        self._record_quietly("rotation.failed", caller="(nexus)", target=state.rotation_id,
+                             outcome="failed", reason=message, kind=kind,
+                             phase=failed.failed_in_phase)
 
     def _start_saver(self) -> None:
         saver = self._saver
@@ -907,9 +920,9 @@ def _store_errors(action: str) -> Iterator[None]:
     """An operator's command that the store cannot carry out now: UNAVAILABLE, not INTERNAL."""
     try:
         yield
-    except StoreError as exc:
-        raise Unavailable(f"cannot {action} now: the store refused ({_store_detail(exc)}); "
-                          "fix the store and try again") from None
+    except (StoreError, OSError) as exc:
+        raise Unavailable(f"cannot {action} now: the store or the data directory refused "
+                          f"({_store_detail(exc)}); fix it and try again") from None
 
 
 class _Interrupted(Exception):
