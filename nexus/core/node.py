@@ -84,7 +84,7 @@ class Node:
         self.policies = PolicyEngine(store, keys, superuser_id, self.counter)
         self.secrets = SecretsService(store, keys, self.policies, self.counter,
                                       max_versions=max_versions,
-                                      max_value_bytes=max_value_bytes)
+                                      max_value_bytes=max_value_bytes, audit=audit)
         self.rotation = RotationEngine(store, keys, self.counter, audit,
                                        data_dir=Path(data_dir) if data_dir else None,
                                        node_name=node_name,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from nexus.audit import AuditLog
 from nexus.core.counter import EncryptionCounter
 from nexus.core.errors import (
     Conflict,
@@ -96,7 +97,8 @@ class SecretsService:
     def __init__(self, store: Store, keys: KeyManager, policies: PolicyEngine,
                  counter: EncryptionCounter, *, max_versions: int = 10,
                  max_value_bytes: int = 64 * 1024,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 audit: AuditLog | None = None) -> None:
         self._store = store
         self._keys = keys
         self._policies = policies
@@ -104,6 +106,7 @@ class SecretsService:
         self._max_versions = max_versions
         self._max_value_bytes = max_value_bytes
         self._clock = clock
+        self._audit = audit
         # Registered before the rotation engine's listener (the node builds this first), so
         # a resumed rotation already sees truthful generation cells.
         keys.on_unsealed(self._reconcile_generations)
@@ -111,7 +114,15 @@ class SecretsService:
     def _reconcile_generations(self) -> None:
         """After every unseal: a generation cell that disagrees with its ciphertext header
         is logged and, where this node holds the header's key, set to the header's value."""
-        reconcile_generation_cells(self._store, self._keys.keyring.generations)
+        report = reconcile_generation_cells(self._store, self._keys.keyring.generations)
+        if report.mismatched and self._audit is not None:
+            self._audit.record(
+                "store.generation_cells", caller="(nexus)", target="records",
+                outcome="repaired" if report.fixed == report.mismatched else "integrity",
+                durable=True, mismatched=report.mismatched, fixed=report.fixed,
+                unreadable=report.unreadable, other_generation=report.unheld,
+                records=[f"{m.kind} {m.path} v{m.version}: cell {m.cell}, header {m.header}"
+                         for m in report.examples])
 
     def put(self, caller: str, path: str, data: Mapping[str, str], cas: int | None) -> int:
         check_path(path)
