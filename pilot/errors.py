@@ -105,6 +105,10 @@ def from_status(code_name: str, kind: str, detail: str) -> PilotError:
     """The error for a status Pilot's client has no more specific mapping for."""
     if kind == "backoff":
         return TooManyAttempts(detail or "too many failed attempts", BACKOFF_HINT)
+    if kind == "old_password_backup":
+        return PasswordOrBackup(detail or "the backup is sealed under an earlier password",
+                                "use a newer copy, or pass --accept-old-password and then "
+                                "run `spike password change`")
     if kind in ("already_initialized", "already_unsealed"):
         return AlreadyDone(detail or "nothing to do")
     words = _STATUS_WORDS.get(code_name, "Nexus refused the call")

@@ -70,10 +70,10 @@ def init(agent: DevAgent, nexus: Nexus, pw: Path) -> dict[str, Any]:
 
 def recover(
     agent: DevAgent, nexus: Nexus, pw: Path, backup_file: Path | None = None,
-    identity: str = "pilot", patient: bool = True,
+    identity: str = "pilot", patient: bool = True, extra: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
     """`spike recover`; with ``patient`` it waits out a backoff left by an earlier failure."""
-    args = ["recover", "--password-file", str(pw), "--output", "json"]
+    args = ["recover", "--password-file", str(pw), "--output", "json", *extra]
     if backup_file is not None:
         args += ["--backup-file", str(backup_file)]
     deadline = time.monotonic() + 30
@@ -363,10 +363,15 @@ def test_bad_backups_and_passwords_are_refused_and_nothing_is_overwritten(
         before = snapshot(data_dir)
         err = refused(pw, None, 8, "corrupt server file")
         assert "corrupt" in err and WRONG_PASSWORD_MSG not in err
-        # .prev was written before the password change: it opens with the OLD password.
+        # .prev was written before the password change: it opens with the OLD password, and
+        # recovering from it needs the operator's explicit consent (it would seal the
+        # server's backup under the old password again).
         prev = data_dir / (BACKUP + ".prev")
         good_prev = prev.read_bytes()
-        result = recover(agent, nexus, old_pw, backup_file=prev)
+        err = refused(old_pw, prev, 8, ".prev without consent")
+        assert "earlier administrator password" in err and "--accept-old-password" in err
+        result = recover(agent, nexus, old_pw, backup_file=prev,
+                         extra=("--accept-old-password",))
         assert result.returncode == 0, result
         assert json.loads(result.stdout.splitlines()[-1])["root_key_fingerprint"] == fp
         assert (data_dir / BACKUP).read_bytes() == good_prev

@@ -25,6 +25,7 @@ _STATUS: list[tuple[type[errors.NexusError], grpc.StatusCode]] = [
     (errors.Conflict, grpc.StatusCode.ABORTED),
     (errors.Forbidden, grpc.StatusCode.PERMISSION_DENIED),
     (errors.WrongPassword, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.OldPasswordBackup, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.BackupInvalid, grpc.StatusCode.DATA_LOSS),
     (errors.TooManyAttempts, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),

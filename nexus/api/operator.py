@@ -137,13 +137,29 @@ class OperatorServicer(pb_grpc.OperatorServicer):
 
     def Recover(self, request: pb.RecoverRequest, context: grpc.ServicerContext) -> Any:
         source = "exported copy" if request.backup else "server backup file"
-        with rpc_call(context, self._audit, "recover", target=source, durable=True):
-            keyring = self._node.keys.recover(request.password, request.backup)
+        consent = {"accept_old_password": True} if request.accept_old_password else {}
+        with rpc_call(context, self._audit, "recover", target=source, durable=True,
+                      **consent) as caller:
+            recovery = self._node.keys.recover_detailed(
+                request.password, request.backup,
+                accept_old_password=request.accept_old_password)
+            keyring = recovery.keyring
+            if recovery.old_password_accepted:
+                self._audit.record("recover.old_password", caller=caller, target=source,
+                                   outcome="accepted", durable=True,
+                                   detail_text="recovered from a backup sealed under an "
+                                               "earlier password, as the operator confirmed")
+            if recovery.retired_generations:
+                self._audit.record("recover.retired_generations", caller=caller,
+                                   target=source, outcome="ignored",
+                                   generations=list(recovery.retired_generations))
             active = keyring.active_generation or 0
             return pb.RecoverResponse(
                 root_key_generation=active,
                 root_key_fingerprint=keyring.entry(active).fingerprint_hex,
                 generations=list(keyring.generations),
+                old_password_accepted=recovery.old_password_accepted,
+                retired_generations=list(recovery.retired_generations),
             )
 
     def BackupStatus(self, request: pb.BackupStatusRequest,

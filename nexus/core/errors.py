@@ -11,6 +11,7 @@ NexusError
 ├── Forbidden              no policy allows the caller this action
 ├── WrongPassword          the password does not open the backup
 ├── BackupInvalid          the backup is missing, corrupt, truncated, foreign or mismatched
+│   └── OldPasswordBackup  sealed under an earlier password: recover needs explicit consent
 ├── TooManyAttempts        recovery backoff in force; retry later
 ├── Unavailable            the store cannot be reached or written
 └── IntegrityError         a stored record failed to decrypt (DATA_LOSS)
@@ -68,6 +69,12 @@ class WrongPassword(NexusError):
 
 class BackupInvalid(NexusError):
     kind = "backup_invalid"
+
+
+class OldPasswordBackup(BackupInvalid):
+    """The backup is sealed under an earlier password; recover needs explicit consent."""
+
+    kind = "old_password_backup"
 
 
 class TooManyAttempts(NexusError):

@@ -46,6 +46,10 @@ from nexus.store.base import Store
 log = structlog.get_logger("nexus.keys")
 
 ROOT_KEYS_STATE = "root_keys"
+# Which password-key the backup is sealed to (SHA-256 of the backup's public key): "current",
+# and "pending" while a password change is being written. A backup sealed to another key was
+# made under an earlier password; recovering from it needs the operator's explicit consent.
+BACKUP_KEY_STATE = "backup_public_key"
 HIGH_WATER_STATE = "root_key_generation_high_water"
 
 
@@ -54,6 +58,15 @@ class GenerationInfo:
     generation: int
     fingerprint: str  # hex
     created: float
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What a successful recover did (for the answer and the audit trail)."""
+
+    keyring: Keyring
+    old_password_accepted: bool = False
+    retired_generations: tuple[int, ...] = ()
 
 
 @dataclass
@@ -228,6 +241,7 @@ class KeyManager:
             info = GenerationInfo(1, fingerprint(key).hex(), self._clock())
             self._write_backup(backup)
             self._record_generations({1: info})
+            self._record_backup_key(backup.public_key.digest_hex)
             self._backup = backup
             self._keyring = Keyring.from_keys({1: key}, active=1)
             self.backup_health.status = "ok"
@@ -254,14 +268,53 @@ class KeyManager:
                 return
             self._closing.wait(left)
 
-    def recover(self, password: bytes, exported: bytes = b"") -> Keyring:
+    def recover(self, password: bytes, exported: bytes = b"", *,
+                accept_old_password: bool = False) -> Keyring:
+        return self.recover_detailed(password, exported,
+                                     accept_old_password=accept_old_password).keyring
+
+    def recover_detailed(self, password: bytes, exported: bytes = b"", *,
+                         accept_old_password: bool = False) -> Recovery:
+        """Unseal from the server's backup file or an exported copy (``exported``).
+
+        A backup sealed under an earlier password (made before a password change) is refused
+        with :class:`errors.OldPasswordBackup` unless ``accept_old_password``: recovering from
+        it seals the server's backup under that old password again.
+        """
         try:
-            return self._recover(password, exported)
+            return self._recover(password, exported, accept_old_password)
         except errors.WrongPassword:
             self._wait_out_backoff()
             raise
 
-    def _recover(self, password: bytes, exported: bytes) -> Keyring:
+    # ------------------------------------------------------------------ password-key record
+
+    def _backup_keys(self) -> dict[str, str]:
+        raw = self._store.get_state(BACKUP_KEY_STATE)
+        if not raw:
+            return {}
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return {}
+        if not isinstance(doc, dict):
+            return {}
+        return {k: v for k, v in doc.items() if k in ("current", "pending")
+                and isinstance(v, str)}
+
+    def _record_backup_key(self, current: str, pending: str = "") -> None:
+        doc = {"current": current}
+        if pending:
+            doc["pending"] = pending
+        self._store.put_state(BACKUP_KEY_STATE, json.dumps(doc, sort_keys=True))
+
+    def _sealed_under_an_earlier_password(self, backup: Backup) -> bool:
+        known = self._backup_keys()
+        if not known:
+            return False  # a Nexus from before this record: nothing to compare with
+        return backup.public_key.digest_hex not in known.values()
+
+    def _recover(self, password: bytes, exported: bytes, accept_old_password: bool) -> Recovery:
         # An exported copy is parsed and its KDF costs bounded before the lifecycle lock is
         # taken: a hostile copy is refused as invalid at once, costs no Argon2 run, holds
         # nobody up and does not count as a wrong password.
@@ -288,6 +341,17 @@ class KeyManager:
                 wipe_bytearray(pw)
             try:
                 self._check_against_store(keys)
+                # After the password opened it and its keys proved to be ours: so the backup
+                # is genuine and sealed under another password than the recorded one.
+                old_password = self._sealed_under_an_earlier_password(backup)
+                if old_password and not accept_old_password:
+                    raise errors.OldPasswordBackup(
+                        "this backup is sealed under an earlier administrator password (it "
+                        "was made before a password change): recovering from it would seal "
+                        "the server's backup under that old password again. Use a newer "
+                        "copy, or confirm with `spike recover --accept-old-password` and "
+                        "then run `spike password change`"
+                    )
             except BaseException:
                 for key in keys.values():
                     key.wipe()
@@ -297,15 +361,25 @@ class KeyManager:
                 # The server's copy is lost or differs: restore the one that opened.
                 self._set_aside_unusable_file(keys)
                 self._write_backup(backup)
+            if old_password or not self._backup_keys():
+                # From now on the backup is sealed to this key (the operator consented).
+                self._record_backup_key(backup.public_key.digest_hex)
+            elif self._backup_keys().get("pending") == backup.public_key.digest_hex:
+                # A password change was written but not yet recorded (a crash): finish it.
+                self._record_backup_key(backup.public_key.digest_hex)
             self._backup = backup
             self._keyring = Keyring.from_keys(keys, active=max(keys))
             self.backup_health.status = "ok"
             self.backup_health.detail = ""
             self.backup_health.last_verified = self._clock()
             keyring = self._keyring
+        if old_password:
+            log.warning("recovered from a backup sealed under an earlier password, as the "
+                        "operator confirmed: the backup is sealed under that password again",
+                        generations=list(keys))
         log.info("unsealed", generations=list(keys), active=max(keys))
         self._notify_unsealed()
-        return keyring
+        return Recovery(keyring, old_password_accepted=old_password)
 
     def _set_aside_unusable_file(self, keys: dict[int, SecretKey]) -> None:
         """Move a corrupt or non-matching server file to ``<file>.corrupt`` before restoring.
@@ -568,7 +642,13 @@ class KeyManager:
                 backup, _ = create_backup(pw, keyring.keys(), self._kdf_params)
             finally:
                 wipe_bytearray(pw)
+            # "pending" first: a crash between the write and the record leaves a file
+            # that recovery still accepts without --accept-old-password.
+            current = self._backup.public_key.digest_hex if self._backup else ""
+            self._record_backup_key(current or backup.public_key.digest_hex,
+                                    pending=backup.public_key.digest_hex)
             self._write_backup(backup)
+            self._record_backup_key(backup.public_key.digest_hex)
             self._backup = backup
             self.backup_health.status = "ok"
             self.backup_health.detail = ""

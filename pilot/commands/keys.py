@@ -23,6 +23,10 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
                        help="after a restart: unseal from the backup with the password")
     p.add_argument("--backup-file", type=Path, metavar="F",
                    help="an exported backup, when the server's own file is lost")
+    p.add_argument("--accept-old-password", action="store_true",
+                   help="recover even from a backup sealed under an earlier password (made "
+                        "before a password change): the server's backup is then sealed under "
+                        "that old password again; run `spike password change` afterwards")
     add_password_options(p)
     p.set_defaults(func=run_recover)
 
@@ -91,18 +95,28 @@ def run_recover(args: argparse.Namespace, client: Any) -> int:
             raise UsageError(f"{args.backup_file} is empty")
     password = read_password(args, "Administrator password")
     try:
-        resp = client.call(stub.Recover, pb.RecoverRequest(password=bytes(password),
-                                                           backup=exported), timeout=SLOW)
+        resp = client.call(stub.Recover, pb.RecoverRequest(
+            password=bytes(password), backup=exported,
+            accept_old_password=args.accept_old_password), timeout=SLOW)
     finally:
         wipe(password)
     data = {"state": "unsealed", "root_key_generation": resp.root_key_generation,
             "root_key_fingerprint": resp.root_key_fingerprint,
-            "generations": list(resp.generations)}
+            "generations": list(resp.generations),
+            "old_password_accepted": resp.old_password_accepted,
+            "retired_generations": list(resp.retired_generations)}
     if args.output == "json":
         emit_json(data)
     else:
         print(f"unsealed: root key generation {resp.root_key_generation}, fingerprint "
               f"{resp.root_key_fingerprint}, generations in memory {list(resp.generations)}")
+    # On stderr in both output modes: what the operator should know or do next.
+    if resp.retired_generations:
+        info(f"ignored retired generation(s) {list(resp.retired_generations)} held by this "
+             "backup (this Nexus retired them after a rotation; no record needs them)")
+    if resp.old_password_accepted:
+        info("this backup is sealed under an earlier password, and so is the server's backup "
+             "now: run `spike password change` (old -> current password)")
     return 0
 
 
