@@ -12,9 +12,11 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 GENESIS = "0" * 64
+# No line Nexus writes comes near this (its fields are bounded); a longer one is damage.
+MAX_LINE_BYTES = 1 << 20
 
 
 def canonical(event: dict[str, Any]) -> bytes:
@@ -62,42 +64,109 @@ def sealed_line(prev: str, event: dict[str, Any]) -> tuple[bytes, str]:
 
 @dataclass(frozen=True)
 class ChainReport:
+    """``ok`` only if every line is a complete, chained event. ``torn_bytes`` > 0: the lines
+    before ``bad_line`` are intact and the last line lacks its line break (a write cut short
+    by a full disk or a crash), which Nexus moves aside when it next starts."""
+
     ok: bool
     lines: int
     error: str = ""
     bad_line: int = 0
+    torn_bytes: int = 0
+
+
+TORN_TAIL = "torn last line: no line break at the end (a write cut short)"
+
+
+class _Chain:
+    """Checks lines one at a time: :meth:`feed` answers the first failure, else ``None``."""
+
+    def __init__(self) -> None:
+        self.prev = GENESIS
+        self.count = 0
+
+    def feed(self, number: int, line: str) -> ChainReport | None:
+        if not line.strip():
+            return None
+        self.count += 1
+        try:
+            event = json.loads(line)
+        except (ValueError, RecursionError):  # ValueError: also a 4,301-digit integer
+            return ChainReport(False, self.count, "not valid JSON", number)
+        if not isinstance(event, dict) or "hash" not in event or "prev" not in event:
+            return ChainReport(False, self.count, "missing hash or prev field", number)
+        if event["prev"] != self.prev:
+            return ChainReport(False, self.count, "chain broken: a line before was removed, "
+                               "inserted or reordered", number)
+        try:
+            digest = chain_hash(self.prev, event)
+        except ValueError:  # a lone surrogate (from a \ud800 escape) cannot be hashed
+            digest = ""
+        if digest != event["hash"]:
+            return ChainReport(False, self.count, "line content does not match its hash (edited)",
+                               number)
+        self.prev = event["hash"]
+        return None
+
+    def report(self) -> ChainReport:
+        return ChainReport(True, self.count)
 
 
 def verify_lines(lines: Iterable[str]) -> ChainReport:
     """Check a whole audit file's lines; reports the first broken line (1-based)."""
-    prev = GENESIS
-    count = 0
+    chain = _Chain()
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        count += 1
+        failure = chain.feed(number, line)
+        if failure is not None:
+            return failure
+    return chain.report()
+
+
+def verify_file(fh: IO[bytes]) -> ChainReport:
+    """Check an audit file opened in binary mode, in bounded memory.
+
+    Unlike :func:`verify_lines` it tells a torn tail (the last line has no line break:
+    ``torn_bytes``) from a broken chain, and names a line that is not UTF-8.
+    """
+    chain = _Chain()
+    number = 0
+    while True:
+        raw = fh.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return chain.report()
+        number += 1
+        if not raw.endswith(b"\n"):
+            size = len(raw)
+            if size > MAX_LINE_BYTES:  # read on, in bounded steps, to learn which it is
+                while True:
+                    more = fh.readline(MAX_LINE_BYTES)
+                    size += len(more)
+                    if not more or more.endswith(b"\n"):
+                        break
+                if more:
+                    return ChainReport(False, chain.count + 1,
+                                       f"line longer than {MAX_LINE_BYTES} bytes", number)
+            return ChainReport(False, chain.count, TORN_TAIL, number, torn_bytes=size)
         try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            return ChainReport(False, count, "not valid JSON", number)
-        if not isinstance(event, dict) or "hash" not in event or "prev" not in event:
-            return ChainReport(False, count, "missing hash or prev field", number)
-        if event["prev"] != prev:
-            return ChainReport(False, count, "chain broken: a line before was removed, "
-                               "inserted or reordered", number)
-        if chain_hash(prev, event) != event["hash"]:
-            return ChainReport(False, count, "line content does not match its hash (edited)",
-                               number)
-        prev = event["hash"]
-    return ChainReport(True, count)
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return ChainReport(False, chain.count + 1, "not UTF-8 text", number)
+        failure = chain.feed(number, line)
+        if failure is not None:
+            return failure
 
 
-def last_hash(lines: Iterable[str]) -> str:
-    prev = GENESIS
-    for line in lines:
-        if line.strip():
-            try:
-                prev = json.loads(line)["hash"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return prev
+def event_hash(line: bytes) -> str:
+    """The ``hash`` of one complete audit line; ``ValueError`` (with the reason) if the line
+    is not a sealed event."""
+    try:
+        event = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    except (ValueError, RecursionError):
+        raise ValueError("not valid JSON") from None
+    digest = event.get("hash") if isinstance(event, dict) else None
+    if not (isinstance(digest, str) and len(digest) == 64
+            and all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError("no hash field")
+    return digest

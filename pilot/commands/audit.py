@@ -24,24 +24,40 @@ class AuditChainBroken(PilotError):
     exit_code = 1
 
 
+class AuditTailTorn(PilotError):
+    """Every complete line is chained; the last one lacks its line break (a write cut short
+    by a full disk or a crash). Nexus moves those bytes aside to FILE.torn at its next start."""
+
+    exit_code = 11
+
+
 def run_verify(args: argparse.Namespace, client: Any) -> int:
-    from spike.audit_chain import verify_lines
+    from spike.audit_chain import verify_file
 
     try:
-        with args.file.open(encoding="utf-8") as fh:
-            report = verify_lines(fh)
+        with args.file.open("rb") as fh:
+            report = verify_file(fh)
     except OSError as exc:
         raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise AuditChainBroken(f"{args.file} is not UTF-8 text") from None
+    torn = report.torn_bytes > 0
     data = {"file": str(args.file), "ok": report.ok, "lines": report.lines,
-            "bad_line": report.bad_line or None, "error": report.error or None}
+            "bad_line": report.bad_line or None, "error": report.error or None,
+            "torn_tail": {"line": report.bad_line, "bytes": report.torn_bytes} if torn else None}
+    if torn:
+        error: PilotError = AuditTailTorn(
+            f"{args.file}: line {report.bad_line}: torn last line ({report.torn_bytes} bytes "
+            f"with no line break: a write cut short by a full disk or a crash); the "
+            f"{report.lines} event(s) before it are intact",
+            hint=f"Nexus moves these bytes aside to {args.file}.torn when it next starts")
+    else:
+        error = AuditChainBroken(f"{args.file}: line {report.bad_line}: {report.error}")
     if args.output == "json":
         emit_json(data)
         if not report.ok:
-            print(f"spike: {args.file}: line {report.bad_line}: {report.error}", file=sys.stderr)
-        return 0 if report.ok else AuditChainBroken.exit_code
+            hint = f"\n  hint: {error.hint}" if error.hint else ""
+            print(f"spike: {error}{hint}", file=sys.stderr)
+        return 0 if report.ok else error.exit_code
     if not report.ok:
-        raise AuditChainBroken(f"{args.file}: line {report.bad_line}: {report.error}")
+        raise error
     print(f"{args.file}: {report.lines} event(s), hash chain intact")
     return 0
