@@ -200,3 +200,102 @@ def test_other_event_shapes_take_the_general_path() -> None:
     assert audit_chain._simple_body("p", {**base, "caller": None}) is None
     line, digest = audit_chain.sealed_line("p", {**base, "detail": {"x": [1, "é"]}})
     assert audit_chain.chain_hash("p", json.loads(line)) == digest
+
+
+# ------------------------------------------------------------------ bounded identities
+
+
+def _unescape(text: str) -> str:
+    """The inverse of the trail's escaping (backslash, \\n \\r \\t, \\xNN, \\uNNNN, \\UNNNNNNNN)."""
+    out: list[str] = []
+    i = 0
+    short = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\":
+            out.append(ch)
+            i += 1
+            continue
+        kind = text[i + 1]
+        if kind in short:
+            out.append(short[kind])
+            i += 2
+            continue
+        width = {"x": 2, "u": 4, "U": 8}[kind]
+        out.append(chr(int(text[i + 2:i + 2 + width], 16)))
+        i += 2 + width
+    return "".join(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=3000)
+       | st.text(alphabet=st.characters(codec="utf-8"), min_size=500, max_size=1200)
+       | st.text(alphabet=st.characters(categories=["Cc", "Cf", "Cs", "Zl", "Zp", "Co"])
+                 | st.sampled_from("\\x"), max_size=800))
+def test_bounded_identity_is_short_printable_and_faithful(text: str) -> None:
+    """Never over 2048 bytes, never a non-printable character, and either the whole value
+    (the escaping is reversible) or a faithful prefix with a marker naming its length."""
+    from nexus.audit import MAX_ID_BYTES, bounded_identity
+
+    out = bounded_identity(text)
+    assert len(out.encode("utf-8")) <= MAX_ID_BYTES
+    assert out.isprintable()
+    if _unescape_safe(out) != text:
+        marker = f"...({len(text.encode('utf-8', 'surrogatepass'))} bytes)"
+        assert out.endswith(marker)
+        assert text.startswith(_unescape(out[: -len(marker)]))
+    if text.isprintable() and "\\" not in text and len(text.encode()) <= MAX_ID_BYTES:
+        assert out == text  # a well-formed ID is kept as it is
+
+
+def _unescape_safe(text: str) -> str | None:
+    try:
+        return _unescape(text)
+    except (KeyError, ValueError, IndexError):
+        return None
+
+
+# ------------------------------------------------------------------ torn tails
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 4), cut=st.integers(1, 10_000), extra=st.binary(max_size=40))
+def test_a_trail_cut_anywhere_in_its_last_line_restarts_intact(
+        tmp_path_factory: pytest.TempPathFactory, n: int, cut: int, extra: bytes) -> None:
+    """Whatever bytes a torn write left (any cut of a real line, or noise without a line
+    break), start-up keeps them in .torn and the chain verifies again."""
+    from spike.audit_chain import verify_file
+
+    path = tmp_path_factory.mktemp("torn") / "audit.jsonl"
+    log = AuditLog(str(path))
+    for i in range(n):
+        log.record("secret.get", caller="spiffe://spike.internal/é", target=f"a/{i}",
+                   outcome="ok")
+    log.close()
+    data = path.read_bytes()
+    last_start = data.rfind(b"\n", 0, len(data) - 1) + 1
+    keep = last_start + cut % (len(data) - 1 - last_start)  # cut inside the last line
+    torn = data[last_start:keep] + extra.replace(b"\n", b"")
+    path.write_bytes(data[:last_start] + torn)
+    if torn:
+        with path.open("rb") as fh:
+            report = verify_file(fh)
+        assert (report.ok, report.torn_bytes, report.lines) == (False, len(torn), n - 1)
+    AuditLog(str(path)).close()
+    moved = path.with_name(path.name + ".torn")
+    assert (moved.read_bytes() if moved.exists() else b"") == torn
+    with path.open("rb") as fh:
+        assert verify_file(fh).ok
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=80) | st.sampled_from(
+    [b"\n", b'{"hash":"x","prev":"y"}\n', b"\xff\n", b"1" * 5000 + b"\n", b"[" * 5000]),
+    max_size=8))
+def test_verify_file_never_raises(pieces: list[bytes]) -> None:
+    import io
+
+    from spike.audit_chain import verify_file
+
+    report = verify_file(io.BytesIO(b"".join(pieces)))
+    assert report.ok or report.error
