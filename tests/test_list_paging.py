@@ -183,6 +183,7 @@ def test_tampered_or_foreign_tokens_are_invalid_argument(su: Client,
         (token + "A", su, "tok/"),
         ("not a token!", su, "tok/"),
         ("x" * 5000, su, "tok/"),
+        ("x" * 20_000, su, "tok/"),
         (token, su, "to"),  # another prefix
         (token, workload, "tok/"),  # another caller
     ):

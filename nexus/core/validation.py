@@ -16,7 +16,9 @@ MAX_POLICY_NAME_CHARS = 128
 MAX_PATTERN_CHARS = 1024
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 5000
-MAX_PAGE_TOKEN_CHARS = 2048
+# A page token holds its last path (512 characters through the API): 16 Ki characters
+# leave room for the longer paths an edited database may hold.
+MAX_PAGE_TOKEN_CHARS = 16 * 1024
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
