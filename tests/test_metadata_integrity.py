@@ -230,3 +230,41 @@ def test_a_wrong_cell_naming_a_foreign_header_is_reported(agent: DevAgent,
     assert forged.returncode == 1 and "failed its integrity check" in forged.stderr
     assert any("no generation this Nexus created" in str(e.get("event"))
                for e in server.log_events())
+
+
+def test_postgres_tampered_metadata_and_generation_cell(agent: DevAgent, pg_dsn: str) -> None:
+    """The same on a real PostgreSQL store, edited with psycopg while Nexus is stopped."""
+    import psycopg
+
+    from tests.harness import TEST_PASSWORD, short_tmpdir
+    from tests.test_secrets_api import start_unsealed
+
+    data_dir = short_tmpdir("nxpg-")
+    args = ["--store", "postgres", "--dsn", pg_dsn]
+    server = start_unsealed(agent, data_dir, args)
+    try:
+        for i in (1, 2, 3):
+            put(agent, server, "p/oldest", f"k=v{i}")
+        put(agent, server, "p/cell", "k=cell")
+        assert server.stop() == 0
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute("UPDATE secret_meta SET oldest_version = 99 WHERE path = 'p/oldest'")
+            conn.execute("UPDATE records SET generation = 7 WHERE path = 'p/cell'")
+        server = Nexus(data_dir, agent.env("nexus"), args=args)
+        recovered = pilot(["recover", "--password-stdin"], agent.env("pilot"), server,
+                          stdin=TEST_PASSWORD + "\n")
+        assert recovered.returncode == 0, recovered.stderr
+        assert get_data(agent, server, "p/cell") == {"k": "cell"}
+        refused(agent, server, "p/oldest")
+        with psycopg.connect(pg_dsn) as conn:
+            versions = [r[0] for r in conn.execute(
+                "SELECT version FROM records WHERE path = 'p/oldest' ORDER BY version")]
+            cells = {r[0] for r in conn.execute("SELECT generation FROM records")}
+        assert versions == [1, 2, 3] and cells == {1}
+        rotated = pilot(["rotate", "--output", "json"], agent.env("pilot"), server,
+                        timeout=300)
+        assert rotated.returncode == 0, rotated.stderr
+        assert get_data(agent, server, "p/cell") == {"k": "cell"}
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
