@@ -51,6 +51,7 @@ ROOT_KEYS_STATE = "root_keys"
 # made under an earlier password; recovering from it needs the operator's explicit consent.
 BACKUP_KEY_STATE = "backup_public_key"
 HIGH_WATER_STATE = "root_key_generation_high_water"
+MAX_RETIRED = 256  # retired generations remembered (as many as a backup can hold)
 
 
 @dataclass(frozen=True)
@@ -198,19 +199,41 @@ class KeyManager:
             raise errors.NotReady(kind, message)
         return keyring
 
-    def generations_recorded(self) -> dict[int, GenerationInfo]:
+    def _generation_records(self) -> dict[str, dict[str, object]]:
         raw = self._store.get_state(ROOT_KEYS_STATE)
         if not raw:
             return {}
-        doc = json.loads(raw)
+        doc: dict[str, dict[str, object]] = json.loads(raw)
+        return doc
+
+    def generations_recorded(self) -> dict[int, GenerationInfo]:
+        """The generations this Nexus created and still uses (retired ones left out)."""
         return {
-            int(g): GenerationInfo(int(g), v["fingerprint"], float(v["created"]))
-            for g, v in doc.items()
+            int(g): GenerationInfo(int(g), str(v["fingerprint"]),
+                                   float(v["created"]))  # type: ignore[arg-type]
+            for g, v in self._generation_records().items() if "retired" not in v
         }
 
-    def _record_generations(self, infos: dict[int, GenerationInfo]) -> None:
-        doc = {str(g): {"fingerprint": i.fingerprint, "created": i.created}
-               for g, i in sorted(infos.items())}
+    def generations_retired(self) -> dict[int, str]:
+        """Generations this Nexus created and retired (dropped after a rotation): generation
+        -> fingerprint hex. A backup made before the rotation still holds them."""
+        return {int(g): str(v["fingerprint"])
+                for g, v in self._generation_records().items() if "retired" in v}
+
+    def _record_generations(self, infos: dict[int, GenerationInfo],
+                            retire: dict[int, str] | None = None) -> None:
+        """Write the live generations ``infos``; retired entries are kept (the newest
+        MAX_RETIRED), plus ``retire`` (generation -> fingerprint hex) newly retired now."""
+        retired = {g: v for g, v in self._generation_records().items()
+                   if "retired" in v and int(g) not in infos}
+        now = self._clock()
+        for g, fp in (retire or {}).items():
+            if g not in infos:
+                retired[str(g)] = {"fingerprint": fp, "retired": now}
+        newest = sorted(retired, key=int)[-MAX_RETIRED:]
+        doc: dict[str, dict[str, object]] = {g: retired[g] for g in newest}
+        doc.update({str(g): {"fingerprint": i.fingerprint, "created": i.created}
+                    for g, i in sorted(infos.items())})
         self._store.put_state(ROOT_KEYS_STATE, json.dumps(doc, sort_keys=True))
 
     # ------------------------------------------------------------------ init
@@ -339,7 +362,11 @@ class KeyManager:
                 raise errors.BackupInvalid(f"the backup is invalid: {exc}") from None
             finally:
                 wipe_bytearray(pw)
+            retired: list[int] = []
             try:
+                retired = self._split_retired(keys)
+                for generation in retired:
+                    keys.pop(generation).wipe()
                 self._check_against_store(keys)
                 # After the password opened it and its keys proved to be ours: so the backup
                 # is genuine and sealed under another password than the recorded one.
@@ -357,7 +384,13 @@ class KeyManager:
                     key.wipe()
                 raise
             self._backoff.succeeded()
-            if exported and self._file_bytes() != raw:
+            if retired:
+                # Keep only what is in use: the same password-key, without the retired keys.
+                backup = backup.reseal(keys)
+                if not self._server_file_holds(backup):
+                    self._set_aside_unusable_file(keys)
+                    self._write_backup(backup)
+            elif exported and self._file_bytes() != raw:
                 # The server's copy is lost or differs: restore the one that opened.
                 self._set_aside_unusable_file(keys)
                 self._write_backup(backup)
@@ -373,13 +406,29 @@ class KeyManager:
             self.backup_health.detail = ""
             self.backup_health.last_verified = self._clock()
             keyring = self._keyring
+        if retired:
+            log.warning("the backup held retired generations: ignored", retired=retired)
         if old_password:
             log.warning("recovered from a backup sealed under an earlier password, as the "
                         "operator confirmed: the backup is sealed under that password again",
                         generations=list(keys))
         log.info("unsealed", generations=list(keys), active=max(keys))
         self._notify_unsealed()
-        return Recovery(keyring, old_password_accepted=old_password)
+        return Recovery(keyring, old_password_accepted=old_password,
+                        retired_generations=tuple(retired))
+
+    def _server_file_holds(self, backup: Backup) -> bool:
+        """True when the server's file is a good copy of exactly ``backup``'s keys, sealed to
+        the same password-key (nothing to write)."""
+        raw = self._file_bytes()
+        if raw is None:
+            return False
+        try:
+            current = self._parse(raw)
+        except errors.BackupInvalid:
+            return False
+        return (current.public_key == backup.public_key
+                and current.matches(backup.fingerprints()))
 
     def _set_aside_unusable_file(self, keys: dict[int, SecretKey]) -> None:
         """Move a corrupt or non-matching server file to ``<file>.corrupt`` before restoring.
@@ -447,18 +496,49 @@ class KeyManager:
             )
         return self._parse_for_opening(raw), raw
 
-    def _check_against_store(self, keys: dict[int, SecretKey]) -> None:
+    def _split_retired(self, keys: dict[int, SecretKey]) -> list[int]:
+        """The generations of ``keys`` to ignore: ones this Nexus created and has retired
+        (or dropped after an aborted rotation) since the backup was made. They are never
+        loaded. Raises for a generation this Nexus never created."""
         recorded = self.generations_recorded()
-        if recorded:
+        if not recorded:
+            return []
+        retired = self.generations_retired()
+        high = max(int(self._store.get_state(HIGH_WATER_STATE) or 0), max(recorded),
+                   max(retired, default=0))
+        ignored: list[int] = []
+        unknown: list[int] = []
+        for generation in sorted(set(keys) - set(recorded)):
+            if generation in retired:
+                if not fingerprints_equal(fingerprint(keys[generation]),
+                                          bytes.fromhex(retired[generation])):
+                    log.warning("a retired generation in the backup does not match its "
+                                "record; ignored", generation=generation)
+                ignored.append(generation)
+            elif generation <= high:
+                # A number this Nexus issued and no longer records (retired before it
+                # remembered retired keys, or an aborted rotation's): never loaded, so
+                # whatever key it holds can do no harm.
+                ignored.append(generation)
+            else:
+                unknown.append(generation)
+        if unknown:
             # The backup's public key is in the file, so anyone who can write the file
             # can seal a key of their choosing into it; only generations this Nexus
             # created (recorded with their fingerprint) are ever accepted.
-            unknown = sorted(set(keys) - set(recorded))
-            if unknown:
-                raise errors.BackupInvalid(
-                    f"the backup holds generation(s) {unknown} that this Nexus never "
-                    "created: refusing a key that may have been planted"
-                )
+            raise errors.BackupInvalid(
+                f"the backup holds generation(s) {unknown} that this Nexus never "
+                "created: refusing a key that may have been planted"
+            )
+        if ignored and not set(keys) - set(ignored):
+            raise errors.BackupInvalid(
+                f"the backup holds only generation(s) {ignored} that this Nexus has retired "
+                "since (a rotation completed after it was made): use a newer copy"
+            )
+        return ignored
+
+    def _check_against_store(self, keys: dict[int, SecretKey]) -> None:
+        recorded = self.generations_recorded()
         for generation, info in recorded.items():
             key = keys.get(generation)
             if key is None:
@@ -750,7 +830,9 @@ class KeyManager:
             self._keyring = remaining
             recorded = self.generations_recorded()
             recorded.pop(generation, None)
-            self._record_generations(recorded)
+            # Remembered as retired: a backup made before this (the .prev copy, an older
+            # export) still holds it, and must still recover (the retired key is ignored).
+            self._record_generations(recorded, retire={generation: old_entry.fingerprint_hex})
         old_entry.wipe()
         log.info("root key generation dropped", generation=generation)
 
