@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import random
+import string
 import unicodedata
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from zxcvbn.frequency_lists import FREQUENCY_LISTS
 
 from nexus.core.password_policy import PasswordRejected, check_password
 
@@ -90,3 +95,85 @@ def test_bytes_input_and_invalid_utf8() -> None:
 def test_no_composition_rules() -> None:
     # Lowercase letters and spaces only: fine.
     check_password("plenty of quiet river stones")
+
+
+# ------------------------------------------------------------------ past zxcvbn's 72 characters
+# zxcvbn looks at 72 characters at most; before, anything longer skipped that check.
+
+LONG_WEAK = [
+    "a" * 72 + "b",
+    "password " * 8 + "x",
+    "iloveyou" * 9 + "x",
+    "ab" * 38 + "c",
+    "x" + "a" * 72,
+    "Password1" * 9,
+    "abcdefghijklmnopqrstuvwxyz" * 3,
+    "qwertyuiop" * 7 + "!!!",
+    "monkey " + "z" * 70,
+    "dragon" + "123" * 30,
+]
+
+
+@pytest.mark.parametrize("password", LONG_WEAK, ids=range(len(LONG_WEAK)))
+def test_weak_passwords_longer_than_72_characters_are_rejected(password: str) -> None:
+    assert len(password) > 72
+    assert rejected(password).code in {"common", "repetitive", "common_padded", "guessable"}
+
+
+def _band_words() -> list[str]:
+    """Diceware-style words: common English words, but not the most common few thousand."""
+    words = FREQUENCY_LISTS["english_wikipedia"][3000:12000]
+    return sorted({w for w in words if w.isalpha() and w.isascii() and 4 <= len(w) <= 8})
+
+
+BAND = _band_words()
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**64), words=st.integers(5, 16))
+def test_good_passphrases_of_any_length_pass(seed: int, words: int) -> None:
+    """Random words, five (under 72 characters) up to sixteen (well over)."""
+    phrase = " ".join(random.Random(seed).sample(BAND, words))
+    check_password(phrase)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**64), length=st.integers(73, 1024))
+def test_long_random_strings_pass(seed: int, length: int) -> None:
+    alphabet = string.ascii_letters + string.digits + string.punctuation + " "
+    rng = random.Random(seed)
+    check_password("".join(rng.choice(alphabet) for _ in range(length)))
+
+
+def test_long_passphrase_with_a_repeated_strong_part_passes() -> None:
+    # Repetition of a strong unit adds nothing, but takes nothing away either.
+    strong = "violet kettle drums at noon, 7 quartz owls"
+    check_password(strong + " / " + strong)
+
+
+_WEAK_UNITS = st.sampled_from([w for w in FREQUENCY_LISTS["passwords"][:300] if len(w) >= 3]) \
+    | st.text(alphabet="ab1!", min_size=1, max_size=3)
+
+
+def _refused(password: str) -> bool:
+    try:
+        check_password(password)
+    except PasswordRejected:
+        return True
+    return False
+
+
+@settings(max_examples=150, deadline=None)
+@given(unit=_WEAK_UNITS, before=st.text(alphabet=string.digits + "!.", max_size=2),
+       after=st.text(alphabet=string.digits + "!.x", max_size=2),
+       title=st.booleans(), sep=st.sampled_from(["", " ", "-"]))
+def test_repeating_a_refused_password_past_72_characters_never_gets_it_accepted(
+        unit: str, before: str, after: str, title: bool, sep: str) -> None:
+    """Length by repetition adds nothing: if the unit said twice (as zxcvbn can still see it
+    whole) is refused, it stays refused however many times it is repeated."""
+    unit = unit.title() if title else unit
+    short = before + sep.join([unit] * 2) + after
+    long = before + sep.join([unit] * (80 // (len(unit) + len(sep)) + 2)) + after
+    assert len(short) <= 72 < len(long)
+    if _refused(short):
+        rejected(long)

@@ -6,6 +6,12 @@
 - rejected when it is, or is trivially built from, a commonly used password: zxcvbn's bundled
   list of frequent passwords, a common password padded with digits/symbols, a short unit or a
   common password repeated, or a pattern zxcvbn estimates as guessable in under 10**8 guesses.
+  zxcvbn itself refuses inputs over 72 characters (its cost grows steeply with length), so a
+  longer password is judged whole another way: every stretch that repeats earlier text (four
+  characters or more, overlaps included) is dropped, since it costs an attacker next to nothing,
+  and what is left is estimated by zxcvbn in pieces of at most 36 characters (cut at a space
+  where one is near) whose guesses multiply. ``'a'*72+'b'`` leaves ``ab`` and
+  ``'password '*8+'x'`` leaves ``password x``: both refused.
 
 :func:`check_password` returns the normalised UTF-8 bytes in a ``bytearray`` the caller owns and
 should wipe after use. :class:`PasswordRejected` explains why without ever echoing the password.
@@ -32,7 +38,10 @@ __all__ = [
 MIN_PASSWORD_CHARS = 15
 MAX_PASSWORD_CHARS = 1024
 MIN_GUESSES = 10**8
+_MIN_GUESSES_LOG10 = 8.0
 _ZXCVBN_MAX = 72  # zxcvbn refuses longer inputs (and is slow on them)
+_MIN_COPY = 4  # a repeat of earlier text this long or longer adds (almost) no strength
+_PIECE = 36  # zxcvbn's cost grows fast with length (up to ~1 s at 72 characters, ~30 ms here)
 _PADDING = set(string.digits + string.punctuation + string.whitespace)
 
 
@@ -82,6 +91,52 @@ def _repeated_unit(text: str) -> str | None:
     return None
 
 
+def _novel_part(text: str) -> str:
+    """``text`` without every stretch of ``_MIN_COPY`` or more characters that repeats text
+    seen before it (the copy may overlap its source, so a run like ``aaaa`` is one copy).
+
+    A greedy Lempel-Ziv factorisation: at each position the longest earlier copy is skipped,
+    else one character is kept. Case-insensitive, as an attacker's rules would be.
+    """
+    folded = text.lower() if len(text.lower()) == len(text) else text
+    kept: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        size = _MIN_COPY
+        # folded[i:i+size] occurs in folded[:i+size-1], i.e. starts before i.
+        while i + size <= n and folded.find(folded[i:i + size], 0, i + size - 1) >= 0:
+            size += 1
+        if size > _MIN_COPY:
+            i += size - 1
+        else:
+            kept.append(text[i])
+            i += 1
+    return "".join(kept)
+
+
+def _pieces(text: str, size: int = _PIECE) -> list[str]:
+    """``text`` cut into pieces of at most ``size`` characters, at a space where one is near."""
+    out = []
+    while len(text) > size:
+        cut = text.rfind(" ", size // 2, size) + 1 or size
+        out.append(text[:cut])
+        text = text[cut:]
+    if text:
+        out.append(text)
+    return out
+
+
+def _guesses_log10(text: str, enough: float) -> float:
+    """log10 of zxcvbn's guesses for ``text`` of any length, as the product of its pieces'
+    guesses; stops once ``enough`` is reached."""
+    total = 0.0
+    for piece in _pieces(text):
+        total += float(zxcvbn(piece)["guesses_log10"])
+        if total >= enough:
+            break
+    return total
+
+
 def _strip_padding(text: str) -> str:
     start, end = 0, len(text)
     while start < end and text[start] in _PADDING:
@@ -91,7 +146,9 @@ def _strip_padding(text: str) -> str:
     return text[start:end]
 
 
-def _blocklist_reason(text: str) -> PasswordRejected | None:
+def _common_reason(text: str) -> PasswordRejected | None:
+    """Is ``text`` a common password, a short unit or a common password repeated, or a common
+    password padded with digits and symbols?"""
     common = _common_passwords()
     folded = text.casefold()
     compact = "".join(folded.split())
@@ -108,6 +165,17 @@ def _blocklist_reason(text: str) -> PasswordRejected | None:
             "common_padded",
             "this password is a commonly used password padded with digits or symbols",
         )
+    return None
+
+
+_REPEATS_ITSELF = ("repetitive",
+                   "this password mostly repeats itself: its length adds little strength")
+
+
+def _blocklist_reason(text: str) -> PasswordRejected | None:
+    rejection = _common_reason(text)
+    if rejection is not None:
+        return rejection
     if len(text) <= _ZXCVBN_MAX:
         result = zxcvbn(text)
         if float(result["guesses"]) < MIN_GUESSES:
@@ -116,6 +184,16 @@ def _blocklist_reason(text: str) -> PasswordRejected | None:
             return PasswordRejected(
                 "guessable", f"this password is built from common words or patterns{detail}"
             )
+        return None
+    # Too long for zxcvbn: judge what is left once the repeats are dropped.
+    novel = _novel_part(text)
+    if len(novel) < len(text) and (len(novel) < MIN_PASSWORD_CHARS
+                                   or _common_reason(novel) is not None):
+        return PasswordRejected(*_REPEATS_ITSELF)
+    if _guesses_log10(novel, _MIN_GUESSES_LOG10) < _MIN_GUESSES_LOG10:
+        if len(novel) * 2 <= len(text):
+            return PasswordRejected(*_REPEATS_ITSELF)
+        return PasswordRejected("guessable", "this password is built from common words or patterns")
     return None
 
 
