@@ -38,6 +38,7 @@ from nexus.audit import AuditLog
 from nexus.core import testpoints
 from nexus.core.counter import EncryptionCounter
 from nexus.core.errors import Conflict, InvalidInput, NotFound, NotReady, Unavailable
+from nexus.core.integrity import reconcile_generation_cells
 from nexus.core.keymanager import KeyManager
 from nexus.crypto import envelope
 from nexus.crypto.keyring import Keyring
@@ -534,6 +535,9 @@ class RotationEngine:
 
     def _step_reencrypt(self, state: RotationState) -> None:
         self._keys.activate(state.to_generation)
+        # The scans select by the plaintext generation column: a cell that disagrees with
+        # its ciphertext header (an edited database) is set right first (and logged).
+        reconcile_generation_cells(self._store, self._keys.require_unsealed().generations)
         state = self._move_records(state, target=state.to_generation, forward=True)
         self._publish(replace(state, phase=VALIDATE, cursor=None, message="validating"))
 
