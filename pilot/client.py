@@ -13,7 +13,13 @@ import grpc
 from pilot import errors
 from spike.errors import ERROR_KIND_KEY, IdentityError
 from spike.identity import SvidMaterial, fetch_svid, load_pem_files
-from spike.tls import DEFAULT_NEXUS_ADDR, DEFAULT_TLS_NAME, client_channel
+from spike.tls import (
+    DEFAULT_NEXUS_ADDR,
+    DEFAULT_TLS_NAME,
+    ServerSvidError,
+    check_server_svid,
+    client_channel,
+)
 
 T = TypeVar("T")
 
@@ -101,8 +107,31 @@ class NexusClient:
     @property
     def channel(self) -> grpc.Channel:
         if self._channel is None:
-            self._channel = client_channel(self.address, load_identity(), self.tls_name)
+            material = load_identity()
+            self._check_server(material)
+            self._channel = client_channel(self.address, material, self.tls_name)
         return self._channel
+
+    def _check_server(self, material: SvidMaterial) -> None:
+        """The X509-SVID rules on Nexus's chain (grpcio cannot show it to us)."""
+        import ssl
+
+        trust_domain = material.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
+        try:
+            check_server_svid(self.address, material.bundle_pem, self.tls_name, trust_domain)
+        except ServerSvidError as exc:
+            raise errors.Unreachable(
+                str(exc), "the server at this address is not a trustworthy Nexus; check "
+                "--nexus / SPIKE_NEXUS_ADDR and the registration entries") from None
+        except ssl.SSLError as exc:
+            raise errors.Unreachable(
+                f"TLS handshake with Nexus at {self.address} failed: {exc.reason or exc}",
+                "check that Nexus's SVID is from our trust domain and carries the DNS SAN "
+                "in SPIKE_NEXUS_TLS_NAME, and that our SVID is valid") from None
+        except (OSError, ValueError) as exc:
+            raise errors.Unreachable(
+                f"Nexus at {self.address} is unreachable: {exc}",
+                "is spike-nexus running? check --nexus / SPIKE_NEXUS_ADDR") from None
 
     def stub(self, factory: Callable[[grpc.Channel], T]) -> T:
         return factory(self.channel)

@@ -65,3 +65,51 @@ def server_credentials(source: IdentitySource) -> grpc.ServerCredentials:
     return grpc.dynamic_ssl_server_credentials(
         _configuration(first), fetch, require_client_authentication=True
     )
+
+
+class ServerSvidError(Exception):
+    """Nexus's certificate chain breaks the X509-SVID rules (the message names the rule)."""
+
+
+def check_server_svid(address: str, bundle_pem: bytes, tls_name: str, trust_domain: str,
+                      timeout: float = 5.0) -> None:
+    """Apply the X509-SVID rules to the chain Nexus presents, before trusting it with a call.
+
+    grpcio verifies the chain against our bundle and the pinned DNS name, but cannot show
+    the chain to Python, so a workload SVID that is (wrongly) a CA could sign a "Nexus"
+    certificate it would accept. This makes one TLS 1.3 handshake of its own (no client
+    certificate: in TLS 1.3 the server's chain is verified before the client shows one) and
+    checks the verified chain: the leaf is ``spiffe://TD/spike/nexus`` by the leaf rules,
+    and no certificate above it is a workload SVID or of another trust domain.
+
+    Raises OSError (unreachable), ssl.SSLError (handshake or verification failed) or
+    :class:`ServerSvidError`. It checks the server at ``address`` now; it does not bind
+    the gRPC connection made afterwards (see docs/security.md).
+    """
+    import _ssl
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    from spike.svid import SvidRuleError, check_svid_chain
+
+    host, _, port = address.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_verify_locations(cadata=bundle_pem.decode("ascii"))
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as raw, \
+            context.wrap_socket(raw, server_hostname=tls_name) as tls:
+        public = getattr(tls, "get_verified_chain", None)  # public from Python 3.13
+        chain_of = public or tls._sslobj.get_verified_chain  # type: ignore[attr-defined]
+        der = [cert.public_bytes(_ssl.ENCODING_DER) for cert in chain_of()]
+    try:
+        chain = [x509.load_der_x509_certificate(d) for d in der]
+        spiffe_id = check_svid_chain(chain, trust_domain)
+    except (ValueError, SvidRuleError) as exc:
+        raise ServerSvidError(f"Nexus's certificate breaks the X509-SVID rules: {exc}") from None
+    expected = f"spiffe://{trust_domain}/spike/nexus"
+    if str(spiffe_id) != expected:
+        raise ServerSvidError(f"the server is not Nexus: its SPIFFE ID is {spiffe_id}, "
+                              f"not {expected}")

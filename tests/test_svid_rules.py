@@ -254,3 +254,50 @@ def test_chain_rules_in_process() -> None:
         check_svid_chain(rogue.certificates(), TD)
     with pytest.raises(SvidRuleError, match="trust domain"):
         check_svid_chain(good.certificates(), "other.example")
+
+
+# ---------------------------------------------------------------- Pilot checks Nexus's chain
+
+
+class _AnswersStatus(operator_pb2_grpc.OperatorServicer):
+    def Status(self, request: Any, context: Any) -> Any:
+        return operator_pb2.StatusResponse()
+
+
+def rogue_server(ca: CertificateAuthority, leaf: IssuedCertificate) -> tuple[grpc.Server, str]:
+    """A server that is not Nexus, with a chain grpcio accepts for the pinned DNS name."""
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    operator_pb2_grpc.add_OperatorServicer_to_server(_AnswersStatus(), server)
+    creds = grpc.ssl_server_credentials([(leaf.key_pem(), leaf.cert_chain_pem())],
+                                        root_certificates=ca.bundle_pem(),
+                                        require_client_auth=True)
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def nexus_leaf_signed_by_workload_ca(ca: CertificateAuthority) -> IssuedCertificate:
+    rogue = ca.issue(uris=[f"spiffe://{TD}/workload/x"], is_ca=True)
+    rogue_ca = CertificateAuthority(rogue.certificate, rogue.private_key,
+                                    chain=(rogue.certificate, *ca.chain), roots=ca.roots)
+    return rogue_ca.issue(uris=[f"spiffe://{TD}/spike/nexus"], dns_names=[TLS_NAME])
+
+
+@pytest.mark.parametrize("case", ["signed-by-workload-ca", "workload-with-nexus-dns-name"])
+def test_pilot_refuses_a_server_whose_chain_breaks_the_rules(
+        agent: DevAgent, dev_ca: CertificateAuthority, case: str) -> None:
+    from tests.harness import pilot
+
+    leaf = (nexus_leaf_signed_by_workload_ca(dev_ca) if case == "signed-by-workload-ca"
+            else dev_ca.issue_svid(f"spiffe://{TD}/workload/demo", dns_names=[TLS_NAME]))
+    server, address = rogue_server(dev_ca, leaf)
+    try:
+        result = pilot(["status"], agent.env("pilot"), address, timeout=60)
+    finally:
+        server.stop(None)
+    assert result.returncode == 3, (result.returncode, result.stdout, result.stderr)
+    expected = ("breaks the X509-SVID rules" if case == "signed-by-workload-ca"
+                else "the server is not Nexus")
+    assert expected in result.stderr, result.stderr
