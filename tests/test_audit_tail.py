@@ -217,12 +217,12 @@ def test_verify_reports_a_torn_tail_distinctly(trail: Path, torn: bytes) -> None
     with trail.open("ab") as fh:
         fh.write(torn)
     code, out, err = verify(trail)
-    assert code == 11, (code, out, err)  # not 1, a broken chain
+    assert code == 12, (code, out, err)  # not 1, a broken chain
     assert out["ok"] is False and out["lines"] == 3 and out["bad_line"] == 4
     assert out["torn_tail"] == {"line": 4, "bytes": len(torn)}
     assert "torn last line" in err and ".torn" in err
     text = pilot(["audit", "verify", str(trail)], base_env())
-    assert text.returncode == 11 and "torn last line" in text.stderr
+    assert text.returncode == 12 and "torn last line" in text.stderr
     assert "Traceback" not in text.stderr
 
 

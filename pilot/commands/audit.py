@@ -28,7 +28,7 @@ class AuditTailTorn(PilotError):
     """Every complete line is chained; the last one lacks its line break (a write cut short
     by a full disk or a crash). Nexus moves those bytes aside to FILE.torn at its next start."""
 
-    exit_code = 11
+    exit_code = 12  # README exit codes: 11 is a failed rotation
 
 
 def run_verify(args: argparse.Namespace, client: Any) -> int:
