@@ -210,20 +210,29 @@ def move_torn_tail(fd: int, path: Path, tail: TrailTail) -> tuple[Path, str]:
     else:
         raise AuditTrailError(f"{path}: too many {TORN_SUFFIX} files beside it")
     try:
-        offset = tail.good_end
-        while offset < tail.size:
-            chunk = os.pread(fd, min(TAIL_BLOCK, tail.size - offset), offset)
-            if not chunk:
-                raise AuditTrailError(f"{path} shrank while its torn tail was being moved")
-            digest.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(out, view):]
-            offset += len(chunk)
-        os.fsync(out)
-    finally:
-        os.close(out)
-    _fsync_dir(dest.parent)
+        try:
+            offset = tail.good_end
+            while offset < tail.size:
+                chunk = os.pread(fd, min(TAIL_BLOCK, tail.size - offset), offset)
+                if not chunk:
+                    raise AuditTrailError(f"{path} shrank while its torn tail was being moved")
+                digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(out, view):]
+                offset += len(chunk)
+            os.fsync(out)
+        finally:
+            os.close(out)
+        _fsync_dir(dest.parent)
+    except BaseException as exc:  # the trail is left as it was, the partial copy removed
+        dest.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # the disk is still full, say
+            raise AuditTrailError(
+                f"{path} ends with a torn line that cannot be moved aside to {dest.name} "
+                f"({exc.strerror}); nothing was changed: free some space and start again"
+            ) from None
+        raise
     os.ftruncate(fd, tail.good_end)
     os.fsync(fd)
     return dest, digest.hexdigest()
@@ -258,13 +267,20 @@ class AuditLog:
             self._owned = False
         else:
             path = Path(target)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            except OSError as exc:
+                raise AuditTrailError(f"cannot open the audit trail {path}: "
+                                      f"{exc.strerror}") from None
             self._owned = True
             try:
                 torn = self._open_tail(path)
-            except BaseException:
+            except BaseException as exc:
                 os.close(self._fd)
+                if isinstance(exc, OSError):
+                    raise AuditTrailError(f"cannot open the audit trail {path}: "
+                                          f"{exc.strerror}") from None
                 raise
         self._seq = 0
         self._pending: list[bytes] = []
@@ -272,22 +288,27 @@ class AuditLog:
         self._written = 0  # highest seq handed to the kernel
         self._waiters = 0  # threads waiting on _written_cond (durable records, close)
         if torn is not None:
-            self.record("audit.torn_tail", caller="(nexus)", target=target, outcome="ok",
-                        durable=True, **torn)
+            try:
+                self.record("audit.torn_tail", caller="(nexus)", target=target, outcome="ok",
+                            durable=True, **torn)
+            except OSError as exc:  # the bytes are moved and logged; the disk is still full
+                os.close(self._fd)
+                raise AuditTrailError(f"cannot write to the audit trail {target}: "
+                                      f"{exc.strerror}") from None
 
     def _open_tail(self, path: Path) -> dict[str, Any] | None:
         """Lock the trail, find where its chain ends, and move a torn last line aside.
 
         Returns the details of a moved torn tail (for its audit event), else ``None``."""
         self._prev = GENESIS
+        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            return None  # a FIFO or a device: nothing to lock or read back
         try:
             # A POSIX lock: another process (a second Nexus) is refused, this one is not.
             fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise AuditTrailError(f"the audit trail {path} is in use by another process "
                                   "(another Nexus?)") from None
-        if not stat.S_ISREG(os.fstat(self._fd).st_mode):
-            return None  # a FIFO or a device: nothing to read back
         tail = read_tail(self._fd, str(path))
         self._prev = tail.prev
         if not tail.torn_bytes:

@@ -8,15 +8,20 @@ real audit writer. Self-contained (old public API only) so that it runs on old c
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from nexus.audit import AuditLog
+from spike.errors import SpikeError
 from tests.harness import DevAgent, Nexus, base_env, pilot
 
 CUT_MID_UTF8 = b'{"action":"secret.get","caller":"spiffe://spike.internal/caf\xc3'
@@ -54,6 +59,20 @@ def trail(data_dir: Path) -> Path:
     return path
 
 
+def last_line(path: Path) -> bytes:
+    with path.open("rb") as fh:
+        fh.seek(max(0, path.stat().st_size - 4096))
+        return fh.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+
+
+def wait_until(condition: Callable[[], bool], nexus: Nexus, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if nexus.proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError("condition not reached:\n" + "".join(nexus.lines[-30:]))
+        time.sleep(0.05)
+
+
 def run_nexus(agent: DevAgent, data_dir: Path, args: tuple[str, ...] = ()) -> Nexus:
     """Start a real Nexus on ``data_dir`` (listening, or this raises), stop it cleanly."""
     nexus = Nexus(data_dir, agent.env("nexus"), args=args, wait=False)
@@ -89,6 +108,55 @@ def test_nexus_starts_on_a_torn_trail_and_moves_the_bytes_aside(
     assert detail["offset"] == len(good)
     warned = [e for e in nexus.log_events() if "torn" in str(e.get("event", ""))]
     assert warned and warned[0]["torn_bytes"] == len(torn)
+
+
+def test_a_disk_filling_mid_line_leaves_a_tail_the_next_start_repairs(
+        agent: DevAgent, data_dir: Path) -> None:
+    """A real full disk: RLIMIT_FSIZE of the running Nexus is lowered to a few bytes past the
+    trail's end (its other files are far smaller: only the trail can hit it), so the next
+    line is cut mid-way, as on a disk that fills, and the process dies on the failed
+    write. The next start keeps the cut bytes in .torn and chains on."""
+    path = data_dir / "audit.jsonl"
+    write_trail(path, 15_000)  # ~3 MiB: bigger than the store and backup will grow here
+    nexus = Nexus(data_dir, agent.env("nexus"))
+    try:
+        wait_until(lambda: b'"nexus.start"' in last_line(path), nexus)
+        _, hard = resource.prlimit(nexus.proc.pid, resource.RLIMIT_FSIZE)
+        size = -1
+        while size != path.stat().st_size:  # set against the size no line grew past meanwhile
+            size = path.stat().st_size
+            resource.prlimit(nexus.proc.pid, resource.RLIMIT_FSIZE, (size + 40, hard))
+    finally:
+        nexus.stop()  # its next line (nexus.stop, say) cannot be written whole
+    data = path.read_bytes()
+    assert len(data) == size + 40 and not data.endswith(b"\n")  # torn, mid-line
+    torn = data[data.rfind(b"\n") + 1:]
+    code, out, _ = verify(path)
+    assert code == 12 and out["torn_tail"]["bytes"] == len(torn)
+    run_nexus(agent, data_dir)
+    assert path.with_name(path.name + ".torn").read_bytes() == torn
+    assert assert_intact(path) > 15_000
+
+
+def test_a_torn_tail_that_cannot_be_moved_aside_changes_nothing(
+        trail: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk is still full at start: a clear error, the trail as it was, no partial .torn."""
+    with trail.open("ab") as fh:
+        fh.write(CUT_ASCII)
+    before = trail.read_bytes()
+    real_write = os.write
+
+    def full_disk(fd: int, data: Any) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".torn"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(SpikeError, match=r"cannot be moved aside.*No space left"):
+        AuditLog(str(trail))
+    monkeypatch.undo()
+    assert trail.read_bytes() == before
+    assert not trail.with_name(trail.name + ".torn").exists()
 
 
 def test_an_existing_torn_file_is_never_overwritten(trail: Path) -> None:
