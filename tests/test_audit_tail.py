@@ -190,7 +190,7 @@ def test_nexus_refuses_to_start_on_a_damaged_last_line(
         fh.write(b'{"action": "edited by hand"\n')
     nexus = Nexus(data_dir, agent.env("nexus"), wait=False)
     try:
-        code = nexus.proc.wait(60)
+        code = nexus.proc.wait(120)
     except subprocess.TimeoutExpired:
         nexus.stop()
         pytest.fail("Nexus started on a trail whose last line is not an event")
@@ -207,7 +207,7 @@ def test_a_second_nexus_on_the_same_trail_is_refused(agent: DevAgent, data_dir: 
         second = Nexus(other_dir, agent.env("nexus"),
                        args=["--audit-file", str(data_dir / "audit.jsonl")], wait=False)
         try:
-            code = second.proc.wait(60)
+            code = second.proc.wait(120)
         except subprocess.TimeoutExpired:
             second.stop()
             pytest.fail("a second Nexus started on a trail in use")
