@@ -157,6 +157,27 @@ def test_current_below_stored_versions_is_refused(agent: DevAgent, node: Node) -
     assert stored_versions(node.data_dir, "m/behind") == [1, 2, 3]
 
 
+def test_impossible_timestamps_are_left_out_not_internal(agent: DevAgent, node: Node) -> None:
+    server = node.nexus
+    put(agent, server, "m/time", "k=v1")
+    assert server.stop() == 0
+    conn = writer(node.data_dir)
+    try:
+        conn.execute("UPDATE records SET created_at = 1e300 WHERE path = 'm/time'")
+        conn.execute("UPDATE secret_meta SET created_at = -5, updated_at = 1e300 "
+                     "WHERE path = 'm/time'")
+    finally:
+        conn.close()
+    server = node.restart()
+    assert get_data(agent, server, "m/time") == {"k": "v1"}
+    meta = pilot_json(["secret", "metadata", "m/time", "--output", "json"],
+                      agent.env("pilot"), server)
+    assert meta["created"] is None and meta["updated"] is None
+    assert meta["versions"][0]["created"] is None
+    assert any(e.get("event") == "stored timestamp out of range; left out"
+               for e in server.log_events())
+
+
 def test_wrong_generation_cells_recover_and_rotate(agent: DevAgent, node: Node) -> None:
     server = node.nexus
     pilot_json(["policy", "put", "gp", "--spiffe-id-pattern",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import grpc
+import structlog
 
 from nexus.api.calls import rpc_call
 from nexus.api.operator import timestamp
@@ -12,6 +14,19 @@ from nexus.audit import AuditLog
 from nexus.core.secrets import SecretsService
 from spike.v1 import secrets_pb2 as pb
 from spike.v1 import secrets_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("nexus.secrets")
+
+_LAST_TIMESTAMP = 253402300799.0  # 9999-12-31T23:59:59Z, the protobuf Timestamp maximum
+
+
+def _time(seconds: float | None, path: str) -> Any:
+    """A stored time as a Timestamp; a value no clock could have written (an edited
+    database) is left out and logged rather than failing the call."""
+    if seconds is None or (math.isfinite(seconds) and 0 <= seconds <= _LAST_TIMESTAMP):
+        return timestamp(seconds)
+    log.error("stored timestamp out of range; left out", path=path)
+    return None
 
 
 class SecretsServicer(pb_grpc.SecretsServicer):
@@ -29,7 +44,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         with rpc_call(context, self._audit, "secret.get", request.path) as caller:
             found = self._secrets.get(caller, request.path, request.version or None)
             return pb.GetSecretResponse(path=found.path, version=found.version,
-                                        data=found.data, created=timestamp(found.created))
+                                        data=found.data, created=_time(found.created, found.path))
 
     def List(self, request: pb.ListSecretsRequest, context: grpc.ServicerContext) -> Any:
         with rpc_call(context, self._audit, "secret.list", request.prefix) as caller:
@@ -64,11 +79,11 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 path=meta.path,
                 current_version=meta.current_version,
                 oldest_version=meta.oldest_version,
-                created=timestamp(meta.created_at),
-                updated=timestamp(meta.updated_at),
+                created=_time(meta.created_at, meta.path),
+                updated=_time(meta.updated_at, meta.path),
                 versions=[pb.SecretVersionInfo(version=v.version,
-                                               created=timestamp(v.created_at),
-                                               deleted=timestamp(v.deleted_at),
+                                               created=_time(v.created_at, meta.path),
+                                               deleted=_time(v.deleted_at, meta.path),
                                                destroyed=v.destroyed)
                           for v in meta.versions],
             )
