@@ -73,6 +73,8 @@ class ChainReport:
     error: str = ""
     bad_line: int = 0
     torn_bytes: int = 0
+    # (line number, detail) of each audit.torn_tail event: a torn tail Nexus moved aside
+    moved_tails: tuple[tuple[int, dict[str, Any]], ...] = ()
 
 
 TORN_TAIL = "torn last line: no line break at the end (a write cut short)"
@@ -84,6 +86,7 @@ class _Chain:
     def __init__(self) -> None:
         self.prev = GENESIS
         self.count = 0
+        self.moved_tails: list[tuple[int, dict[str, Any]]] = []
 
     def feed(self, number: int, line: str) -> ChainReport | None:
         if not line.strip():
@@ -106,10 +109,12 @@ class _Chain:
             return ChainReport(False, self.count, "line content does not match its hash (edited)",
                                number)
         self.prev = event["hash"]
+        if event.get("action") == "audit.torn_tail" and isinstance(event.get("detail"), dict):
+            self.moved_tails.append((number, event["detail"]))
         return None
 
     def report(self) -> ChainReport:
-        return ChainReport(True, self.count)
+        return ChainReport(True, self.count, moved_tails=tuple(self.moved_tails))
 
 
 def verify_lines(lines: Iterable[str]) -> ChainReport:

@@ -294,6 +294,22 @@ def test_verify_reports_a_torn_tail_distinctly(trail: Path, torn: bytes) -> None
     assert "Traceback" not in text.stderr
 
 
+def test_verify_lists_the_torn_tails_moved_aside_and_checks_their_bytes(trail: Path) -> None:
+    with trail.open("ab") as fh:
+        fh.write(CUT_MID_UTF8)
+    AuditLog(str(trail)).close()
+    moved = trail.with_name(trail.name + ".torn")
+    code, out, _ = verify(trail)
+    assert code == 0 and out["moved_tails"] == [
+        {"line": 4, "file": str(moved), "bytes": len(CUT_MID_UTF8), "state": "matches"}]
+    text = pilot(["audit", "verify", str(trail)], base_env())
+    assert text.returncode == 0 and "moved aside" in text.stdout and "(matches)" in text.stdout
+    moved.write_bytes(b"something else")
+    assert verify(trail)[1]["moved_tails"][0]["state"] == "differs"
+    moved.unlink()
+    assert verify(trail)[1]["moved_tails"][0]["state"] == "missing"
+
+
 def test_verify_still_reports_a_broken_chain_as_such(trail: Path) -> None:
     lines = trail.read_bytes().splitlines(keepends=True)
     del lines[1]

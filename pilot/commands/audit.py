@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,11 @@ def run_verify(args: argparse.Namespace, client: Any) -> int:
     except OSError as exc:
         raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
     torn = report.torn_bytes > 0
-    data = {"file": str(args.file), "ok": report.ok, "lines": report.lines,
+    moved_tails = _moved_tails(args.file, report.moved_tails)
+    data: dict[str, Any] = {"file": str(args.file), "ok": report.ok, "lines": report.lines,
             "bad_line": report.bad_line or None, "error": report.error or None,
-            "torn_tail": {"line": report.bad_line, "bytes": report.torn_bytes} if torn else None}
+            "torn_tail": {"line": report.bad_line, "bytes": report.torn_bytes} if torn else None,
+            "moved_tails": moved_tails}
     if torn:
         error: PilotError = AuditTailTorn(
             f"{args.file}: line {report.bad_line}: torn last line ({report.torn_bytes} bytes "
@@ -60,4 +63,36 @@ def run_verify(args: argparse.Namespace, client: Any) -> int:
     if not report.ok:
         raise error
     print(f"{args.file}: {report.lines} event(s), hash chain intact")
+    for moved in moved_tails:
+        print(f"  line {moved['line']}: a torn tail of {moved['bytes']} bytes was moved aside "
+              f"to {moved['file']} ({moved['state']})")
     return 0
+
+
+def _moved_tails(trail: Path, moved: Iterable[tuple[int, dict[str, Any]]]
+                 ) -> list[dict[str, Any]]:
+    """Each torn tail Nexus moved aside (an audit.torn_tail event), and whether its file is
+    still there with the bytes the event names (``matches``, ``differs`` or ``missing``)."""
+    out = []
+    for line, detail in moved:
+        name = str(detail.get("moved_to", ""))
+        state = "missing"
+        path = trail.parent / name
+        if name and "/" not in name and path.is_file():
+            try:
+                state = "matches" if _sha256(path) == detail.get("sha256") else "differs"
+            except OSError:
+                state = "unreadable"
+        out.append({"line": line, "file": str(path), "bytes": detail.get("torn_bytes"),
+                    "state": state})
+    return out
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 16), b""):
+            digest.update(block)
+    return digest.hexdigest()
