@@ -6,11 +6,12 @@
 - rejected when it is, or is trivially built from, a commonly used password: zxcvbn's bundled
   list of frequent passwords, a common password padded with digits/symbols, a short unit or a
   common password repeated, or a pattern zxcvbn estimates as guessable in under 10**8 guesses.
-  zxcvbn itself refuses inputs over 72 characters (its cost grows steeply with length), so a
+- zxcvbn itself refuses inputs over 72 characters (its cost grows steeply with length), so a
   longer password is judged whole another way: every stretch that repeats earlier text (four
-  characters or more, overlaps included) is dropped, since it costs an attacker next to nothing,
-  and what is left is estimated by zxcvbn in pieces of at most 36 characters (cut at a space
-  where one is near) whose guesses multiply. ``'a'*72+'b'`` leaves ``ab`` and
+  characters or more, overlaps included, case ignored) is dropped, since it costs an attacker
+  next to nothing. What is left must itself be at least 15 characters, not a common password
+  (padded or repeated), and at least 10**8 guesses by zxcvbn in pieces of at most 36 characters
+  (cut at a space where one is near) whose guesses multiply. ``'a'*72+'b'`` leaves ``ab`` and
   ``'password '*8+'x'`` leaves ``password x``: both refused.
 
 :func:`check_password` returns the normalised UTF-8 bytes in a ``bytearray`` the caller owns and
@@ -19,6 +20,7 @@ should wipe after use. :class:`PasswordRejected` explains why without ever echoi
 
 from __future__ import annotations
 
+import math
 import string
 import unicodedata
 from functools import lru_cache
@@ -38,7 +40,7 @@ __all__ = [
 MIN_PASSWORD_CHARS = 15
 MAX_PASSWORD_CHARS = 1024
 MIN_GUESSES = 10**8
-_MIN_GUESSES_LOG10 = 8.0
+_MIN_GUESSES_LOG10 = math.log10(MIN_GUESSES)
 _ZXCVBN_MAX = 72  # zxcvbn refuses longer inputs (and is slow on them)
 _MIN_COPY = 4  # a repeat of earlier text this long or longer adds (almost) no strength
 _PIECE = 36  # zxcvbn's cost grows fast with length (up to ~1 s at 72 characters, ~30 ms here)
