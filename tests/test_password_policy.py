@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from zxcvbn.frequency_lists import FREQUENCY_LISTS
 
 from nexus.core.password_policy import PasswordRejected, check_password
+from tests.harness import DevAgent, Nexus, pilot, pilot_json
 
 GOOD = "violet kettle drums at noon"
 
@@ -177,3 +178,28 @@ def test_repeating_a_refused_password_past_72_characters_never_gets_it_accepted(
     assert len(short) <= 72 < len(long)
     if _refused(short):
         rejected(long)
+
+
+# ------------------------------------------------------------------ through a real Nexus
+
+
+def test_spike_init_and_password_change_refuse_long_weak_passwords(agent: DevAgent,
+                                                                   nexus: Nexus) -> None:
+    """The policy runs in Nexus: `spike init` and `spike password change` refuse them (exit 2,
+    the password never echoed), and a long good passphrase is taken."""
+    for password in ["a" * 72 + "b", "password " * 8 + "x", "iloveyou" * 9 + "x", "ab" * 38 + "c"]:
+        result = pilot(["init", "--password-stdin"], agent.env("pilot"), nexus,
+                       stdin=password + "\n")
+        assert result.returncode == 2, (password, result)
+        assert password not in result.stderr and "repeats itself" in result.stderr
+    state = pilot_json(["status", "--output", "json"], agent.env("pilot"), nexus)["state"]
+    assert state == "uninitialized"
+    good = "violet kettle drums at noon " + " ".join(random.Random(7).sample(BAND, 10))
+    assert len(good) > 72
+    result = pilot(["init", "--password-stdin"], agent.env("pilot"), nexus, stdin=good + "\n")
+    assert result.returncode == 0, result
+    weak_new = "iloveyou" * 9 + "x"
+    change = pilot(["password", "change", "--password-stdin"], agent.env("pilot"), nexus,
+                   stdin=f"{good}\n{weak_new}\n")
+    assert change.returncode == 2 and "repeats itself" in change.stderr, change
+    assert weak_new not in change.stderr
