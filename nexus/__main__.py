@@ -140,8 +140,13 @@ def serve(config: NexusConfig) -> int:
              max_connections=limits.max_connections,
              handshake_timeout_ms=limits.handshake_timeout_ms,
              max_concurrent_streams=limits.max_concurrent_streams)
-    audit.record("nexus.start", caller="(nexus)", outcome="ok", state=node.state, durable=True)
+    status = 0
     try:
+        try:
+            audit.record("nexus.start", caller="(nexus)", outcome="ok", state=node.state,
+                         durable=True)
+        except OSError as exc:  # fail closed: no audit, no service
+            raise SpikeError(f"cannot write the audit trail: {exc}") from None
         stop.wait()
         log.info("signal received, stopping",
                  signal=signal.Signals(received[0]).name if received else "")
@@ -151,11 +156,15 @@ def serve(config: NexusConfig) -> int:
         if endpoint is not None:
             endpoint.close()
         node.close()
-        audit.record("nexus.stop", caller="(nexus)", outcome="ok", durable=True)
-        audit.close()
+        try:
+            audit.record("nexus.stop", caller="(nexus)", outcome="ok", durable=True)
+            audit.close()
+        except (OSError, SpikeError) as exc:
+            log.error("cannot write the audit trail at stop", error=str(exc))
+            status = 1
         identity.close()
         log.info("nexus stopped")
-    return 0
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -128,6 +128,11 @@ def test_a_disk_filling_mid_line_leaves_a_tail_the_next_start_repairs(
             resource.prlimit(nexus.proc.pid, resource.RLIMIT_FSIZE, (size + 40, hard))
     finally:
         nexus.stop()  # its next line (nexus.stop, say) cannot be written whole
+    # The failed write at stop is a clean error and exit 1, not a traceback.
+    assert nexus.proc.returncode == 1
+    assert not any("Traceback" in line for line in nexus.lines), nexus.lines[-5:]
+    assert any(e.get("event") == "cannot write the audit trail at stop"
+               for e in nexus.log_events())
     data = path.read_bytes()
     assert len(data) == size + 40 and not data.endswith(b"\n")  # torn, mid-line
     torn = data[data.rfind(b"\n") + 1:]
