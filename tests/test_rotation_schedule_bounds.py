@@ -26,6 +26,10 @@ from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json
 
 DAY = 86400
 TEN_YEARS_DAYS = 3650
+# pytest-timeout guards against a hang, not a slow machine: these start real processes
+# and must pass under nice -n 19 beside a CPU hog.
+pytestmark = pytest.mark.timeout(900)
+RPC = 60  # seconds: generous for a loaded machine
 
 
 @pytest.fixture()
@@ -46,7 +50,7 @@ def no_traceback(result: object) -> None:
 def set_interval(operator: operator_pb2_grpc.OperatorStub, seconds: int) -> object:
     return operator.SetRotationSchedule(operator_pb2.SetRotationScheduleRequest(
         schedule=operator_pb2.RotationSchedule(interval=Duration(seconds=seconds)),
-        update_fields=["interval"]), timeout=10)
+        update_fields=["interval"]), timeout=RPC)
 
 
 def test_pilot_refuses_an_interval_beyond_ten_years(agent: DevAgent, nexus: Nexus,
@@ -79,9 +83,9 @@ def test_nexus_answers_invalid_argument_to_a_bare_client(
         assert "interval" in (caught.value.details() or "")
         # Nothing was stored: Status, Get still answer, with the default interval.
         schedule = operator.GetRotationSchedule(operator_pb2.GetRotationScheduleRequest(),
-                                                timeout=10)
+                                                timeout=RPC)
         assert schedule.interval.seconds == 90 * DAY and not schedule.problem
-        status = operator.Status(operator_pb2.StatusRequest(), timeout=10)
+        status = operator.Status(operator_pb2.StatusRequest(), timeout=RPC)
         assert status.HasField("next_rotation")
 
 
@@ -112,6 +116,17 @@ STORED = {
 }
 
 
+PILOT_CASES = ("3000000d", "garbage", "infinity")
+
+
+def check_set_clears(operator: operator_pb2_grpc.OperatorStub, problem: str) -> None:
+    assert problem
+    after = operator.SetRotationSchedule(operator_pb2.SetRotationScheduleRequest(
+        schedule=operator_pb2.RotationSchedule(interval=Duration(seconds=30 * DAY)),
+        update_fields=["interval"]), timeout=RPC)
+    assert after.interval.seconds == 30 * DAY and not after.problem, after
+
+
 def test_a_stored_out_of_range_schedule_is_reported_not_fatal(
         agent: DevAgent, nexus: Nexus, data_dir: Path,
         operator: operator_pb2_grpc.OperatorStub) -> None:
@@ -120,14 +135,17 @@ def test_a_stored_out_of_range_schedule_is_reported_not_fatal(
         env = agent.env("pilot")
 
         schedule = operator.GetRotationSchedule(operator_pb2.GetRotationScheduleRequest(),
-                                                timeout=10)
+                                                timeout=RPC)
         assert schedule.problem, (case, schedule)
         assert 0 <= schedule.interval.seconds <= TEN_YEARS_DAYS * DAY
-        status = operator.Status(operator_pb2.StatusRequest(), timeout=10)
+        status = operator.Status(operator_pb2.StatusRequest(), timeout=RPC)
         assert status.schedule.problem == schedule.problem
-        rotation_status = operator.RotationStatus(operator_pb2.RotationStatusRequest(), timeout=10)
+        rotation_status = operator.RotationStatus(operator_pb2.RotationStatusRequest(), timeout=RPC)
         assert rotation_status is not None
 
+        if case not in PILOT_CASES:  # Pilot renders every problem alike: a few suffice
+            check_set_clears(operator, schedule.problem)
+            continue
         shown = pilot(["rotation", "schedule"], env, nexus)
         no_traceback(shown)
         assert shown.returncode == 0, shown.stderr
@@ -144,11 +162,11 @@ def test_a_stored_out_of_range_schedule_is_reported_not_fatal(
         # Set works on top of it (another field), and a valid schedule clears the problem.
         after = operator.SetRotationSchedule(operator_pb2.SetRotationScheduleRequest(
             schedule=operator_pb2.RotationSchedule(window="01:00-02:00"),
-            update_fields=["window"]), timeout=10)
+            update_fields=["window"]), timeout=RPC)
         assert after.window == "01:00-02:00" and not after.problem
         fixed = pilot_json(["rotation", "schedule", "--interval", "30d", "--output", "json"],
                            env, nexus)
         assert fixed["interval_seconds"] == 30 * DAY and "problem" not in fixed
-        again = operator.GetRotationSchedule(operator_pb2.GetRotationScheduleRequest(), timeout=10)
+        again = operator.GetRotationSchedule(operator_pb2.GetRotationScheduleRequest(), timeout=RPC)
         assert not again.problem and again.window == "01:00-02:00"
         assert not [e for e in nexus.log_events() if e.get("level") == "error"]

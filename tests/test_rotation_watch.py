@@ -34,6 +34,9 @@ from tests.harness import PY, TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json,
 GATE = "rotation_between_batches"
 RECORDS = 400
 BATCH = 20
+# pytest-timeout guards against a hang, not a slow machine: these start real processes
+# and must pass under nice -n 19 beside a CPU hog.
+pytestmark = pytest.mark.timeout(900)
 
 
 class Watcher:
@@ -180,7 +183,7 @@ def test_two_watchers_a_late_one_and_leavers(agent: DevAgent, data_dir: Path,
     (only,) = [json.loads(line) for line in after.stdout.splitlines()]
     assert only["phase"] == "completed" and only["terminal"]
     assert only == results["first"][1][-1]
-    final = operator.RotationStatus(operator_pb2.RotationStatusRequest(), timeout=10)
+    final = operator.RotationStatus(operator_pb2.RotationStatusRequest(), timeout=60)
     assert phase_of(final) == "completed" and final.to_generation == 2
     channel.close()
     # Watchers that left are visible in the log as cancelled streams at most; no errors.

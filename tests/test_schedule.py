@@ -212,11 +212,11 @@ def test_not_while_a_rotation_runs(tmpdir_short: Path, clock: Clock) -> None:
     gate = threading.Event()
     paused = threading.Event()
 
-    def sleep(seconds: float) -> None:
+    def between() -> None:  # in the worker, between two batches
         paused.set()
         gate.wait(300)  # until the test lets it go: no timing assumption
 
-    world = World(tmpdir_short, clock=clock, sleep=sleep)
+    world = World(tmpdir_short, clock=clock, between=between)
     try:
         world.fill(paths=30, versions=1)
         sched = scheduler(world, clock)
@@ -271,6 +271,7 @@ def test_schedule_survives_recreating_everything(tmpdir_short: Path, clock: Cloc
 # ---------------------------------------------------------------- real Nexus
 
 
+@pytest.mark.timeout(900)  # a hang guard: real processes, possibly on a loaded machine
 def test_pilot_schedule_and_counter_trigger_in_a_real_nexus(agent: DevAgent,
                                                             data_dir: Path) -> None:
     """`spike rotation schedule` sets the schedule; Nexus's scheduler thread then starts a

@@ -12,7 +12,12 @@ the Nth time logs ``test gate reached`` (with ``count`` N) and waits until the t
 the file ``DIR/N`` (let this passage through) or ``DIR/all`` (let every later one through
 too). A test so steps a rotation batch by batch: nothing moves on while it looks.
 
-With the variables unset (always, in production) ``reached`` does nothing.
+Hooks (in-process tests): ``add_hook(fn)`` has ``fn(name)`` called, in the thread that
+reaches it, at every point; ``remove_hook(fn)`` ends that. A test so acts between two
+batches of a rotation whatever the machine's speed (the throttle's pause, used before, is
+skipped when a batch is slow).
+
+With the variables unset and no hook (always, in production) ``reached`` does nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -34,9 +40,24 @@ _count_lock = threading.Lock()
 _count = 0
 _gate_count = 0
 _GATE_POLL = 0.005
+_hooks: tuple[Callable[[str], None], ...] = ()
+
+
+def add_hook(hook: Callable[[str], None]) -> None:
+    global _hooks
+    with _count_lock:
+        _hooks = (*_hooks, hook)
+
+
+def remove_hook(hook: Callable[[str], None]) -> None:
+    global _hooks
+    with _count_lock:
+        _hooks = tuple(h for h in _hooks if h is not hook)
 
 
 def reached(name: str) -> None:
+    for hook in _hooks:
+        hook(name)
     if _GATE_AT and name == _GATE_AT and _GATE_DIR:
         _gate()
     global _count
