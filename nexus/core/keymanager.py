@@ -10,6 +10,16 @@ Durable facts kept in the store (never the key): each generation's
 fingerprint and creation time (state key ``root_keys``). After recovery every
 fingerprint is checked against them, so a foreign backup or a wrong key can
 never be installed silently.
+
+Each live record carries HMAC tags (``tags``: password-key digest -> tag) under
+the *record key*, derived from the password with the backup key pair
+(:func:`nexus.crypto.backup_format.record_tag`). Recovery loads a generation
+only when its record has a valid tag under the password that opened the backup,
+so whoever can write the database and the backup file but does not know the
+password cannot plant a key (sealing one to the backup's public key needs no
+password). The record key stays in memory while unsealed, so a rotation tags
+the record of its new key; Nexus tags only records of keys it holds. Retired
+generations are kept (``retired``) so that older backups still recover.
 """
 
 from __future__ import annotations
@@ -34,13 +44,16 @@ from nexus.crypto.backup_format import (
     BackupVersionUnsupported,
     WrongPassword,
     check_kdf_bound,
-    create_backup,
+    create_backup_with_record_key,
     open_backup,
+    open_backup_with_record_key,
+    record_tag,
+    record_tag_valid,
 )
 from nexus.crypto.kdf import KdfBound, KdfParams
 from nexus.crypto.keyring import Keyring
 from nexus.crypto.keys import fingerprint, fingerprints_equal
-from nexus.crypto.secret_buffer import SecretKey, wipe_bytearray
+from nexus.crypto.secret_buffer import SecretBuffer, SecretKey, wipe_bytearray
 from nexus.store.base import Store
 
 log = structlog.get_logger("nexus.keys")
@@ -52,6 +65,7 @@ ROOT_KEYS_STATE = "root_keys"
 BACKUP_KEY_STATE = "backup_public_key"
 HIGH_WATER_STATE = "root_key_generation_high_water"
 MAX_RETIRED = 256  # retired generations remembered (as many as a backup can hold)
+MAX_RECORD_TAGS = 4  # tags per record: the current password-key and the ones before it
 
 
 @dataclass(frozen=True)
@@ -146,6 +160,10 @@ class KeyManager:
         self._backoff = Backoff(backoff_base, backoff_cap, time.monotonic)
         self._wrong_password_delay_cap = wrong_password_delay_cap
         self._closing = threading.Event()  # wakes a held-back answer at shutdown
+        # The record key of the backup's password (see backup_format.record_tag) and the
+        # password-key it belongs to: set at init, recover and password change, wiped at seal.
+        self._record_key: SecretBuffer | None = None
+        self._record_key_id = ""
         self.backup_health = BackupHealth()
         self.recover_failures = 0
         self._unseal_listeners: list[Callable[[], None]] = []
@@ -221,20 +239,79 @@ class KeyManager:
                 for g, v in self._generation_records().items() if "retired" in v}
 
     def _record_generations(self, infos: dict[int, GenerationInfo],
-                            retire: dict[int, str] | None = None) -> None:
+                            retire: dict[int, str] | None = None,
+                            holding: dict[int, str] | None = None) -> None:
         """Write the live generations ``infos``; retired entries are kept (the newest
-        MAX_RETIRED), plus ``retire`` (generation -> fingerprint hex) newly retired now."""
-        retired = {g: v for g, v in self._generation_records().items()
-                   if "retired" in v and int(g) not in infos}
+        MAX_RETIRED), plus ``retire`` (generation -> fingerprint hex) newly retired now.
+
+        Each live record keeps the tags it has for the same fingerprint, and gets a tag under
+        the record key in memory only when this Nexus *holds* that key (``holding``,
+        generation -> fingerprint hex; by default the keyring): Nexus never vouches for a
+        record it merely read from the store.
+        """
+        old = self._generation_records()
+        retired = {g: v for g, v in old.items() if "retired" in v and int(g) not in infos}
         now = self._clock()
         for g, fp in (retire or {}).items():
             if g not in infos:
                 retired[str(g)] = {"fingerprint": fp, "retired": now}
         newest = sorted(retired, key=int)[-MAX_RETIRED:]
         doc: dict[str, dict[str, object]] = {g: retired[g] for g in newest}
-        doc.update({str(g): {"fingerprint": i.fingerprint, "created": i.created}
-                    for g, i in sorted(infos.items())})
+        if holding is None:
+            keyring = self._keyring
+            holding = {g: keyring.entry(g).fingerprint_hex for g in keyring.generations}
+        for g, info in sorted(infos.items()):
+            entry: dict[str, object] = {"fingerprint": info.fingerprint, "created": info.created}
+            before = old.get(str(g), {})
+            kept = before.get("tags")
+            tags: dict[str, str] = {}
+            if before.get("fingerprint") == info.fingerprint and isinstance(kept, dict):
+                tags = {k: v for k, v in kept.items() if isinstance(k, str) and isinstance(v, str)}
+            if (self._record_key is not None and holding.get(g) == info.fingerprint):
+                tags.pop(self._record_key_id, None)
+                tags[self._record_key_id] = record_tag(self._record_key, g,
+                                                       bytes.fromhex(info.fingerprint))
+            if tags:
+                entry["tags"] = dict(list(tags.items())[-MAX_RECORD_TAGS:])
+            doc[str(g)] = entry
         self._store.put_state(ROOT_KEYS_STATE, json.dumps(doc, sort_keys=True))
+
+    def _live_records(self, keyring: Keyring) -> dict[int, GenerationInfo]:
+        """The recorded generations held in ``keyring`` (filling in any missing record)."""
+        recorded = self.generations_recorded()
+        return {g: recorded.get(g) or GenerationInfo(g, keyring.entry(g).fingerprint_hex,
+                                                     self._clock())
+                for g in keyring.generations}
+
+    def _set_record_key(self, record_key: SecretBuffer, key_id: str) -> None:
+        previous = self._record_key
+        self._record_key, self._record_key_id = record_key, key_id
+        if previous is not None and previous is not record_key:
+            previous.wipe()
+
+    def _check_record_tags(self, keys: dict[int, SecretKey], record_key: SecretBuffer,
+                           key_id: str) -> None:
+        """Every recorded generation about to be loaded must carry a valid tag under the
+        record key of the password that opened the backup (a planted record cannot)."""
+        raw = self._generation_records()
+        if not raw and self._store.is_empty():
+            # An init that died between writing the backup and recording its key: nothing
+            # is stored under any key yet. The records are written (and tagged) now.
+            log.warning("no generation records and an empty store: accepting the backup's "
+                        "keys and recording them", generations=sorted(keys))
+            return
+        for generation in sorted(keys):
+            entry = raw.get(str(generation), {})
+            tags = entry.get("tags")
+            tag = tags.get(key_id) if isinstance(tags, dict) else None
+            fp = fingerprint(keys[generation])
+            if not record_tag_valid(record_key, generation, fp, tag):
+                raise errors.BackupInvalid(
+                    f"the record of generation {generation} is not authenticated under this "
+                    "backup's password: refusing a key that may have been planted (or the "
+                    "store's records predate authenticated records, or the password was "
+                    f"changed more than {MAX_RECORD_TAGS - 1} times since this backup)"
+                )
 
     # ------------------------------------------------------------------ init
 
@@ -255,7 +332,8 @@ class KeyManager:
                 raise errors.PasswordRejected(str(exc)) from None
             key = SecretKey.generate()
             try:
-                backup, _ = create_backup(pw, {1: key}, self._kdf_params)
+                backup, _, record_key = create_backup_with_record_key(pw, {1: key},
+                                                                      self._kdf_params)
             except BaseException:
                 key.wipe()
                 raise
@@ -263,7 +341,8 @@ class KeyManager:
                 wipe_bytearray(pw)
             info = GenerationInfo(1, fingerprint(key).hex(), self._clock())
             self._write_backup(backup)
-            self._record_generations({1: info})
+            self._set_record_key(record_key, backup.public_key.digest_hex)
+            self._record_generations({1: info}, holding={1: info.fingerprint})
             self._record_backup_key(backup.public_key.digest_hex)
             self._backup = backup
             self._keyring = Keyring.from_keys({1: key}, active=1)
@@ -352,7 +431,7 @@ class KeyManager:
                 backup, raw = self._load_backup_for_recovery(exported)
             pw = _password_bytes(password)
             try:
-                keys = open_backup(backup, pw, bound=self._kdf_bound)
+                keys, record_key = open_backup_with_record_key(backup, pw, bound=self._kdf_bound)
             except WrongPassword:
                 self._failed_attempt()
                 raise errors.WrongPassword(
@@ -368,6 +447,7 @@ class KeyManager:
                 for generation in retired:
                     keys.pop(generation).wipe()
                 self._check_against_store(keys)
+                self._check_record_tags(keys, record_key, backup.public_key.digest_hex)
                 # After the password opened it and its keys proved to be ours: so the backup
                 # is genuine and sealed under another password than the recorded one.
                 old_password = self._sealed_under_an_earlier_password(backup)
@@ -382,8 +462,15 @@ class KeyManager:
             except BaseException:
                 for key in keys.values():
                     key.wipe()
+                record_key.wipe()
                 raise
             self._backoff.succeeded()
+            self._set_record_key(record_key, backup.public_key.digest_hex)
+            if not self._generation_records():
+                now = self._clock()
+                self._record_generations(
+                    {g: GenerationInfo(g, fingerprint(k).hex(), now) for g, k in keys.items()},
+                    holding={g: fingerprint(k).hex() for g, k in keys.items()})
             if retired:
                 # Keep only what is in use: the same password-key, without the retired keys.
                 backup = backup.reseal(keys)
@@ -719,14 +806,19 @@ class KeyManager:
             except PasswordRejected as exc:
                 raise errors.PasswordRejected(str(exc)) from None
             try:
-                backup, _ = create_backup(pw, keyring.keys(), self._kdf_params)
+                backup, _, record_key = create_backup_with_record_key(pw, keyring.keys(),
+                                                                      self._kdf_params)
             finally:
                 wipe_bytearray(pw)
             # "pending" first: a crash between the write and the record leaves a file
-            # that recovery still accepts without --accept-old-password.
+            # that recovery still accepts without --accept-old-password. The records get
+            # their tags under the new password before the new file exists, and keep the
+            # old ones (copies sealed under the old password still recover).
             current = self._backup.public_key.digest_hex if self._backup else ""
             self._record_backup_key(current or backup.public_key.digest_hex,
                                     pending=backup.public_key.digest_hex)
+            self._set_record_key(record_key, backup.public_key.digest_hex)
+            self._record_generations(self._live_records(keyring))
             self._write_backup(backup)
             self._record_backup_key(backup.public_key.digest_hex)
             self._backup = backup
@@ -763,7 +855,9 @@ class KeyManager:
                             if g in keyring.generations}
                 recorded[new_generation] = info
                 self._pending_generation = new_generation
-                self._record_generations(recorded)
+                holding = {g: keyring.entry(g).fingerprint_hex for g in keyring.generations}
+                holding[new_generation] = info.fingerprint
+                self._record_generations(recorded, holding=holding)
                 keys = dict(keyring.keys())
                 keys[new_generation] = key
                 backup = self._backup.reseal(keys)
@@ -844,4 +938,7 @@ class KeyManager:
         with self._lock:
             keyring = self._keyring
             self._keyring = Keyring.empty()
+            record_key, self._record_key = self._record_key, None
         keyring.wipe()
+        if record_key is not None:
+            record_key.wipe()

@@ -51,14 +51,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives import hashes, hpke
+from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
 from nexus.crypto import kdf
 from nexus.crypto.envelope import MAX_GENERATION
 from nexus.crypto.kdf import KdfBound, KdfParams
 from nexus.crypto.keys import FINGERPRINT_SIZE, fingerprint, fingerprints_equal
-from nexus.crypto.secret_buffer import ROOT_KEY_SIZE, SecretKey
+from nexus.crypto.secret_buffer import ROOT_KEY_SIZE, SecretBuffer, SecretKey
 
 __all__ = [
     "BACKUP_FORMAT",
@@ -76,7 +77,11 @@ __all__ = [
     "WrongPassword",
     "check_kdf_bound",
     "create_backup",
+    "create_backup_with_record_key",
     "open_backup",
+    "open_backup_with_record_key",
+    "record_tag",
+    "record_tag_valid",
     "verify_structure",
 ]
 
@@ -310,10 +315,66 @@ class Backup:
 # --- create / open ------------------------------------------------------------------------------
 
 
+# --- generation records ----------------------------------------------------------------------
+#
+# The backup's public key is in the file, so anyone can seal a key to it; and the store's record
+# of each generation (its fingerprint) is plaintext. Whoever can write both could plant a key.
+# So every generation record is authenticated: an HMAC-SHA256 tag under the *record key*, which
+# is derived from the same Argon2id output as the backup key pair (no extra KDF run) and so is
+# known only to someone who knows the password. Nexus keeps it in memory (a SecretBuffer) while
+# unsealed, to tag the record of each new generation a rotation creates without the password.
+
+RECORD_KEY_LEN = 32
+_RECORD_KEY_LABEL = b"spike/v1/backup/generation-record-key"
+_RECORD_TAG_LABEL = b"spike/v1/generation-record"
+
+
+def _hmac_sha256(key: memoryview, message: bytes) -> bytes:
+    mac = crypto_hmac.HMAC(key, hashes.SHA256())  # reads the key in place (no bytes copy)
+    mac.update(message)
+    return mac.finalize()
+
+
+def _record_key(seed: memoryview) -> SecretBuffer:
+    return SecretBuffer.from_bytes_consuming(
+        bytearray(_hmac_sha256(seed[:_SEED_LEN], _RECORD_KEY_LABEL)))
+
+
+def record_tag(record_key: SecretBuffer, generation: int, fp: bytes) -> str:
+    """The tag (hex) of generation ``generation``'s record with fingerprint ``fp``."""
+    if not 1 <= generation <= MAX_GENERATION or len(fp) != FINGERPRINT_SIZE:
+        raise ValueError("not a generation record")
+    message = _RECORD_TAG_LABEL + struct.pack(">I", generation) + fp
+    with record_key.view() as key:
+        return _hmac_sha256(key, message).hex()
+
+
+def record_tag_valid(record_key: SecretBuffer, generation: int, fp: bytes, tag: object) -> bool:
+    """Constant-time check of a stored tag (False for anything malformed)."""
+    if not isinstance(tag, str) or len(tag) != 64:
+        return False
+    try:
+        expected = record_tag(record_key, generation, fp)
+    except ValueError:
+        return False
+    return hmac.compare_digest(expected, tag)
+
+
 def create_backup(
     password: bytearray, keys: Mapping[int, SecretKey], params: KdfParams | None = None
 ) -> tuple[Backup, BackupPublicKey]:
+    """:func:`create_backup_with_record_key` without the record key."""
+    backup, public_key, record_key = create_backup_with_record_key(password, keys, params)
+    record_key.wipe()
+    return backup, public_key
+
+
+def create_backup_with_record_key(
+    password: bytearray, keys: Mapping[int, SecretKey], params: KdfParams | None = None
+) -> tuple[Backup, BackupPublicKey, SecretBuffer]:
     """Derive the backup key pair from ``password`` and seal every key in ``keys`` to it.
+
+    Also returns the record key (see :func:`record_tag`), which the caller wipes.
 
     ``params`` default to :class:`KdfParams` (RFC 9106); they are validated (``ValueError``).
     The caller keeps ownership of ``password`` and should wipe it afterwards.
@@ -326,8 +387,13 @@ def create_backup(
     salt = os.urandom(params.salt_len)
     with kdf.derive(password, salt, params) as seed_buf, seed_buf.view() as seed:
         public_key = BackupPublicKey(_public_bytes(seed))
-    backup = Backup(params, salt, public_key, _seal_all(public_key, keys))
-    return backup, public_key
+        record_key = _record_key(seed)
+    try:
+        backup = Backup(params, salt, public_key, _seal_all(public_key, keys))
+    except BaseException:
+        record_key.wipe()
+        raise
+    return backup, public_key, record_key
 
 
 def check_kdf_bound(backup: Backup, bound: KdfBound) -> None:
@@ -345,7 +411,16 @@ def check_kdf_bound(backup: Backup, bound: KdfBound) -> None:
 def open_backup(
     backup: Backup, password: bytearray, *, bound: KdfBound | None = None
 ) -> dict[int, SecretKey]:
-    """Recover every sealed root key with ``password``.
+    """:func:`open_backup_with_record_key` without the record key."""
+    keys, record_key = open_backup_with_record_key(backup, password, bound=bound)
+    record_key.wipe()
+    return keys
+
+
+def open_backup_with_record_key(
+    backup: Backup, password: bytearray, *, bound: KdfBound | None = None
+) -> tuple[dict[int, SecretKey], SecretBuffer]:
+    """Recover every sealed root key with ``password``, and the record key (caller wipes).
 
     With ``bound``, the backup's KDF costs are checked against it first
     (:class:`BackupKdfRejected`, before any Argon2 run).
@@ -359,11 +434,13 @@ def open_backup(
         check_kdf_bound(backup, bound)
     suite = _suite()
     recovered: dict[int, SecretKey] = {}
+    record_key: SecretBuffer | None = None
     try:
         with kdf.derive(password, backup.salt, backup.params) as seed_buf, seed_buf.view() as seed:
             # Check the password before touching any sealed blob.
             if not hmac.compare_digest(_public_bytes(seed), backup.public_key.raw):
                 raise WrongPassword()
+            record_key = _record_key(seed)
             private_key = _private_key(seed)
             for item in backup.sealed:
                 try:
@@ -389,8 +466,11 @@ def open_backup(
     except BaseException:
         for key in recovered.values():
             key.wipe()
+        if record_key is not None:
+            record_key.wipe()
         raise
-    return recovered
+    assert record_key is not None
+    return recovered, record_key
 
 
 # --- structure ----------------------------------------------------------------------------------
