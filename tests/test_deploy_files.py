@@ -12,6 +12,11 @@
     SystemCallArchitectures=, rebuilt here as the seccomp filter systemd 252 installs.
 (e) deploy/spire/register.sh: ``bash -n``, the dry run's commands, a run against a stand-in
     ``spire-server``, and its refusals.
+(f) deploy/kubernetes/: ``kubernetes-validate --strict`` (it ships the Kubernetes JSON schemas)
+    from a throwaway virtualenv, run without a network namespace's links where ``unshare -n``
+    works, so the check is offline; a broken copy must fail; the container's command line and
+    the ConfigMap's TOML load with Nexus's configuration loader. pip needs PyPI: without it the
+    test is skipped locally and fails under ``CI``.
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ import struct
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable
+import venv
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from nexus.config import load_config
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json
+from tests.harness import TEST_PASSWORD, DevAgent, Nexus, base_env, pilot, pilot_json, short_tmpdir
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD = ROOT / "deploy" / "systemd"
@@ -45,6 +51,8 @@ TOML = SYSTEMD / "nexus.toml"
 SYSUSERS = SYSTEMD / "spike-nexus.sysusers"
 TMPFILES = SYSTEMD / "spike-nexus.tmpfiles"
 REGISTER = ROOT / "deploy" / "spire" / "register.sh"
+MANIFEST = ROOT / "deploy" / "kubernetes" / "spike-nexus.yaml"
+KUBERNETES_VALIDATE = "kubernetes-validate==1.37.0"  # bundles the schemas up to 1.37
 INSTALLED_BINARY = "/opt/spike/bin/spike-nexus"
 
 
@@ -555,3 +563,111 @@ def test_register_refuses(env: dict[str, str]) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.startswith("register.sh: ")
     assert "entry create" not in result.stdout
+
+
+# ---------------------------------------------------------------- (f) deploy/kubernetes
+
+
+def _fail_or_skip(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"kubernetes-validate unavailable under CI: {reason}")
+    pytest.skip(f"kubernetes-validate unavailable: {reason}")
+
+
+@pytest.fixture(scope="module")
+def kube_python() -> Iterator[str]:
+    """A throwaway virtualenv's python with kubernetes-validate (and PyYAML) installed."""
+    home = short_tmpdir("kv-")
+    try:
+        venv.EnvBuilder(with_pip=True, clear=True).create(home / "venv")
+        python = str(home / "venv" / "bin" / "python")
+        env = {k: v for k, v in base_env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+        try:
+            result = subprocess.run(
+                [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                 KUBERNETES_VALIDATE], env=env, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            _fail_or_skip("pip install timed out")
+        if result.returncode != 0:
+            _fail_or_skip(f"pip install {KUBERNETES_VALIDATE} failed: {result.stderr[-2000:]}")
+        yield python
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def offline(command: list[str]) -> list[str]:
+    """``command`` in a new network namespace (no route anywhere) when this user may make one."""
+    unshare = shutil.which("unshare")
+    if unshare and subprocess.run([unshare, "-n", "true"], capture_output=True,
+                                  timeout=60).returncode == 0:
+        return [unshare, "-n", *command]
+    return command
+
+
+def kube_validate(python: str, path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        offline([python, "-m", "kubernetes_validate", "--strict", "--kubernetes-version",
+                 "1.33.0", str(path)]), capture_output=True, text=True, timeout=300)
+
+
+def test_kubernetes_manifest_validates_offline(kube_python: str) -> None:
+    result = kube_validate(kube_python, MANIFEST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for kind in ("namespace", "serviceaccount", "configmap", "service", "statefulset"):
+        assert f"passed for resource {kind}/" in result.stdout + result.stderr, kind
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    ("serviceAccountName:", "serviceAcountName:"),
+    ("replicas: 1", "replicas: one"),
+    ("driver: csi.spiffe.io", "driver: [csi.spiffe.io]"),
+], ids=["unknown-field", "wrong-type", "csi-driver-not-a-string"])
+def test_kubernetes_validation_catches_a_broken_manifest(kube_python: str, tmp_path: Path,
+                                                         old: str, new: str) -> None:
+    text = MANIFEST.read_text()
+    assert old in text
+    broken = tmp_path / "spike-nexus.yaml"
+    broken.write_text(text.replace(old, new))
+    result = kube_validate(kube_python, broken)
+    assert result.returncode != 0, result.stdout + result.stderr
+
+
+KUBE_EXTRACT = r"""
+import json, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+sts = next(d for d in docs if d["kind"] == "StatefulSet")
+cm = next(d for d in docs if d["kind"] == "ConfigMap")
+pod = sts["spec"]["template"]["spec"]
+c = pod["containers"][0]
+print(json.dumps({"args": c["args"], "env": c["env"], "toml": cm["data"]["nexus.toml"],
+                  "mounts": c["volumeMounts"], "volumes": pod["volumes"],
+                  "security": c["securityContext"], "pod_security": pod["securityContext"],
+                  "replicas": sts["spec"]["replicas"]}))
+"""
+
+
+def test_kubernetes_command_line_and_config_load(kube_python: str, tmp_path: Path) -> None:
+    result = subprocess.run([kube_python, "-c", KUBE_EXTRACT, str(MANIFEST)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    spec = json.loads(result.stdout)
+    toml = tmp_path / "nexus.toml"
+    toml.write_text(spec["toml"])
+    args = spec["args"]
+    assert args[0] == "spike-nexus"
+    args = args[1:]
+    mounts = {m["name"]: m["mountPath"] for m in spec["mounts"]}
+    assert args[args.index("--config") + 1] == mounts["config"] + "/nexus.toml"
+    args[args.index("--config") + 1] = str(toml)
+    config = load_config(args, env={})
+    assert str(config.data_dir) == mounts["data"]
+    assert config.tls_name == "nexus.spike.internal"
+    socket_env = next(e["value"] for e in spec["env"] if e["name"] == "SPIFFE_ENDPOINT_SOCKET")
+    assert socket_env.startswith("unix://" + mounts["spiffe-workload-api"] + "/")
+    csi = next(v["csi"] for v in spec["volumes"] if v["name"] == "spiffe-workload-api")
+    assert csi == {"driver": "csi.spiffe.io", "readOnly": True}
+    assert spec["security"]["allowPrivilegeEscalation"] is False
+    assert spec["security"]["readOnlyRootFilesystem"] is True
+    assert spec["security"]["capabilities"] == {"drop": ["ALL"]}
+    assert spec["pod_security"]["runAsNonRoot"] is True
+    assert spec["replicas"] == 1  # SQLite: one Nexus per data directory
