@@ -1,6 +1,6 @@
 """Secrets API through Pilot against a real, unsealed Nexus (SQLite): versions, pruning,
 soft delete / undelete / destroy, check-and-set, path grammar and size limits, import,
-and the JSON output shapes of CONTRACT.md."""
+and the JSON output shapes documented in the README."""
 
 from __future__ import annotations
 
