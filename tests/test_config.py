@@ -18,7 +18,7 @@ def write_toml(tmp_path: Path, text: str) -> Path:
     return path
 
 
-# --- defaults (CONTRACT.md) ----------------------------------------------------------------
+# --- defaults (README, Configuration) ---------------------------------------------------
 
 
 def test_defaults() -> None:
