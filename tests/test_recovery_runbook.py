@@ -127,6 +127,7 @@ def secure() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.timeout(1500)  # ~30 Pilot processes and 5 restarts: slow beside a CPU hog
 def test_recovery_runbook_as_written_after_a_completed_rotation(
     agent: DevAgent, data_dir: Path, secure: Path
 ) -> None:
