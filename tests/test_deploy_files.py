@@ -420,11 +420,12 @@ def test_the_rebuilt_filter_follows_the_unit_text() -> None:
     assert answer["hardening"] == [False, False, False]
 
 
-def test_nexus_serves_under_the_units_system_call_filter(agent: DevAgent,
-                                                         data_dir: Path) -> None:
+def test_nexus_serves_under_the_units_system_call_filter(agent: DevAgent, data_dir: Path,
+                                                         tmp_path: Path) -> None:
     program = unit_filter(unit_text())
-    password = data_dir.parent / (data_dir.name + ".pw")
+    password = tmp_path / "admin.pw"
     password.write_text(TEST_PASSWORD + "\n")
+    password.chmod(0o600)
     # Production Argon2id (argon2-cffi), metrics (prometheus_client) and PEM-free SPIFFE.
     nexus = Nexus(data_dir, agent.env("nexus"), args=["--metrics-listen", "127.0.0.1:0"],
                   insecure_kdf=False, preexec_fn=sandboxed(program))
