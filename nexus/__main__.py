@@ -99,7 +99,11 @@ def serve(config: NexusConfig) -> int:
     store = open_configured_store(config)
     keys = KeyManager(store, config.backup_path, kdf_params(config),
                       allow_insecure_kdf=config.insecure_test_kdf,
-                      backoff_base=config.recover_backoff_seconds)
+                      backoff_base=config.recover_backoff_seconds,
+                      authenticate_legacy_records=config.authenticate_legacy_records)
+    if config.authenticate_legacy_records:
+        log.warning("--authenticate-legacy-records is set: generation records with no tag "
+                    "are accepted at the next recover; remove the flag after the upgrade")
     node = Node(store, config.store, keys, audit, hardening, str(config.backup_path),
                 backup_verify_interval=config.backup_verify_interval_seconds,
                 superuser_id=f"spiffe://{config.trust_domain}/spike/pilot/role/superuser",

@@ -39,6 +39,9 @@ class NexusConfig:
     kdf_parallelism: int = 4
     # Tests only: allow Argon2id parameters below the OWASP minimum.
     insecure_test_kdf: bool = False
+    # One-time upgrade: accept (and tag) generation records written before records were
+    # authenticated, at the next recover with the password.
+    authenticate_legacy_records: bool = False
     backup_verify_interval_seconds: float = 3600.0
     # First delay after a wrong password; doubles per failure (capped at 300 s).
     recover_backoff_seconds: float = 1.0
@@ -77,7 +80,7 @@ class NexusConfig:
 _TYPES = {f.name: f for f in fields(NexusConfig)}
 # Test-only switches: never from the environment or a file, where they could linger
 # unnoticed in a production deployment.
-FLAG_ONLY = frozenset({"insecure_test_kdf"})
+FLAG_ONLY = frozenset({"insecure_test_kdf", "authenticate_legacy_records"})
 
 
 def _has_field_type(raw: Any, default: Any) -> bool:
@@ -128,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "insecure_test_kdf":
             parser.add_argument(flag, action="store_const", const=True, default=None,
                                 help=argparse.SUPPRESS)
+            continue
+        if f.name == "authenticate_legacy_records":
+            parser.add_argument(
+                flag, action="store_const", const=True, default=None,
+                help="one-time upgrade of a store from before authenticated generation "
+                     "records: the next recover with the password accepts and tags them "
+                     "(only if nobody else could have written the store and the backup)")
             continue
         parser.add_argument(flag, default=None, metavar=f.name.upper(), help=_HELP.get(f.name))
     return parser

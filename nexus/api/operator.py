@@ -149,6 +149,12 @@ class OperatorServicer(pb_grpc.OperatorServicer):
                                    outcome="accepted", durable=True,
                                    detail_text="recovered from a backup sealed under an "
                                                "earlier password, as the operator confirmed")
+            if recovery.legacy_records_authenticated:
+                self._audit.record("recover.legacy_records", caller=caller, target=source,
+                                   outcome="authenticated", durable=True,
+                                   detail_text="generation records from before authenticated "
+                                               "records were vouched for by the password "
+                                               "and tagged (--authenticate-legacy-records)")
             if recovery.retired_generations:
                 self._audit.record("recover.retired_generations", caller=caller,
                                    target=source, outcome="ignored",

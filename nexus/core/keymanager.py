@@ -82,6 +82,9 @@ class Recovery:
     keyring: Keyring
     old_password_accepted: bool = False
     retired_generations: tuple[int, ...] = ()
+    # Records from before authenticated records, vouched for by the password and tagged now
+    # (only with the operator's --authenticate-legacy-records).
+    legacy_records_authenticated: bool = False
 
 
 @dataclass
@@ -146,8 +149,13 @@ class KeyManager:
         backoff_cap: float = 300.0,
         clock: Callable[[], float] = time.time,
         wrong_password_delay_cap: float = WRONG_PASSWORD_DELAY_CAP,
+        authenticate_legacy_records: bool = False,
     ) -> None:
         self._store = store
+        # The operator's one-time upgrade consent: records with no tag at all (written before
+        # records were authenticated) are accepted once the password opened the backup and
+        # its keys match them, and are tagged then.
+        self._authenticate_legacy = authenticate_legacy_records
         self._backup_path = backup_path
         self._kdf_params = kdf_params
         # The costliest Argon2id a backup may ask of us (checked before any KDF run).
@@ -290,16 +298,31 @@ class KeyManager:
             previous.wipe()
 
     def _check_record_tags(self, keys: dict[int, SecretKey], record_key: SecretBuffer,
-                           key_id: str) -> None:
+                           key_id: str) -> bool:
         """Every recorded generation about to be loaded must carry a valid tag under the
-        record key of the password that opened the backup (a planted record cannot)."""
+        record key of the password that opened the backup (a planted record cannot).
+
+        True when the records predate authentication and the operator started Nexus with
+        ``--authenticate-legacy-records``: they are accepted (the caller tags them)."""
         raw = self._generation_records()
         if not raw and self._store.is_empty():
             # An init that died between writing the backup and recording its key: nothing
             # is stored under any key yet. The records are written (and tagged) now.
             log.warning("no generation records and an empty store: accepting the backup's "
                         "keys and recording them", generations=sorted(keys))
-            return
+            return False
+        live = [v for v in raw.values() if isinstance(v, dict) and "retired" not in v]
+        if live and not any(v.get("tags") for v in live):
+            if self._authenticate_legacy:
+                log.warning("generation records predate authentication: accepted on the "
+                            "operator's --authenticate-legacy-records and tagged now",
+                            generations=sorted(keys))
+                return True
+            raise errors.BackupInvalid(
+                "the store's generation records predate authenticated records: to upgrade, "
+                "start Nexus once with --authenticate-legacy-records and recover with the "
+                "administrator password (only if nobody else could have written the store "
+                "and the backup file)")
         for generation in sorted(keys):
             entry = raw.get(str(generation), {})
             tags = entry.get("tags")
@@ -312,6 +335,7 @@ class KeyManager:
                     "store's records predate authenticated records, or the password was "
                     f"changed more than {MAX_RECORD_TAGS - 1} times since this backup)"
                 )
+        return False
 
     # ------------------------------------------------------------------ init
 
@@ -447,7 +471,8 @@ class KeyManager:
                 for generation in retired:
                     keys.pop(generation).wipe()
                 self._check_against_store(keys)
-                self._check_record_tags(keys, record_key, backup.public_key.digest_hex)
+                legacy = self._check_record_tags(keys, record_key,
+                                                 backup.public_key.digest_hex)
                 # After the password opened it and its keys proved to be ours: so the backup
                 # is genuine and sealed under another password than the recorded one.
                 old_password = self._sealed_under_an_earlier_password(backup)
@@ -466,6 +491,10 @@ class KeyManager:
                 raise
             self._backoff.succeeded()
             self._set_record_key(record_key, backup.public_key.digest_hex)
+            if legacy:
+                self._record_generations(
+                    {g: info for g, info in self.generations_recorded().items() if g in keys},
+                    holding={g: fingerprint(k).hex() for g, k in keys.items()})
             if not self._generation_records():
                 now = self._clock()
                 self._record_generations(
@@ -502,7 +531,8 @@ class KeyManager:
         log.info("unsealed", generations=list(keys), active=max(keys))
         self._notify_unsealed()
         return Recovery(keyring, old_password_accepted=old_password,
-                        retired_generations=tuple(retired))
+                        retired_generations=tuple(retired),
+                        legacy_records_authenticated=legacy)
 
     def _server_file_holds(self, backup: Backup) -> bool:
         """True when the server's file is a good copy of exactly ``backup``'s keys, sealed to
