@@ -1,4 +1,4 @@
-"""Pilot's errors, each with its exit code (CONTRACT.md) and a hint for the operator."""
+"""Pilot's errors, each with its exit code (README, "Exit codes") and a hint for the operator."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The password-sealed root key backup (DESIGN.md section 4, "Password backup — decision").
+"""The password-sealed root key backup (docs/security.md, "The backup").
 
 How it works::
 
