@@ -1,6 +1,6 @@
 """Root key rotation: online re-encryption of every stored record, crash-safe.
 
-Phases (DESIGN.md section 7):
+Phases (docs/runbooks/rotation.md follows them for the operator):
 
 1. ``precheck``  unsealed, store writable, free space, backup present and matching,
                  no rotation running;
