@@ -257,11 +257,9 @@ def _invoke(call: Any, request: Message, streaming: bool
             ) -> tuple[grpc.StatusCode, str, tuple[Any, ...]]:
     try:
         if streaming:
-            stream = call(request, timeout=30)
+            stream = call(request, timeout=60)
             try:
-                for n, _ in enumerate(stream):
-                    if n >= 2:
-                        break
+                next(stream, None)  # the first answer (or the end): the request was judged
             finally:
                 stream.cancel()
         else:
