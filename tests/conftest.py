@@ -9,6 +9,9 @@ import pytest
 
 from tests.harness import DevAgent, Nexus, short_tmpdir
 
+# The test point a gated Nexus holds its rotation at, batch by batch (nexus/core/testpoints.py).
+GATE = "rotation_between_batches"
+
 # The real PostgreSQL server fixtures (pg_server, pg_dsn) for every test module.
 pytest_plugins = ["tests.pg"]
 
@@ -39,3 +42,21 @@ def nexus(agent: DevAgent, data_dir: object) -> Iterator[Nexus]:
     running = Nexus(data_dir, agent.env("nexus"))  # type: ignore[arg-type]
     yield running
     running.stop()
+
+
+@pytest.fixture()
+def gated(agent: DevAgent, data_dir: object) -> Iterator[tuple[Nexus, object]]:
+    """A Nexus whose rotation waits at GATE until the test creates a file in the gate dir."""
+    gate = short_tmpdir("gate-")
+    env = agent.env("nexus")
+    env["SPIKE_NEXUS_TEST_GATE_AT"] = GATE
+    env["SPIKE_NEXUS_TEST_GATE_DIR"] = str(gate)
+    running = Nexus(data_dir, env)  # type: ignore[arg-type]
+    try:
+        yield running, gate
+    finally:
+        (gate / "all").touch()
+        running.stop()
+        for child in gate.iterdir():
+            child.unlink()
+        gate.rmdir()

@@ -17,7 +17,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import pytest
 from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import operator_pb2, operator_pb2_grpc, secrets_pb2, secrets_pb2_grpc
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot_json, short_tmpdir
+from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot_json
 
 PREPOPULATED = 500
 WRITERS = 3
@@ -51,21 +51,6 @@ def wait_for(what: str, check: Callable[[], Any], nexus: Nexus, timeout: float =
     return got
 
 
-@pytest.fixture()
-def gated(agent: DevAgent, data_dir: Path) -> Iterator[tuple[Nexus, Path]]:
-    gate = short_tmpdir("gate-")
-    env = agent.env("nexus")
-    env["SPIKE_NEXUS_TEST_GATE_AT"] = GATE
-    env["SPIKE_NEXUS_TEST_GATE_DIR"] = str(gate)
-    nexus = Nexus(data_dir, env)
-    try:
-        yield nexus, gate
-    finally:
-        (gate / "all").touch()
-        nexus.stop()
-        for child in gate.iterdir():
-            child.unlink()
-        gate.rmdir()
 
 
 def value(path: str, version: int) -> dict[str, str]:

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import pytest
 from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import operator_pb2, operator_pb2_grpc
-from tests.harness import PY, TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
+from tests.harness import PY, TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json
 
 GATE = "rotation_between_batches"
 RECORDS = 400
@@ -80,21 +80,6 @@ def gate_reached(nexus: Nexus, count: int) -> bool:
                for e in nexus.log_events())
 
 
-@pytest.fixture()
-def gated(agent: DevAgent, data_dir: Path) -> Iterator[tuple[Nexus, Path]]:
-    gate = short_tmpdir("gate-")
-    env = agent.env("nexus")
-    env["SPIKE_NEXUS_TEST_GATE_AT"] = GATE
-    env["SPIKE_NEXUS_TEST_GATE_DIR"] = str(gate)
-    nexus = Nexus(data_dir, env)
-    try:
-        yield nexus, gate
-    finally:
-        (gate / "all").touch()
-        nexus.stop()
-        for child in gate.iterdir():
-            child.unlink()
-        gate.rmdir()
 
 
 def check_stream(events: list[dict[str, Any]]) -> None:
