@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from devagent.ca import (
     DEFAULT_BACKDATE,
@@ -255,23 +256,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     try:
-        if args.ca_dir:
-            ca, status = CertificateAuthority.load_or_generate(args.ca_dir, trust_domain)
-            log.info("ca_" + status, ca_dir=str(Path(args.ca_dir).absolute()))
-            if status == "renewed":
-                log.warning("ca_renewed", reason="stored CA was about to expire")
-        else:
-            ca = CertificateAuthority.generate(
-                trust_domain, ttl=max(DEFAULT_CA_TTL, 4 * dt.timedelta(seconds=args.ttl))
-            )
-            log.info("ca_created", ephemeral=True)
+        ca = _certificate_authority(args, trust_domain, log)
     except CAError as err:
         print(f"spike-dev-agent: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"spike-dev-agent: error: --ca-dir: {err}", file=sys.stderr)
         return 1
+    return _serve(args, ca, identities, directory, trust_domain, log)
 
+
+def _certificate_authority(args: argparse.Namespace, trust_domain: str,
+                           log: FilteringBoundLogger) -> CertificateAuthority:
+    """The persisted CA of --ca-dir (made, loaded or renewed), or a fresh in-memory one."""
+    if args.ca_dir:
+        ca, status = CertificateAuthority.load_or_generate(args.ca_dir, trust_domain)
+        log.info("ca_" + status, ca_dir=str(Path(args.ca_dir).absolute()))
+        if status == "renewed":
+            log.warning("ca_renewed", reason="stored CA was about to expire")
+        return ca
+    ca = CertificateAuthority.generate(
+        trust_domain, ttl=max(DEFAULT_CA_TTL, 4 * dt.timedelta(seconds=args.ttl))
+    )
+    log.info("ca_created", ephemeral=True)
+    return ca
+
+
+def _serve(args: argparse.Namespace, ca: CertificateAuthority, identities: list[Identity],
+           directory: Path, trust_domain: str, log: FilteringBoundLogger) -> int:
+    """Serve every socket until SIGTERM/SIGINT; 0 on a clean stop, 1 if serving failed."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -175,6 +175,25 @@ class IssuedCertificate:
         _write_private(Path(key_path), self.key_pem())
 
 
+def _with_usage_and_names(builder: x509.CertificateBuilder, is_ca: bool, uris: Sequence[str],
+                          dns_names: Sequence[str]) -> x509.CertificateBuilder:
+    """Key usage for a CA or a leaf (leaves also get EKU serverAuth+clientAuth), then SANs."""
+    if is_ca:
+        builder = builder.add_extension(_ca_key_usage(), critical=True)
+    else:
+        builder = builder.add_extension(_leaf_key_usage(), critical=True).add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
+    names += [x509.DNSName(n) for n in dns_names]
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder
+
+
 class CertificateAuthority:
     """A signing CA: a self-signed root, or an intermediate made with :meth:`intermediate`.
 
@@ -410,19 +429,7 @@ class CertificateAuthority:
                 critical=False,
             )
         )
-        if is_ca:
-            builder = builder.add_extension(_ca_key_usage(), critical=True)
-        else:
-            builder = builder.add_extension(_leaf_key_usage(), critical=True).add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
-        names += [x509.DNSName(n) for n in dns_names]
-        if names:
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        builder = _with_usage_and_names(builder, is_ca, uris, dns_names)
         cert = builder.sign(self.private_key, hashes.SHA256())
         return IssuedCertificate(cert, key, self.chain)
 

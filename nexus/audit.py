@@ -361,23 +361,7 @@ class AuditLog:
         if batch is not None:
             self._drain(batch)
         if durable:
-            with self._written_cond:
-                while self._written < seq:
-                    if not self._writing:  # the writer failed: retry it ourselves
-                        self._writing = True
-                        self._written_cond.release()
-                        try:
-                            self._drain()
-                        finally:
-                            self._written_cond.acquire()
-                    else:
-                        self._waiters += 1
-                        try:
-                            self._written_cond.wait()
-                        finally:
-                            self._waiters -= 1
-            if self._fsync:
-                os.fsync(self._fd)
+            self._wait_written(seq)
         # The operational log repeats the chain hash as an independent anchor that reveals
         # a truncated audit file (the chain alone cannot): for every lifecycle event and
         # refusal, and every ANCHOR_EVERY-th routine one (not each read: that doubled the
@@ -385,6 +369,27 @@ class AuditLog:
         if durable or outcome != "ok" or seq % ANCHOR_EVERY == 0:
             _log.info("audit", action=action, caller=caller, target=target, outcome=outcome,
                       seq=seq, chain=chain[:16])
+
+    def _wait_written(self, seq: int) -> None:
+        """Block until line ``seq`` is written (writing it ourselves if the writer failed),
+        then fsync."""
+        with self._written_cond:
+            while self._written < seq:
+                if not self._writing:  # the writer failed: retry it ourselves
+                    self._writing = True
+                    self._written_cond.release()
+                    try:
+                        self._drain()
+                    finally:
+                        self._written_cond.acquire()
+                else:
+                    self._waiters += 1
+                    try:
+                        self._written_cond.wait()
+                    finally:
+                        self._waiters -= 1
+        if self._fsync:
+            os.fsync(self._fd)
 
     def _take(self) -> tuple[memoryview, int]:
         """Under the lock: claim the writer's role and every pending line (in chain order),
