@@ -17,9 +17,6 @@ Metric names (prefix ``spike_nexus_``) are listed in ``docs/`` and used by
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import resource
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable
@@ -35,6 +32,7 @@ from nexus.api.metrics_interceptor import RpcMetricsInterceptor
 from nexus.core import rotation as rot
 from nexus.core.node import Node, StatusReport
 from nexus.core.schedule import NIST_LIMIT
+from nexus.crypto.hardening import core_dumps_disabled_now, dumpable_off_now
 from spike.errors import SpikeError
 
 log = structlog.get_logger("nexus.metrics")
@@ -54,31 +52,6 @@ LATENCY_BUCKETS = (
     30.0, 60.0, 300.0,
 )
 _STATUS_CODES = frozenset(code.name for code in grpc.StatusCode)
-_PR_GET_DUMPABLE = 3
-
-
-def _live_core_dumps_disabled() -> bool:
-    """RLIMIT_CORE is still 0 (someone with privileges may raise it with prlimit)."""
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
-    except (OSError, ValueError):
-        return False
-    return soft == 0 and hard == 0
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def _live_dumpable_off() -> bool:
-    """prctl(PR_GET_DUMPABLE) is still 0 (it resets on exec/setuid)."""
-    global _libc
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        zero = ctypes.c_ulong(0)
-        return int(_libc.prctl(_PR_GET_DUMPABLE, zero, zero, zero, zero)) == 0
-    except (OSError, AttributeError, ctypes.ArgumentError):
-        return False
 
 
 def _gauge(name: str, doc: str, value: float | None = None,
@@ -150,8 +123,8 @@ class NodeCollector:
     def _hardening(self, status: StatusReport) -> Iterable[Metric]:
         checks = {
             "core_dumps_disabled": status.hardening.core_dumps_disabled
-            and _live_core_dumps_disabled(),
-            "dumpable_off": status.hardening.dumpable_off and _live_dumpable_off(),
+            and core_dumps_disabled_now(),
+            "dumpable_off": status.hardening.dumpable_off and dumpable_off_now(),
             # Vacuously 0 while sealed (no key in memory); alerts look at it only unsealed.
             "key_memory_locked": status.hardening.key_memory_locked,
         }

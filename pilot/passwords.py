@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pilot.errors import UsageError
+from spike.memory import wipe_bytearray
 
 MAX_PASSWORD_BYTES = 4096
 
@@ -30,17 +31,12 @@ def add_password_options(parser: argparse.ArgumentParser, *, new: bool = False) 
                                  "--password-stdin the new password is the second line")
 
 
-def wipe(buffer: bytearray) -> None:
-    for i in range(len(buffer)):
-        buffer[i] = 0
-
-
 def _first_line(data: bytearray) -> bytearray:
     end = data.find(b"\n")
     line = bytearray(data[: end if end >= 0 else len(data)])
     if line.endswith(b"\r"):
         line = line[:-1]
-    wipe(data)
+    wipe_bytearray(data)
     return line
 
 
@@ -68,9 +64,9 @@ def _prompt(label: str, confirm: bool) -> bytearray:
     if confirm:
         second = bytearray(getpass.getpass(f"{label} (again): ").encode("utf-8"))
         same = first == second
-        wipe(second)
+        wipe_bytearray(second)
         if not same:
-            wipe(first)
+            wipe_bytearray(first)
             raise UsageError("the two passwords differ")
     return first
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from nexus.crypto.hardening import HardeningReport, secret_memory_status
-from nexus.crypto.secret_buffer import SecretBuffer, SecretKey, live_buffer_counts, wipe_bytearray
+from nexus.crypto.secret_buffer import SecretBuffer, SecretKey, live_buffer_counts
+from spike.memory import wipe_bytearray
 
 
 def test_from_bytes_consuming_copies_and_zeroes_source() -> None:
@@ -138,3 +139,17 @@ def test_harden_process_in_a_child_process() -> None:
     assert out[1] == "(0, 0)"
     if sys.platform.startswith("linux"):
         assert report.dumpable_off
+
+
+def test_live_probes_follow_the_process_state() -> None:
+    """The probes metrics run at every scrape are hardening.py's own (one home)."""
+    code = (
+        "from nexus.crypto import hardening\n"
+        "hardening.harden_process()\n"
+        "print((hardening.core_dumps_disabled_now(), hardening.dumpable_off_now()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+    after_dumpable = "True" if sys.platform.startswith("linux") else "False"
+    assert out == f"(True, {after_dumpable})"

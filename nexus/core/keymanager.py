@@ -53,8 +53,9 @@ from nexus.crypto.backup_format import (
 from nexus.crypto.kdf import KdfBound, KdfParams
 from nexus.crypto.keyring import Keyring
 from nexus.crypto.keys import fingerprint, fingerprints_equal
-from nexus.crypto.secret_buffer import SecretBuffer, SecretKey, wipe_bytearray
+from nexus.crypto.secret_buffer import SecretBuffer, SecretKey
 from nexus.store.base import Store
+from spike.memory import wipe_bytearray
 
 log = structlog.get_logger("nexus.keys")
 

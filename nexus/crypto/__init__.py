@@ -23,7 +23,7 @@ from nexus.crypto.hardening import HardeningReport, harden_process, secret_memor
 from nexus.crypto.kdf import KdfParams
 from nexus.crypto.keyring import Keyring, KeyringEntry, UnknownGeneration
 from nexus.crypto.keys import Purpose, fingerprint, fingerprint_hex, fingerprints_equal
-from nexus.crypto.secret_buffer import SecretBuffer, SecretKey, wipe_bytearray
+from nexus.crypto.secret_buffer import SecretBuffer, SecretKey
 
 __all__ = [
     "Backup",
@@ -53,5 +53,4 @@ __all__ = [
     "record_identity",
     "secret_memory_status",
     "verify_structure",
-    "wipe_bytearray",
 ]

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 from nexus.crypto.secret_buffer import SecretBuffer, _load_libc, live_buffer_counts
 
-__all__ = ["HardeningReport", "SecretMemoryStatus", "harden_process", "secret_memory_status"]
+__all__ = [
+    "HardeningReport",
+    "SecretMemoryStatus",
+    "core_dumps_disabled_now",
+    "dumpable_off_now",
+    "harden_process",
+    "secret_memory_status",
+]
 
 _PR_SET_DUMPABLE = 4
 _PR_GET_DUMPABLE = 3
@@ -49,27 +56,44 @@ class SecretMemoryStatus:
         return self.live_buffers == self.locked_buffers
 
 
-def _disable_core_dumps() -> bool:
+def core_dumps_disabled_now() -> bool:
+    """``RLIMIT_CORE`` is 0, soft and hard (someone with privileges may raise it with
+    ``prlimit`` after start-up, so metrics ask again at every scrape). Never raises."""
     try:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
     except (OSError, ValueError):
         return False
     return soft == 0 and hard == 0
 
 
-def _set_not_dumpable() -> bool:
+def _prctl(option: int) -> int | None:
+    """``prctl(option, 0, 0, 0, 0)``, or None when libc or prctl is unavailable."""
     libc = _load_libc()
     prctl = getattr(libc, "prctl", None) if libc is not None else None
     if prctl is None:
-        return False
+        return None
     try:
         zero = ctypes.c_ulong(0)
-        if prctl(_PR_SET_DUMPABLE, zero, zero, zero, zero) != 0:
-            return False
-        return bool(prctl(_PR_GET_DUMPABLE, zero, zero, zero, zero) == 0)
+        return int(prctl(option, zero, zero, zero, zero))
     except (OSError, AttributeError, ctypes.ArgumentError):
+        return None
+
+
+def dumpable_off_now() -> bool:
+    """``prctl(PR_GET_DUMPABLE)`` is 0 (it resets on exec and setuid). Never raises."""
+    return _prctl(_PR_GET_DUMPABLE) == 0
+
+
+def _disable_core_dumps() -> bool:
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (OSError, ValueError):
         return False
+    return core_dumps_disabled_now()
+
+
+def _set_not_dumpable() -> bool:
+    return _prctl(_PR_SET_DUMPABLE) == 0 and dumpable_off_now()
 
 
 def _probe_mlock() -> bool:

@@ -23,12 +23,13 @@ from contextlib import AbstractContextManager, contextmanager, suppress
 from types import TracebackType
 from typing import NoReturn
 
+from spike.memory import wipe_bytearray
+
 __all__ = [
     "ROOT_KEY_SIZE",
     "SecretBuffer",
     "SecretKey",
     "live_buffer_counts",
-    "wipe_bytearray",
 ]
 
 ROOT_KEY_SIZE = 32
@@ -115,12 +116,6 @@ def _address_of_view(view: memoryview) -> int:
         return ctypes.addressof(holder)
     finally:
         del holder
-
-
-def wipe_bytearray(data: bytearray) -> None:
-    """Overwrite ``data`` with zeros in place (best effort; Python may hold older copies)."""
-    if len(data):
-        ctypes.memset((ctypes.c_char * len(data)).from_buffer(data), 0, len(data))
 
 
 def live_buffer_counts() -> tuple[int, int]:

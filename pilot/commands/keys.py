@@ -10,7 +10,8 @@ from typing import Any
 
 from pilot.errors import UsageError
 from pilot.output import emit_json, info
-from pilot.passwords import add_password_options, read_new_password, read_password, wipe
+from pilot.passwords import add_password_options, read_new_password, read_password
+from spike.memory import wipe_bytearray as wipe
 
 
 def register(sub: Any, parent: argparse.ArgumentParser) -> None:
