@@ -28,8 +28,9 @@ class ConfigError(SpikeError):
 class ErrorKind(StrEnum):
     """What went wrong, as Nexus names it in the ``spike-error-kind`` trailing metadata.
 
-    Nexus sets one on every refusal (``nexus/core/errors.py``); Pilot maps each one to an exit
-    code (``pilot/errors.py``, README "Exit codes"). The values are part of the interface.
+    Nexus sets one on every refusal (``nexus/core/errors.py``, ``nexus/api``); Pilot maps each
+    one to an exit code (``pilot/errors.py``, README "Exit codes"). The values are part of the
+    interface (and the audit trail's ``outcome`` of a refused call).
     """
 
     ERROR = "error"  # no more precise kind
@@ -44,6 +45,7 @@ class ErrorKind(StrEnum):
     NOT_FOUND = "not_found"
     CONFLICT = "conflict"
     PERMISSION_DENIED = "permission_denied"
+    UNAUTHENTICATED = "unauthenticated"  # no valid X509-SVID, or a chain from another domain
     WRONG_PASSWORD = "wrong_password"  # noqa: S105 - a kind, not a password
     BACKUP_INVALID = "backup_invalid"
     OLD_PASSWORD_BACKUP = "old_password_backup"  # noqa: S105 - a kind, not a password
@@ -51,3 +53,4 @@ class ErrorKind(StrEnum):
     UNAVAILABLE = "unavailable"
     INTEGRITY = "integrity"
     METADATA_INTEGRITY = "metadata_integrity"
+    INTERNAL = "internal"  # not a NexusError (a bug): Nexus's log has the details

@@ -72,3 +72,8 @@ def proto_name(value: StrEnum, prefix: str) -> str:
 def from_proto_name(enum: type[E], name: str, prefix: str) -> E:
     """The member behind a gRPC enum name; ValueError for UNSPECIFIED or an unknown name."""
     return enum(name.removeprefix(prefix).lower())
+
+
+# The prefixes of the gRPC enums (spike.v1.operator_pb2.State, .RotationPhase).
+STATE_PREFIX = "STATE_"
+ROTATION_PHASE_PREFIX = "ROTATION_PHASE_"

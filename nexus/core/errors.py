@@ -1,7 +1,7 @@
 """Domain errors of Nexus. The API layer maps each class to one gRPC status.
 
 NexusError
-├── NotReady               the root key is not available (kind: "sealed" or "uninitialized")
+├── NotReady               the root key or the store is not ready (kind says which)
 ├── AlreadyInitialized     init on an initialized Nexus
 │   └── AlreadyUnsealed    recover on an unsealed Nexus
 ├── InvalidInput           bad path, value, pattern, parameter (INVALID_ARGUMENT)
@@ -22,63 +22,68 @@ Messages are safe to show to the caller: never a value, a password or a key.
 
 from __future__ import annotations
 
+from spike.errors import ErrorKind
+
 
 class NexusError(Exception):
-    kind = "error"
+    kind: ErrorKind = ErrorKind.ERROR
 
 
 class NotReady(NexusError):
-    def __init__(self, kind: str, message: str) -> None:
+    """The kind says why: UNINITIALIZED, SEALED, STALE (another node rotated) or STORE (not
+    writable, so a rotation is refused)."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
         super().__init__(message)
-        self.kind = kind
+        self.kind = ErrorKind(kind)  # a stray string fails here, not in Pilot
 
 
 class AlreadyInitialized(NexusError):
-    kind = "already_initialized"
+    kind = ErrorKind.ALREADY_INITIALIZED
 
 
 class AlreadyUnsealed(AlreadyInitialized):
     """recover on a Nexus that holds its root key already (nothing to do)."""
 
-    kind = "already_unsealed"
+    kind = ErrorKind.ALREADY_UNSEALED
 
 
 class InvalidInput(NexusError):
-    kind = "invalid_argument"
+    kind = ErrorKind.INVALID_ARGUMENT
 
 
 class PasswordRejected(InvalidInput):
-    kind = "password_rejected"
+    kind = ErrorKind.PASSWORD_REJECTED
 
 
 class NotFound(NexusError):
-    kind = "not_found"
+    kind = ErrorKind.NOT_FOUND
 
 
 class Conflict(NexusError):
-    kind = "conflict"
+    kind = ErrorKind.CONFLICT
 
 
 class Forbidden(NexusError):
-    kind = "permission_denied"
+    kind = ErrorKind.PERMISSION_DENIED
 
 
 class WrongPassword(NexusError):
-    kind = "wrong_password"
+    kind = ErrorKind.WRONG_PASSWORD
 
 
 class BackupInvalid(NexusError):
-    kind = "backup_invalid"
+    kind = ErrorKind.BACKUP_INVALID
 
 
 class OldPasswordBackup(BackupInvalid):
     """The backup is sealed under an earlier password; recover needs explicit consent."""
 
-    kind = "old_password_backup"
+    kind = ErrorKind.OLD_PASSWORD_BACKUP
 
 
 class TooManyAttempts(NexusError):
-    kind = "backoff"
+    kind = ErrorKind.BACKOFF
 
     def __init__(self, retry_after: float) -> None:
         super().__init__(f"too many failed attempts: retry in {retry_after:.1f} s")
@@ -86,17 +91,17 @@ class TooManyAttempts(NexusError):
 
 
 class Unavailable(NexusError):
-    kind = "unavailable"
+    kind = ErrorKind.UNAVAILABLE
 
 
 class IntegrityError(NexusError):
     """A stored record failed to decrypt (tampered, moved, or its key is gone)."""
 
-    kind = "integrity"
+    kind = ErrorKind.INTEGRITY
 
 
 class MetadataIntegrityError(IntegrityError):
     """A path's plaintext metadata contradicts its stored records (a damaged or edited
     database): the operation is refused and nothing is changed."""
 
-    kind = "metadata_integrity"
+    kind = ErrorKind.METADATA_INTEGRITY

@@ -44,6 +44,7 @@ from nexus.crypto import envelope
 from nexus.crypto.keyring import Keyring
 from nexus.crypto.keys import Purpose
 from nexus.store.base import KIND_SECRET, BlobUpdate, RecordKey, ScanRow, Store, StoreError
+from spike.errors import ErrorKind
 
 log = structlog.get_logger("nexus.rotation")
 
@@ -502,7 +503,7 @@ class RotationEngine:
         try:
             self._store.check_writable()
         except Exception:
-            raise NotReady("store", "the store is not writable: rotation refused") from None
+            raise NotReady(ErrorKind.STORE, "the store is not writable: rotation refused") from None
         if self._data_dir is not None:
             free = shutil.disk_usage(self._data_dir).free
             if free < MIN_FREE_BYTES:

@@ -42,6 +42,7 @@ from nexus.crypto.keyring import Keyring
 from nexus.crypto.keys import Purpose
 from nexus.store.base import KIND_SECRET, CasMismatch, InconsistentMetadata, SecretMeta, Store
 from nexus.store.base import NotFound as StoreNotFound
+from spike.errors import ErrorKind
 
 log = structlog.get_logger("nexus.secrets")
 
@@ -187,7 +188,8 @@ class SecretsService:
             return
         if (generation not in keyring.generations
                 and generation in self._keys.generations_recorded()):
-            raise NotReady("stale", f"this record is under root key generation {generation}, "
+            raise NotReady(ErrorKind.STALE,
+                           f"this record is under root key generation {generation}, "
                            "which this node does not hold: run `spike recover` on this node "
                            "with the current backup")
 
