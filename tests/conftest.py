@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,15 @@ def agent(agent_ca_dir: object) -> Iterator[DevAgent]:
     running = DevAgent(ca_dir=agent_ca_dir)  # type: ignore[arg-type]
     yield running
     running.stop()
+
+
+@pytest.fixture()
+def tmp() -> Iterator[Path]:
+    """A private short directory (Unix socket paths must stay short), removed afterwards: for
+    in-process stores, password files and exported copies (outside any Nexus data dir)."""
+    path = short_tmpdir("t-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture()

@@ -1,4 +1,5 @@
-"""Real processes for integration tests: the dev agent, Nexus, Pilot.
+"""Helpers shared by the tests: real processes (the dev agent, Nexus, Pilot) and Nexus built
+in process (``World``, ``open_keys``) through the same builder as the server (nexus/app.py).
 
 Unix socket paths must stay short, so every directory here lives under a
 short /tmp prefix rather than pytest's long tmp_path.
@@ -10,14 +11,24 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from nexus.app import NexusApp, build, build_keys
+from nexus.config import NexusConfig
+from nexus.core import testpoints
+from nexus.core.keymanager import KeyManager
+from nexus.core.rotation import RotationState
+from nexus.store import open_store
+from nexus.store.base import BlobUpdate, Store, StoreUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -171,3 +182,172 @@ def pilot_json(*args: Any, **kwargs: Any) -> dict[str, Any]:
     result = pilot(*args, **kwargs)
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
     return json.loads(result.stdout.splitlines()[-1])
+
+
+# ---------------------------------------------------------------- Nexus in process
+
+SUPERUSER = "spiffe://spike.internal/spike/pilot/role/superuser"
+# How long a test waits for a state it expects (generous: a loaded machine is slow).
+HOLD = 300.0
+
+
+def nexus_config(directory: Path, **overrides: Any) -> NexusConfig:
+    """The configuration of a test Nexus on ``directory``: SQLite, the cheap test KDF, no
+    password backoff (tests that exercise it pass ``recover_backoff_seconds``)."""
+    config = NexusConfig(data_dir=directory, insecure_test_kdf=True, recover_backoff_seconds=0.0)
+    return replace(config, **overrides)
+
+
+def open_keys(directory: Path, *, backoff: float = 0.0, upgrade: bool = False,
+              **overrides: Any) -> KeyManager:
+    """A key manager over the SQLite store in ``directory``, built as Nexus builds it;
+    ``upgrade`` is --authenticate-legacy-records; ``overrides`` go to ``build_keys``."""
+    store = open_store("sqlite", path=directory / "spike.db")
+    config = nexus_config(directory, recover_backoff_seconds=backoff,
+                          authenticate_legacy_records=upgrade)
+    return build_keys(config, store, **overrides)
+
+
+def close_keys(keys: KeyManager) -> None:
+    """Seal and close the store, as a stopping Nexus does (one store per SQLite file)."""
+    keys.seal()
+    keys._store.close()
+
+
+class RacingStore:
+    """The real SQLite store; ``before_replace`` runs right before a batch's conditional update
+    (after the engine read and re-encrypted the rows), to stage a racing user write;
+    ``fail_count`` makes the next ``count_by_generation`` call fail like a lost database;
+    while ``writes_fail`` is set every write fails like a full disk (reads still work)."""
+
+    def __init__(self, inner: Store) -> None:
+        self._inner = inner
+        self.before_replace: Callable[[Sequence[BlobUpdate]], None] | None = None
+        self.fail_count = False
+        self.writes_fail = False
+
+    def _full(self) -> None:
+        if self.writes_fail:
+            raise StoreUnavailable("sqlite: database or disk is full (injected)")
+
+    def put_state(self, key: str, value: str) -> None:
+        self._full()
+        self._inner.put_state(key, value)
+
+    def swap_state(self, key: str, expected: str | None, value: str) -> bool:
+        self._full()
+        return self._inner.swap_state(key, expected, value)
+
+    def count_by_generation(self) -> dict[int, int]:
+        if self.fail_count:
+            self.fail_count = False
+            raise StoreUnavailable("sqlite: disk I/O error (injected)")
+        return self._inner.count_by_generation()
+
+    def replace_blobs(self, updates: Sequence[BlobUpdate], *,
+                      state: tuple[str, str] | None = None) -> int:
+        hook, self.before_replace = self.before_replace, None
+        if hook is not None:
+            hook(updates)
+        self._full()
+        return self._inner.replace_blobs(updates, state=state)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class World:
+    """A Nexus built in process over a real SQLite store (wrapped in ``RacingStore``): key
+    manager, counter, audit, secrets, policies and rotation engine in one place."""
+
+    def __init__(self, directory: Path, *, clock: Callable[[], float] | None = None,
+                 sleep: Callable[[float], None] | None = None, init: bool = True,
+                 between: Callable[[], None] | None = None) -> None:
+        self.dir = directory
+        self.clock = clock
+        self.store = RacingStore(open_store("sqlite", path=directory / "spike.db"))
+        store: Any = self.store
+        # In-process tests do not wait for real: throttling pauses (and any other pause the
+        # engine takes) go to ``sleep``, which defaults to returning at once.
+        self.app: NexusApp = build(nexus_config(directory), store=store,
+                                   clock=clock or time.time, sleep=sleep or (lambda _s: None))
+        self.keys = self.app.keys
+        self.counter = self.app.counter
+        self.audit = self.app.audit
+        self.policies = self.app.policies
+        self.secrets = self.app.secrets
+        self.engine = self.app.rotation
+        # ``between`` runs in this engine's worker after every batch (a test point), not in
+        # the throttle's pause: that one is skipped when a batch is slower than the rate.
+        self._hook: Callable[[str], None] | None = None
+        if between is not None:
+            def hook(name: str) -> None:
+                if name == "rotation_between_batches" \
+                        and threading.current_thread() is self.engine._thread:
+                    between()
+
+            self._hook = hook
+            testpoints.add_hook(hook)
+        if init:
+            self.keys.init(TEST_PASSWORD.encode())
+
+    def close(self) -> None:
+        self.engine.shutdown(HOLD)
+        if self._hook is not None:
+            testpoints.remove_hook(self._hook)
+        self.app.close()
+
+    def fill(self, paths: int = 40, versions: int = 2) -> dict[tuple[str, int], dict[str, str]]:
+        expected = {}
+        for i in range(paths):
+            path = f"app/s{i:03d}"
+            for v in range(1, versions + 1):
+                data = {"k": f"{path} v{v}", "u": "\u00e9\u2603"}
+                assert self.secrets.put(SUPERUSER, path, data, None) == v
+                expected[(path, v)] = data
+        return expected
+
+    def read_all(self, expected: dict[tuple[str, int], dict[str, str]]) -> None:
+        for (path, version), data in expected.items():
+            assert self.secrets.get(SUPERUSER, path, version).data == data
+
+    def wait(self, timeout: float = HOLD) -> RotationState:
+        for _ in self.engine.watch(timeout=0.2):
+            pass
+        thread = self.engine._thread
+        if thread is not None:
+            thread.join(timeout)
+        state = self.engine.current
+        assert state is not None
+        return state
+
+    def generations(self) -> dict[str, set[int]]:
+        """What rows reference, what memory holds, what the backup (object and file) holds."""
+        db = sqlite3.connect(self.dir / "spike.db")
+        try:
+            rows = {int(g) for (g,) in db.execute(
+                "SELECT DISTINCT generation FROM records WHERE blob IS NOT NULL")}
+        finally:
+            db.close()
+        doc = json.loads((self.dir / "root-key.backup").read_text())
+        return {
+            "rows": rows,
+            "memory": set(self.keys.keyring.generations),
+            "backup": set(self.keys.backup_generations()),
+            "file": {int(g["generation"]) for g in doc["generations"]},
+        }
+
+
+def tamper(directory: Path, path: str, version: int) -> None:
+    """Flip the last bit of a secret version's blob in the SQLite file."""
+    db = sqlite3.connect(directory / "spike.db")
+    try:
+        (blob,) = db.execute("SELECT blob FROM records WHERE kind = 'secret' AND path = ? AND "
+                             "version = ?", (path, version)).fetchone()
+        raw = bytearray(blob)
+        raw[-1] ^= 0x01
+        db.execute("UPDATE records SET blob = ? WHERE kind = 'secret' AND path = ? AND "
+                   "version = ?", (bytes(raw), path, version))
+        db.commit()
+    finally:
+        db.close()

@@ -14,8 +14,7 @@ import pytest
 
 from nexus.core.rotation import COMPLETED
 from nexus.store.base import BlobUpdate
-from tests.harness import short_tmpdir
-from tests.test_rotation_unit import World
+from tests.harness import World, short_tmpdir
 
 
 @pytest.fixture()

@@ -2,28 +2,23 @@
 
 Covers what is hard to time with processes: a user write landing between a batch's scan and
 its conditional update, abort/rollback, a record that fails its integrity check, and the
-progress stream's ordering. ``World`` is also used by ``test_schedule.py``.
+progress stream's ordering, on ``World`` (tests/harness.py).
 """
 
 from __future__ import annotations
 
 import itertools
-import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nexus.audit import AuditLog
-from nexus.core import testpoints
-from nexus.core.counter import EncryptionCounter
 from nexus.core.errors import Conflict, NotFound, Unavailable
-from nexus.core.keymanager import KeyManager
-from nexus.core.policies import Policy, PolicyEngine
+from nexus.core.policies import Policy
 from nexus.core.rotation import (
     ABORTED,
     COMPLETED,
@@ -31,177 +26,17 @@ from nexus.core.rotation import (
     REENCRYPT,
     ROLLBACK,
     STATE_KEY,
-    RotationEngine,
     RotationState,
 )
-from nexus.core.secrets import SecretsService
-from nexus.crypto.kdf import KdfParams
-from nexus.store import open_store
-from nexus.store.base import BlobUpdate, Store, StoreUnavailable
-from tests.harness import TEST_PASSWORD, short_tmpdir
-
-SUPERUSER = "spiffe://spike.internal/spike/pilot/role/superuser"
-# How long a test waits for a state it expects (generous: a loaded machine is slow).
-HOLD = 300.0
-
-
-class RacingStore:
-    """The real SQLite store; ``before_replace`` runs right before a batch's conditional update
-    (after the engine read and re-encrypted the rows), to stage a racing user write;
-    ``fail_count`` makes the next ``count_by_generation`` call fail like a lost database;
-    while ``writes_fail`` is set every write fails like a full disk (reads still work)."""
-
-    def __init__(self, inner: Store) -> None:
-        self._inner = inner
-        self.before_replace: Callable[[Sequence[BlobUpdate]], None] | None = None
-        self.fail_count = False
-        self.writes_fail = False
-
-    def _full(self) -> None:
-        if self.writes_fail:
-            raise StoreUnavailable("sqlite: database or disk is full (injected)")
-
-    def put_state(self, key: str, value: str) -> None:
-        self._full()
-        self._inner.put_state(key, value)
-
-    def swap_state(self, key: str, expected: str | None, value: str) -> bool:
-        self._full()
-        return self._inner.swap_state(key, expected, value)
-
-    def count_by_generation(self) -> dict[int, int]:
-        if self.fail_count:
-            self.fail_count = False
-            raise StoreUnavailable("sqlite: disk I/O error (injected)")
-        return self._inner.count_by_generation()
-
-    def replace_blobs(self, updates: Sequence[BlobUpdate], *,
-                      state: tuple[str, str] | None = None) -> int:
-        hook, self.before_replace = self.before_replace, None
-        if hook is not None:
-            hook(updates)
-        self._full()
-        return self._inner.replace_blobs(updates, state=state)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class World:
-    """Store, key manager, counter, audit, secrets, policies and rotation engine in one place."""
-
-    def __init__(self, directory: Path, *, clock: Callable[[], float] | None = None,
-                 sleep: Callable[[float], None] | None = None, init: bool = True,
-                 between: Callable[[], None] | None = None) -> None:
-        self.dir = directory
-        self.clock = clock
-        self.store = RacingStore(open_store("sqlite", path=directory / "spike.db"))
-        store: Any = self.store
-        kwargs: dict[str, Any] = {"clock": clock} if clock else {}
-        self.keys = KeyManager(store, directory / "root-key.backup",
-                               KdfParams.insecure_for_tests(), allow_insecure_kdf=True,
-                               backoff_base=0.0, **kwargs)
-        self.counter = EncryptionCounter(store)
-        self.audit = AuditLog(str(directory / "audit.jsonl"))
-        self.policies = PolicyEngine(store, self.keys, SUPERUSER, self.counter)
-        self.secrets = SecretsService(store, self.keys, self.policies, self.counter)
-        # In-process tests do not wait for real: throttling pauses (and any other pause the
-        # engine takes) go to ``sleep``, which defaults to returning at once.
-        self.engine = RotationEngine(store, self.keys, self.counter, self.audit,
-                                     data_dir=directory, sleep=sleep or (lambda _s: None))
-        self.keys.on_unsealed(self.engine.resume_after_unseal)
-        # ``between`` runs in this engine's worker after every batch (a test point), not in
-        # the throttle's pause: that one is skipped when a batch is slower than the rate.
-        self._hook: Callable[[str], None] | None = None
-        if between is not None:
-            def hook(name: str) -> None:
-                if name == "rotation_between_batches" \
-                        and threading.current_thread() is self.engine._thread:
-                    between()
-
-            self._hook = hook
-            testpoints.add_hook(hook)
-        if init:
-            self.keys.init(TEST_PASSWORD.encode())
-
-    def close(self) -> None:
-        self.engine.shutdown(HOLD)
-        if self._hook is not None:
-            testpoints.remove_hook(self._hook)
-        self.counter.flush()
-        self.keys.seal()
-        self.audit.close()
-        self.store.close()
-
-    def fill(self, paths: int = 40, versions: int = 2) -> dict[tuple[str, int], dict[str, str]]:
-        expected = {}
-        for i in range(paths):
-            path = f"app/s{i:03d}"
-            for v in range(1, versions + 1):
-                data = {"k": f"{path} v{v}", "u": "\u00e9\u2603"}
-                assert self.secrets.put(SUPERUSER, path, data, None) == v
-                expected[(path, v)] = data
-        return expected
-
-    def read_all(self, expected: dict[tuple[str, int], dict[str, str]]) -> None:
-        for (path, version), data in expected.items():
-            assert self.secrets.get(SUPERUSER, path, version).data == data
-
-    def wait(self, timeout: float = HOLD) -> RotationState:
-        for _ in self.engine.watch(timeout=0.2):
-            pass
-        thread = self.engine._thread
-        if thread is not None:
-            thread.join(timeout)
-        state = self.engine.current
-        assert state is not None
-        return state
-
-    def generations(self) -> dict[str, set[int]]:
-        """What rows reference, what memory holds, what the backup (object and file) holds."""
-        import json
-
-        db = sqlite3.connect(self.dir / "spike.db")
-        try:
-            rows = {int(g) for (g,) in db.execute(
-                "SELECT DISTINCT generation FROM records WHERE blob IS NOT NULL")}
-        finally:
-            db.close()
-        doc = json.loads((self.dir / "root-key.backup").read_text())
-        return {
-            "rows": rows,
-            "memory": set(self.keys.keyring.generations),
-            "backup": set(self.keys.backup_generations()),
-            "file": {int(g["generation"]) for g in doc["generations"]},
-        }
+from nexus.store.base import BlobUpdate
+from tests.harness import HOLD, SUPERUSER, TEST_PASSWORD, World, tamper
 
 
 @pytest.fixture()
-def tmpdir_short() -> Iterator[Path]:
-    path = short_tmpdir("ru-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture()
-def world(tmpdir_short: Path) -> Iterator[World]:
-    w = World(tmpdir_short)
+def world(tmp: Path) -> Iterator[World]:
+    w = World(tmp)
     yield w
     w.close()
-
-
-def tamper(directory: Path, path: str, version: int) -> None:
-    db = sqlite3.connect(directory / "spike.db")
-    try:
-        (blob,) = db.execute("SELECT blob FROM records WHERE kind = 'secret' AND path = ? AND "
-                             "version = ?", (path, version)).fetchone()
-        raw = bytearray(blob)
-        raw[-1] ^= 0x01
-        db.execute("UPDATE records SET blob = ? WHERE kind = 'secret' AND path = ? AND "
-                   "version = ?", (bytes(raw), path, version))
-        db.commit()
-    finally:
-        db.close()
 
 
 # ---------------------------------------------------------------- tests
@@ -255,7 +90,7 @@ def test_a_user_write_racing_a_batch_is_not_clobbered(world: World) -> None:
 
 
 def test_abort_rolls_every_record_back_and_drops_the_new_generation(
-        tmpdir_short: Path) -> None:
+        tmp: Path) -> None:
     holder: list[World] = []
     aborted = threading.Event()
 
@@ -264,7 +99,7 @@ def test_abort_rolls_every_record_back_and_drops_the_new_generation(
             aborted.set()
             holder[0].engine.abort("test", reason="unit test")
 
-    world = World(tmpdir_short, between=between)
+    world = World(tmp, between=between)
     holder.append(world)
     try:
         expected = world.fill()
@@ -330,7 +165,7 @@ def test_failed_rotation_can_be_aborted(world: World) -> None:
     world.read_all(expected)
 
 
-def test_resume_after_unseal_continues_an_interrupted_rotation(tmpdir_short: Path) -> None:
+def test_resume_after_unseal_continues_an_interrupted_rotation(tmp: Path) -> None:
     """A checkpoint (graceful shutdown mid-rotation) is resumed when Nexus unseals again."""
     gate = threading.Event()
     stopped = threading.Event()
@@ -339,7 +174,7 @@ def test_resume_after_unseal_continues_an_interrupted_rotation(tmpdir_short: Pat
         stopped.set()
         gate.wait(HOLD)  # until the test lets it go: no timing assumption
 
-    world = World(tmpdir_short, between=between)
+    world = World(tmp, between=between)
     expected = world.fill()
     world.engine.start(caller="test", batch_size=10, max_rate=1000)
     assert stopped.wait(HOLD)
@@ -348,7 +183,7 @@ def test_resume_after_unseal_continues_an_interrupted_rotation(tmpdir_short: Pat
     world.close()
     saved = world.engine.current
     assert saved is not None and saved.phase not in (COMPLETED, ABORTED, FAILED)
-    again = World(tmpdir_short, init=False)
+    again = World(tmp, init=False)
     try:
         again.keys.recover(TEST_PASSWORD.encode())
         state = again.wait()
@@ -359,7 +194,7 @@ def test_resume_after_unseal_continues_an_interrupted_rotation(tmpdir_short: Pat
         again.close()
 
 
-def test_abort_request_survives_a_checkpoint(tmpdir_short: Path) -> None:
+def test_abort_request_survives_a_checkpoint(tmp: Path) -> None:
     """An abort asked for while the worker is busy is persisted: after a restart the
     rotation rolls back instead of completing (bug found by the kill -9 abort tests)."""
     gate = threading.Event()
@@ -369,7 +204,7 @@ def test_abort_request_survives_a_checkpoint(tmpdir_short: Path) -> None:
         stopped.set()
         gate.wait(HOLD)  # until the test lets it go: no timing assumption
 
-    world = World(tmpdir_short, between=between)
+    world = World(tmp, between=between)
     expected = world.fill()
     world.engine.start(caller="test", batch_size=10, max_rate=1000)
     assert stopped.wait(HOLD)
@@ -378,7 +213,7 @@ def test_abort_request_survives_a_checkpoint(tmpdir_short: Path) -> None:
     world.engine._stop.shutdown.set()
     gate.set()
     world.close()
-    again = World(tmpdir_short, init=False)
+    again = World(tmp, init=False)
     try:
         again.keys.recover(TEST_PASSWORD.encode())
         seen = [s.phase for s in again.engine.watch(timeout=0.2)]
@@ -449,7 +284,7 @@ def test_failure_right_after_the_new_key_resume_or_abort(world: World, operator:
     world.read_all(expected)
 
 
-def test_generation_numbers_are_never_reused_after_an_abort(tmpdir_short: Path) -> None:
+def test_generation_numbers_are_never_reused_after_an_abort(tmp: Path) -> None:
     """An aborted rotation's number stays burnt: an old export holding it can never pass
     for a later key with the same number. The abort is requested from the worker's own
     pause after its first batch, so it always lands mid-rotation (requested from outside
@@ -462,7 +297,7 @@ def test_generation_numbers_are_never_reused_after_an_abort(tmpdir_short: Path) 
             requested.set()
             holder[0].engine.abort("t")
 
-    world = World(tmpdir_short, between=between)
+    world = World(tmp, between=between)
     holder.append(world)
     try:
         world.fill(paths=20, versions=1)
@@ -521,7 +356,7 @@ def test_a_cell_edited_before_the_rotation_is_set_right_and_it_completes(world: 
     world.read_all(expected)
 
 
-def test_a_full_disk_fails_the_rotation_visibly_and_resume_continues(tmpdir_short: Path) -> None:
+def test_a_full_disk_fails_the_rotation_visibly_and_resume_continues(tmp: Path) -> None:
     """The store refuses every write after the first batch, the FAILED phase too: the
     worker must still end the rotation FAILED (in memory, for watchers), save that once the
     store takes writes again, and resume from the saved cursor (it used to die, leaving
@@ -534,7 +369,7 @@ def test_a_full_disk_fails_the_rotation_visibly_and_resume_continues(tmpdir_shor
             filled.set()
             holder[0].store.writes_fail = True
 
-    world = World(tmpdir_short, between=between)
+    world = World(tmp, between=between)
     holder.append(world)
     try:
         expected = world.fill(paths=30, versions=1)

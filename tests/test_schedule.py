@@ -1,6 +1,6 @@
 """Scheduled rotation under injected time: interval, maintenance window, encryption counter.
 
-In-process over a real SQLite store and key manager (``World`` from test_rotation_unit), with
+In-process over a real SQLite store and key manager (``World`` from tests/harness.py), with
 the key manager's and scheduler's clocks pinned; plus one real Nexus whose scheduler starts a
 rotation by itself once the encryption-count trigger is reached.
 """
@@ -29,8 +29,16 @@ from nexus.core.schedule import (
 )
 from pilot.commands.rotation import parse_duration
 from pilot.errors import UsageError
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json
-from tests.test_rotation_unit import SUPERUSER, World, tamper
+from tests.harness import (
+    SUPERUSER,
+    TEST_PASSWORD,
+    DevAgent,
+    Nexus,
+    World,
+    pilot,
+    pilot_json,
+    tamper,
+)
 
 DAY = 86400.0
 T0 = datetime(2030, 1, 1, 0, 0, tzinfo=UTC).timestamp()  # key created at midnight UTC
@@ -56,17 +64,10 @@ def clock() -> Clock:
 
 
 @pytest.fixture()
-def world(tmpdir_short: Path, clock: Clock) -> Iterator[World]:
-    w = World(tmpdir_short, clock=clock)
+def world(tmp: Path, clock: Clock) -> Iterator[World]:
+    w = World(tmp, clock=clock)
     yield w
     w.close()
-
-
-@pytest.fixture()
-def tmpdir_short() -> Iterator[Path]:
-    from tests.test_rotation_unit import tmpdir_short as make
-
-    yield from make.__wrapped__()  # type: ignore[attr-defined]
 
 
 def scheduler(world: World, clock: Clock) -> Scheduler:
@@ -208,7 +209,7 @@ def test_never_while_sealed(world: World, clock: Clock) -> None:
     assert world.engine.current is None
 
 
-def test_not_while_a_rotation_runs(tmpdir_short: Path, clock: Clock) -> None:
+def test_not_while_a_rotation_runs(tmp: Path, clock: Clock) -> None:
     gate = threading.Event()
     paused = threading.Event()
 
@@ -216,7 +217,7 @@ def test_not_while_a_rotation_runs(tmpdir_short: Path, clock: Clock) -> None:
         paused.set()
         gate.wait(300)  # until the test lets it go: no timing assumption
 
-    world = World(tmpdir_short, clock=clock, between=between)
+    world = World(tmp, clock=clock, between=between)
     try:
         world.fill(paths=30, versions=1)
         sched = scheduler(world, clock)
@@ -247,14 +248,14 @@ def test_not_after_a_failed_rotation(world: World, clock: Clock) -> None:
     assert sched.due(at(365, "00:00")) is not None  # the counter trigger is live again
 
 
-def test_schedule_survives_recreating_everything(tmpdir_short: Path, clock: Clock) -> None:
-    world = World(tmpdir_short, clock=clock)
+def test_schedule_survives_recreating_everything(tmp: Path, clock: Clock) -> None:
+    world = World(tmp, clock=clock)
     sched = scheduler(world, clock)
     saved = sched.set(interval_seconds=14 * DAY, window="22:00-04:00", max_encryptions=1000)
     world.fill(paths=2, versions=1)
     world.close()
 
-    again = World(tmpdir_short, clock=clock, init=False)
+    again = World(tmp, clock=clock, init=False)
     try:
         restored = scheduler(again, clock)
         assert restored.get() == saved

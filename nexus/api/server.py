@@ -39,6 +39,53 @@ SERVICE_NAMES = (
 )
 
 
+def _server_options(config: NexusConfig, limits: ConnectionLimits) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", 30_000),
+        # A request carries at most one secret (bounded by max_value_bytes) or one
+        # backup (bounded at 1 MiB), plus framing.
+        ("grpc.max_receive_message_length",
+         max(config.max_value_bytes, MAX_BACKUP_FILE_SIZE) + 64 * 1024),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+        # Unauthenticated connections hold a descriptor each (nexus/limits.py).
+        ("grpc.server_handshake_timeout_ms", limits.handshake_timeout_ms),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+    ]
+
+
+def _authorization(config: NexusConfig, node: Node, audit: AuditLog,
+                   denied_hooks: Sequence[Callable[[str, str, str], None]]
+                   ) -> AuthorizationInterceptor:
+    def on_denied(method: str, caller: str, reason: str) -> None:
+        audit.record("rpc.denied", caller=caller or "(none)", target=method,
+                     outcome="denied", reason=reason)
+        for hook in denied_hooks:
+            hook(method, caller, reason)
+
+    return AuthorizationInterceptor(
+        rpc_rules(config.trust_domain),
+        Gate(node.is_unsealed, node.sealed_message),
+        on_denied,
+        config.trust_domain,
+    )
+
+
+def _add_services(server: grpc.Server, node: Node, audit: AuditLog,
+                  health_servicer: BoundedHealthServicer) -> None:
+    operator_pb2_grpc.add_OperatorServicer_to_server(OperatorServicer(node), server)
+    secrets_pb2_grpc.add_SecretsServicer_to_server(SecretsServicer(node.secrets, audit), server)
+    policies_pb2_grpc.add_PoliciesServicer_to_server(
+        PoliciesServicer(node.policies, audit), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+
+
 class NexusServer:
     """The running gRPC server plus its health servicer."""
 
@@ -60,49 +107,12 @@ class NexusServer:
                 max_concurrent_streams=config.max_concurrent_streams)
         self.limits = limits
         self.health = BoundedHealthServicer(SERVICE_NAMES)
-
-        def on_denied(method: str, caller: str, reason: str) -> None:
-            audit.record("rpc.denied", caller=caller or "(none)", target=method,
-                         outcome="denied", reason=reason)
-            for hook in denied_hooks:
-                hook(method, caller, reason)
-
-        interceptor = AuthorizationInterceptor(
-            rpc_rules(config.trust_domain),
-            Gate(node.is_unsealed, node.sealed_message),
-            on_denied,
-            config.trust_domain,
-        )
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
-            ("grpc.max_connection_age_grace_ms", 30_000),
-            # A request carries at most one secret (bounded by max_value_bytes) or one
-            # backup (bounded at 1 MiB), plus framing.
-            ("grpc.max_receive_message_length",
-             max(config.max_value_bytes, MAX_BACKUP_FILE_SIZE) + 64 * 1024),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-            # Unauthenticated connections hold a descriptor each (nexus/limits.py).
-            ("grpc.server_handshake_timeout_ms", limits.handshake_timeout_ms),
-            ("grpc.max_allowed_incoming_connections", limits.max_connections),
-            ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
-        ]
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-            interceptors=[*interceptors, interceptor],
-            options=options,
+            interceptors=[*interceptors, _authorization(config, node, audit, denied_hooks)],
+            options=_server_options(config, limits),
         )
-        operator_pb2_grpc.add_OperatorServicer_to_server(OperatorServicer(node), self.server)
-        secrets_pb2_grpc.add_SecretsServicer_to_server(
-            SecretsServicer(node.secrets, audit), self.server
-        )
-        policies_pb2_grpc.add_PoliciesServicer_to_server(
-            PoliciesServicer(node.policies, audit), self.server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        _add_services(self.server, node, audit, self.health)
         self.port = self.server.add_secure_port(config.listen, server_credentials(identity))
         if self.port == 0:
             raise OSError(f"cannot listen on {config.listen}")

@@ -6,7 +6,6 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import structlog
 
@@ -15,7 +14,7 @@ from nexus.audit import AuditLog
 from nexus.core.counter import EncryptionCounter
 from nexus.core.keymanager import KeyManager
 from nexus.core.policies import PolicyEngine
-from nexus.core.rotation import STALE_NODE_GRACE, RotationEngine, RotationState
+from nexus.core.rotation import RotationEngine, RotationState
 from nexus.core.schedule import Schedule, Scheduler
 from nexus.core.secrets import SecretsService
 from nexus.crypto.hardening import HardeningReport
@@ -60,6 +59,17 @@ class StatusReport:
     encryptions: dict[int, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class NodeServices:
+    """The core services a node serves, built over its store and key manager (nexus/app.py)."""
+
+    counter: EncryptionCounter
+    policies: PolicyEngine
+    secrets: SecretsService
+    rotation: RotationEngine
+    scheduler: Scheduler
+
+
 class Node:
     def __init__(
         self,
@@ -69,30 +79,18 @@ class Node:
         audit: AuditLog,
         hardening: HardeningReport,
         backup_path: str,
+        services: NodeServices,
         backup_verify_interval: float = 3600.0,
         *,
-        superuser_id: str,
-        max_versions: int = 10,
-        max_value_bytes: int = 64 * 1024,
-        data_dir: str | None = None,
-        scheduler_check_every: float = 60.0,
-        node_name: str = "",
-        shared_store: bool = False,
+        scheduler_enabled: bool = True,
     ) -> None:
         self.store = store
-        self.counter = EncryptionCounter(store)
-        self.policies = PolicyEngine(store, keys, superuser_id, self.counter)
-        self.secrets = SecretsService(store, keys, self.policies, self.counter,
-                                      max_versions=max_versions,
-                                      max_value_bytes=max_value_bytes, audit=audit)
-        self.rotation = RotationEngine(store, keys, self.counter, audit,
-                                       data_dir=Path(data_dir) if data_dir else None,
-                                       node_name=node_name,
-                                       stale_node_grace=STALE_NODE_GRACE if shared_store
-                                       else 0.0)
-        self.scheduler = Scheduler(store, keys, self.rotation, self.counter,
-                                   check_every=max(scheduler_check_every, 1.0))
-        self._scheduler_enabled = scheduler_check_every > 0
+        self.counter = services.counter
+        self.policies = services.policies
+        self.secrets = services.secrets
+        self.rotation = services.rotation
+        self.scheduler = services.scheduler
+        self._scheduler_enabled = scheduler_enabled
         self.store_name = store_name
         self.keys = keys
         self.audit = audit
