@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psycopg
@@ -22,7 +22,7 @@ from nexus.store import (
     StoreUnavailable,
     open_store,
 )
-from nexus.store import sqlite as sqlite_backend
+from nexus.store import sql as shared_sql
 from nexus.store.postgres import SCHEMA_VERSION as PG_SCHEMA_VERSION
 from nexus.store.postgres import PostgresStore
 from nexus.store.sqlite import RowCache, SqliteStore
@@ -229,17 +229,17 @@ def test_sqlite_row_cache_drops_a_row_read_before_a_commit(
     store = SqliteStore.open(tmp_path / "spike.db")
     try:
         store.put_secret("a", cas=None, max_versions=5, now=1.0, seal=_seal)
-        real = sqlite_backend._secret
+        real = shared_sql.secret_row
         raced: list[int] = []
 
-        def select_then_a_write_commits(row: tuple[object, ...]) -> SecretRow:
+        def select_then_a_write_commits(row: Sequence[object]) -> SecretRow:
             found = real(row)
             if not raced:
                 raced.append(store.put_secret("a", cas=None, max_versions=5, now=2.0,
                                               seal=_seal))
             return found
 
-        monkeypatch.setattr(sqlite_backend, "_secret", select_then_a_write_commits)
+        monkeypatch.setattr(shared_sql, "secret_row", select_then_a_write_commits)
         assert store.get_secret("a").version == 1  # its SELECT ran before the write
         assert raced == [2]
         assert store.get_secret("a").version == 2

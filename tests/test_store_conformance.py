@@ -16,10 +16,12 @@ from nexus.store import (
     KIND_SECRET,
     BlobUpdate,
     CasMismatch,
+    ConstraintViolation,
     NotFound,
     RecordKey,
     SchemaTooNew,
     Store,
+    StoreError,
     open_store,
 )
 from nexus.store import postgres as pg_backend
@@ -637,9 +639,11 @@ def test_inconsistent_metadata_is_refused_and_nothing_is_deleted(store: Store,
 
 
 def test_generation_cells_against_headers(store: Store, backend: Backend) -> None:
+    def enveloped(i: int) -> Callable[[int], tuple[int, bytes]]:
+        return lambda version: (1, _envelope(1, str(i).encode()))
+
     for i in range(5):
-        store.put_secret(f"g/{i}", cas=None, max_versions=10, now=1.0,
-                         seal=lambda v, i=i: (1, _envelope(1, str(i).encode())))
+        store.put_secret(f"g/{i}", cas=None, max_versions=10, now=1.0, seal=enveloped(i))
     store.put_policy("pol", 1, _envelope(1, b"p"), 1.0)
     assert store.count_by_header_generation() == {1: 6}
     assert store.generation_mismatches(None, 10) == []
@@ -664,3 +668,32 @@ def test_generation_cells_against_headers(store: Store, backend: Backend) -> Non
     assert store.count_by_generation() == {1: 6}
     assert [m.path for m in store.generation_mismatches(None, 10)] == ["g/3", "g/4"]
     assert store.get_secret("g/1").blob == _envelope(1, b"1")  # the blob never changes
+
+
+# --------------------------------------------------------------------------- driver errors
+
+
+def test_a_broken_constraint_is_a_store_error_not_a_driver_exception(
+        store: Store, backend: Backend) -> None:
+    """A database edited behind the store's back (here: a unique index no write expects)
+    makes a write fail with the store's own error; the driver's exception stays inside."""
+    backend.raw("CREATE UNIQUE INDEX one_owner ON state (value)", ())
+    store.put_state("lease/a", "node-1")
+    with pytest.raises(ConstraintViolation) as info:
+        store.put_state("lease/b", "node-1")
+    assert isinstance(info.value, StoreError)
+    assert not isinstance(info.value, sqlite3.Error | psycopg.Error)
+    assert isinstance(info.value.__cause__, sqlite3.IntegrityError | psycopg.IntegrityError)
+    assert str(info.value).startswith(f"{backend.name}: ")
+    assert "\n" not in str(info.value)  # no detail lines (they may quote the row)
+    # Mid-transaction: the batch that came before the failing statement is rolled back.
+    put(store, "s", tag=b"old")
+    row = store.scan_not_in_generation(2, None, 10)[0]
+    with pytest.raises(ConstraintViolation):
+        store.replace_blobs([BlobUpdate(*row.key, row.generation, row.blob, 2, b"new")],
+                            state=("lease/c", "node-1"))
+    assert store.get_secret("s").blob == b"old:1"
+    assert store.get_state("lease/b") is None and store.get_state("lease/c") is None
+    # The store goes on working.
+    assert store.swap_state("lease/b", None, "node-2")
+    assert store.get_state("lease/b") == "node-2"

@@ -1,6 +1,7 @@
 """Storage layer: the :class:`Store` protocol and its SQLite and PostgreSQL backends.
 
 The store only ever sees ciphertext blobs plus plaintext indexing columns; it does no crypto.
+The contract is :mod:`nexus.store.base`; the SQL both backends share is :mod:`nexus.store.sql`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from nexus.store.base import (
     POLICY_VERSION,
     BlobUpdate,
     CasMismatch,
+    ConstraintViolation,
     NotFound,
     RecordKey,
     RecordRow,
@@ -64,6 +66,7 @@ __all__ = [
     "STORE_KINDS",
     "BlobUpdate",
     "CasMismatch",
+    "ConstraintViolation",
     "NotFound",
     "RecordKey",
     "RecordRow",

@@ -77,6 +77,11 @@ class StoreUnavailable(StoreError):
     """The database cannot be reached, is locked for too long, read-only or out of space."""
 
 
+class ConstraintViolation(StoreError):
+    """A write broke a constraint of the schema (a duplicate key, a failed check): the
+    database was edited or damaged behind the store's back. Nothing was written."""
+
+
 # --------------------------------------------------------------------------- values
 
 
@@ -272,9 +277,10 @@ class BlobUpdate(NamedTuple):
 class Store(Protocol):
     """What Nexus needs from a database. Implemented by the SQLite and PostgreSQL backends.
 
-    Driver errors that mean "the database is not usable right now" surface as
-    :class:`StoreUnavailable`; exceptions raised by the caller's ``seal`` callback propagate
-    unchanged (and the transaction is rolled back).
+    No driver exception escapes a store: errors that mean "the database is not usable right
+    now" surface as :class:`StoreUnavailable`, a broken constraint as
+    :class:`ConstraintViolation`, any other as :class:`StoreError`. Exceptions raised by the
+    caller's ``seal`` callback propagate unchanged (and the transaction is rolled back).
     """
 
     # -- secrets -----------------------------------------------------------------------
