@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import nexus.core.backup_file as bf
-from nexus.core.backup_file import (
+import nexus.backup.file as bf
+from nexus.backup.file import (
     BackupFileError,
     previous_path,
     read_backup_file,
@@ -59,7 +59,7 @@ def test_refuses_empty_and_oversized(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         write_backup_file(tmp_path / "b", b"")
     with pytest.raises(ValueError):
-        write_backup_file(tmp_path / "b", b"x" * (bf.MAX_BACKUP_FILE_SIZE + 1))
+        write_backup_file(tmp_path / "b", b"x" * (bf.MAX_BACKUP_SIZE + 1))
 
 
 def test_read_refuses_symlink_large_and_missing(tmp_path: Path) -> None:
@@ -72,7 +72,7 @@ def test_read_refuses_symlink_large_and_missing(tmp_path: Path) -> None:
     with pytest.raises(BackupFileError):
         read_backup_file(link)
     big = tmp_path / "big"
-    big.write_bytes(b"x" * (bf.MAX_BACKUP_FILE_SIZE + 1))
+    big.write_bytes(b"x" * (bf.MAX_BACKUP_SIZE + 1))
     with pytest.raises(BackupFileError):
         read_backup_file(big)
     with pytest.raises(BackupFileError):

@@ -8,20 +8,20 @@ from pathlib import Path
 
 import pytest
 
+from nexus.app import build_keys
+from nexus.backup.format import Backup
 from nexus.core import errors
 from nexus.core.keymanager import KeyManager
-from nexus.crypto.backup_format import Backup
-from nexus.crypto.kdf import KdfParams
 from nexus.crypto.secret_buffer import SecretKey
 from nexus.store import Store, open_store
+from tests.harness import nexus_config
 
 PASSWORD = b"correct horse battery staple orbit"
 
 
 def manager(tmp: Path) -> tuple[KeyManager, Store]:
     store = open_store("sqlite", path=tmp / "spike.db")
-    return KeyManager(store, tmp / "root-key.backup", KdfParams.insecure_for_tests(),
-                      allow_insecure_kdf=True, backoff_base=0.0), store
+    return build_keys(nexus_config(tmp), store), store
 
 
 def stop(keys: KeyManager, store: Store) -> None:

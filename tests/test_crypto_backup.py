@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from nexus.crypto.backup_format import (
+from nexus.backup.format import (
     SEALED_LEN,
     Backup,
     BackupCorrupt,
@@ -69,7 +69,7 @@ def test_round_trip_through_bytes() -> None:
     assert parsed.fingerprints() == {g: fingerprint(k) for g, k in keys.items()}
     assert parsed.matches({g: fingerprint(k) for g, k in keys.items()})
     assert not parsed.matches({1: fingerprint(keys[1])})
-    recovered = open_backup(parsed, pw())
+    recovered, _ = open_backup(parsed, pw())
     assert set(recovered) == {1, 2, 3}
     assert all(same(recovered[g], keys[g]) for g in keys)
 
@@ -156,7 +156,7 @@ def test_fingerprint_mismatch_refused() -> None:
 def test_fingerprint_mismatch_after_successful_open(monkeypatch: pytest.MonkeyPatch) -> None:
     # ...and should a key ever open but not match its fingerprint, it is refused too.
     backup, _ = make(1)
-    import nexus.crypto.backup_format as bf
+    import nexus.backup.format as bf
 
     monkeypatch.setattr(bf, "fingerprint", lambda key: b"\xee" * 16)
     with pytest.raises(FingerprintMismatch):
@@ -264,12 +264,12 @@ def test_reseal_after_adding_a_generation_needs_no_password() -> None:
     assert resealed.generations == (1, 2)
     assert resealed.public_key == backup.public_key
     assert resealed.salt == backup.salt
-    recovered = open_backup(parse(resealed.to_bytes()), pw())
+    recovered, _ = open_backup(parse(resealed.to_bytes()), pw())
     assert same(recovered[2], new_key)
     assert same(recovered[1], keys[1])
     # finalize a rotation: drop generation 1
     final = resealed.reseal({2: new_key})
-    assert open_backup(final, pw()).keys() == {2}
+    assert open_backup(final, pw())[0].keys() == {2}
 
 
 def test_reseal_refuses_a_different_key_for_a_known_generation() -> None:
@@ -308,8 +308,8 @@ def test_no_key_material_or_password_in_reprs_and_errors() -> None:
         open_backup(backup, bytearray(b"wrong password, quite long"))
     except BackupError as exc:
         texts.append(str(exc) + repr(exc))
-    recovered = open_backup(backup, pw())
-    texts += [repr(recovered), str(recovered)]
+    recovered, record_key = open_backup(backup, pw())
+    texts += [repr(recovered), str(recovered), repr(record_key), str(record_key)]
     for text in texts:
         assert raw.hex() not in text
         assert repr(raw)[2:-1] not in text

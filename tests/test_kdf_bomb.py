@@ -13,20 +13,17 @@ tripwire) or because the refused backup counted as a wrong password.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from nexus.backup.format import Backup
 from nexus.core import errors
 from nexus.core.keymanager import KeyManager
 from nexus.crypto import kdf
-from nexus.crypto.backup_format import Backup
 from nexus.crypto.kdf import KdfParams
-from nexus.store import open_store
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
+from tests.harness import TEST_PASSWORD, DevAgent, Nexus, open_keys, pilot, pilot_json
 
 PASSWORD = TEST_PASSWORD.encode()
 GIB_KIB = 1024 * 1024
@@ -65,9 +62,7 @@ def tripwire(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def manager(tmp: Path, backoff: float = 30.0) -> KeyManager:
-    store = open_store("sqlite", path=tmp / "spike.db")
-    return KeyManager(store, tmp / "root-key.backup", KdfParams.insecure_for_tests(),
-                      allow_insecure_kdf=True, backoff_base=backoff)
+    return open_keys(tmp, backoff=backoff)
 
 
 @pytest.mark.parametrize("name", sorted(BOMBS))
@@ -172,13 +167,6 @@ def test_the_default_bound() -> None:
 
 
 # ---------------------------------------------------------------- real processes
-
-
-@pytest.fixture()
-def tmp() -> Iterator[Path]:
-    path = short_tmpdir("kb-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_recover_role_bomb_then_superuser_recovers_at_once(

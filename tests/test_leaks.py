@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
+from nexus.app import build_keys
+from nexus.backup.format import Backup, open_backup
 from nexus.core import errors
 from nexus.core.keymanager import KeyManager
-from nexus.crypto.backup_format import Backup, open_backup
-from nexus.crypto.kdf import KdfParams
 from nexus.store import Store, open_store
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, short_tmpdir
+from tests.harness import TEST_PASSWORD, DevAgent, Nexus, nexus_config, pilot
 
 NEW_PASSWORD = "violet anchor drizzle quantum ferry"  # noqa: S105 - a test fixture
 WRONG_PASSWORD = "tangerine glacier ladder ninety"  # noqa: S105 - a test fixture
@@ -61,7 +60,8 @@ def files_under(directory: Path) -> list[tuple[str, bytes]]:
 
 def root_key_from(exported: Path, password: str) -> bytes:
     backup = Backup.parse(exported.read_bytes(), allow_insecure_kdf_for_tests=True)
-    keys = open_backup(backup, bytearray(password.encode()))
+    keys, record_key = open_backup(backup, bytearray(password.encode()))
+    record_key.wipe()
     try:
         assert list(keys) == [1]
         with keys[1].view() as view:
@@ -69,13 +69,6 @@ def root_key_from(exported: Path, password: str) -> bytes:
     finally:
         for key in keys.values():
             key.wipe()
-
-
-@pytest.fixture()
-def tmp() -> Iterator[Path]:
-    path = short_tmpdir("lk-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- real processes
@@ -182,8 +175,7 @@ def test_key_manager_logs_no_password_or_key(tmp: Path) -> None:
         while stores:
             stores.pop().close()
         stores.append(open_store("sqlite", path=tmp / "spike.db"))
-        return KeyManager(stores[-1], tmp / "root-key.backup", KdfParams.insecure_for_tests(),
-                          allow_insecure_kdf=True, backoff_base=0.0)
+        return build_keys(nexus_config(tmp), stores[-1])
 
     raised: list[str] = []
     with capture_logs() as events:
@@ -212,7 +204,7 @@ def test_key_manager_logs_no_password_or_key(tmp: Path) -> None:
         raised += [str(weak.value)]
         second.change_password(password, new)
         second.verify_backup_file()
-        texts += [repr(second.keyring), repr(second._backup)]
+        texts += [repr(second.keyring), repr(second._backup.current)]
         second.seal()
         stores.pop().close()
 

@@ -15,21 +15,26 @@ before the fix too, where the planted key was accepted.
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from nexus.backup import format as backup_format
+from nexus.backup.format import Backup
 from nexus.core import errors
 from nexus.core.keymanager import KeyManager
-from nexus.crypto import backup_format
-from nexus.crypto.backup_format import Backup
-from nexus.crypto.kdf import KdfParams
 from nexus.crypto.keys import fingerprint
 from nexus.crypto.secret_buffer import SecretKey
 from nexus.store import open_store
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
+from tests.harness import (
+    TEST_PASSWORD,
+    DevAgent,
+    Nexus,
+    close_keys,
+    open_keys,
+    pilot,
+    pilot_json,
+)
 
 PASSWORD = TEST_PASSWORD.encode()
 NEW = b"violet anchor drizzle quantum ferry"
@@ -38,14 +43,7 @@ ATTACKER = b"A" * 32
 
 
 def manager(tmp: Path) -> KeyManager:
-    store = open_store("sqlite", path=tmp / "spike.db")
-    return KeyManager(store, tmp / BACKUP, KdfParams.insecure_for_tests(),
-                      allow_insecure_kdf=True, backoff_base=0.0)
-
-
-def stop(keys: KeyManager) -> None:
-    keys.seal()
-    keys._store.close()
+    return open_keys(tmp)
 
 
 def attacker_key() -> SecretKey:
@@ -92,7 +90,7 @@ def initialized(tmp: Path) -> dict[int, bytes]:
     keys = manager(tmp)
     keys.init(PASSWORD)
     fingerprints = keys.keyring.fingerprints()
-    stop(keys)
+    close_keys(keys)
     return fingerprints
 
 
@@ -104,7 +102,7 @@ def test_a_planted_new_generation_is_refused(tmp_path: Path, generation: int) ->
     with pytest.raises(errors.BackupInvalid):
         keys.recover(PASSWORD)
     assert not keys.is_unsealed()
-    stop(keys)
+    close_keys(keys)
 
 
 def test_a_planted_generation_with_a_copied_tag_is_refused(tmp_path: Path) -> None:
@@ -114,7 +112,7 @@ def test_a_planted_generation_with_a_copied_tag_is_refused(tmp_path: Path) -> No
     with pytest.raises(errors.BackupInvalid):
         keys.recover(PASSWORD)
     assert not keys.is_unsealed()
-    stop(keys)
+    close_keys(keys)
 
 
 def test_a_replaced_key_under_the_current_generation_is_refused(tmp_path: Path) -> None:
@@ -124,7 +122,7 @@ def test_a_replaced_key_under_the_current_generation_is_refused(tmp_path: Path) 
     with pytest.raises(errors.BackupInvalid):
         keys.recover(PASSWORD)
     assert not keys.is_unsealed()
-    stop(keys)
+    close_keys(keys)
 
 
 def test_the_message_says_what_happened(tmp_path: Path) -> None:
@@ -133,7 +131,7 @@ def test_the_message_says_what_happened(tmp_path: Path) -> None:
     keys = manager(tmp_path)
     with pytest.raises(errors.BackupInvalid, match="not authenticated"):
         keys.recover(PASSWORD)
-    stop(keys)
+    close_keys(keys)
 
 
 def test_genuine_histories_still_recover(tmp_path: Path) -> None:
@@ -146,10 +144,10 @@ def test_genuine_histories_still_recover(tmp_path: Path) -> None:
     keys.add_generation()
     fingerprints = keys.keyring.fingerprints()
     assert set(fingerprints) == {2, 3}
-    stop(keys)
+    close_keys(keys)
     again = manager(tmp_path)
     assert again.recover(NEW).fingerprints() == fingerprints
-    stop(again)
+    close_keys(again)
 
 
 def test_old_password_copy_recovers_with_consent(tmp_path: Path) -> None:
@@ -159,11 +157,11 @@ def test_old_password_copy_recovers_with_consent(tmp_path: Path) -> None:
     keys.drop_generation(1)
     before = (tmp_path / BACKUP).read_bytes()
     keys.change_password(PASSWORD, NEW)
-    stop(keys)
+    close_keys(keys)
     again = manager(tmp_path)
     recovery = again.recover_detailed(PASSWORD, before, accept_old_password=True)
     assert recovery.old_password_accepted and recovery.keyring.generations == (2,)
-    stop(again)
+    close_keys(again)
 
 
 def test_nexus_never_vouches_for_a_record_it_only_read(tmp_path: Path) -> None:
@@ -180,17 +178,10 @@ def test_nexus_never_vouches_for_a_record_it_only_read(tmp_path: Path) -> None:
     records = json.loads(store.get_state("root_keys"))
     assert "tags" not in records.get("5", {}), records
     assert records["2"]["tags"], records
-    stop(keys)
+    close_keys(keys)
 
 
 # ---------------------------------------------------------------- a real Nexus
-
-
-@pytest.fixture()
-def tmp() -> Iterator[Path]:
-    path = short_tmpdir("pk-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_spike_recover_refuses_a_planted_key(agent: DevAgent, data_dir: Path, tmp: Path) -> None:

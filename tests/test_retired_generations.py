@@ -14,27 +14,19 @@ from pathlib import Path
 
 import pytest
 
+from nexus.backup import format as backup_format
+from nexus.backup.format import Backup
 from nexus.core import errors
 from nexus.core.keymanager import KeyManager
-from nexus.crypto import backup_format
-from nexus.crypto.backup_format import Backup
-from nexus.crypto.kdf import KdfParams
 from nexus.crypto.secret_buffer import SecretKey
-from nexus.store import open_store
+from tests.harness import close_keys, open_keys
 
 PASSWORD = b"correct horse battery staple orbit"
 BACKUP = "root-key.backup"
 
 
 def manager(tmp: Path) -> KeyManager:
-    store = open_store("sqlite", path=tmp / "spike.db")
-    return KeyManager(store, tmp / BACKUP, KdfParams.insecure_for_tests(),
-                      allow_insecure_kdf=True, backoff_base=0.0)
-
-
-def stop(keys: KeyManager) -> None:
-    keys.seal()
-    keys._store.close()
+    return open_keys(tmp)
 
 
 def rotated(tmp: Path) -> tuple[bytes, bytes, dict[int, bytes]]:
@@ -51,7 +43,7 @@ def rotated(tmp: Path) -> tuple[bytes, bytes, dict[int, bytes]]:
     assert set(fingerprints) == {2}
     prev = (tmp / (BACKUP + ".prev")).read_bytes()
     assert Backup.parse(prev, allow_insecure_kdf_for_tests=True).generations == (1, 2)
-    stop(keys)
+    close_keys(keys)
     return before, prev, fingerprints
 
 
@@ -61,7 +53,7 @@ def test_the_prev_copy_after_a_rotation_recovers(tmp_path: Path) -> None:
     keyring = keys.recover(PASSWORD, prev)
     assert keyring.fingerprints() == fingerprints
     assert keyring.active_generation == 2
-    stop(keys)
+    close_keys(keys)
 
 
 def test_the_retired_generation_is_ignored_and_reported(tmp_path: Path) -> None:
@@ -73,7 +65,7 @@ def test_the_retired_generation_is_ignored_and_reported(tmp_path: Path) -> None:
     # The server's file already held exactly generation 2: left as it was.
     assert Backup.parse((tmp_path / BACKUP).read_bytes(),
                         allow_insecure_kdf_for_tests=True).generations == (2,)
-    stop(keys)
+    close_keys(keys)
 
 
 def test_prev_recovers_when_the_server_file_is_corrupt(tmp_path: Path) -> None:
@@ -92,10 +84,10 @@ def test_prev_recovers_when_the_server_file_is_corrupt(tmp_path: Path) -> None:
     assert (tmp_path / (BACKUP + ".corrupt")).exists()
     assert (tmp_path / (BACKUP + ".prev")).read_bytes() == prev
     assert keys.verify_backup_file().status == "ok"
-    stop(keys)
+    close_keys(keys)
     again = manager(tmp_path)
     assert again.recover(PASSWORD).fingerprints() == fingerprints
-    stop(again)
+    close_keys(again)
 
 
 def test_the_prev_copy_as_the_server_file_recovers(tmp_path: Path) -> None:
@@ -105,7 +97,7 @@ def test_the_prev_copy_as_the_server_file_recovers(tmp_path: Path) -> None:
     recovery = keys.recover_detailed(PASSWORD)
     assert recovery.keyring.fingerprints() == fingerprints
     assert recovery.retired_generations == (1,)
-    stop(keys)
+    close_keys(keys)
 
 
 def test_a_copy_with_only_the_retired_generation_is_refused_clearly(tmp_path: Path) -> None:
@@ -114,7 +106,7 @@ def test_a_copy_with_only_the_retired_generation_is_refused_clearly(tmp_path: Pa
     with pytest.raises(errors.BackupInvalid, match="retired"):
         keys.recover(PASSWORD, before)
     assert not keys.is_unsealed()
-    stop(keys)
+    close_keys(keys)
 
 
 def test_a_generation_never_issued_is_still_refused(tmp_path: Path) -> None:
@@ -127,7 +119,7 @@ def test_a_generation_never_issued_is_still_refused(tmp_path: Path) -> None:
     keys = manager(tmp_path)
     with pytest.raises(errors.BackupInvalid, match="never created"):
         keys.recover(PASSWORD, data)
-    stop(keys)
+    close_keys(keys)
 
 
 def test_a_key_planted_under_a_retired_number_is_never_loaded(tmp_path: Path) -> None:
@@ -142,4 +134,4 @@ def test_a_key_planted_under_a_retired_number_is_never_loaded(tmp_path: Path) ->
     recovery = keys.recover_detailed(PASSWORD, data)
     assert recovery.keyring.fingerprints() == fingerprints  # generation 1 is not in memory
     assert recovery.retired_generations == (1,)
-    stop(keys)
+    close_keys(keys)

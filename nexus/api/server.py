@@ -17,8 +17,8 @@ from nexus.api.operator import OperatorServicer
 from nexus.api.policies import PoliciesServicer
 from nexus.api.secrets import SecretsServicer
 from nexus.audit import AuditLog
+from nexus.backup.file import MAX_BACKUP_SIZE
 from nexus.config import NexusConfig
-from nexus.core.backup_file import MAX_BACKUP_FILE_SIZE
 from nexus.core.node import Node
 from nexus.limits import ConnectionLimits, connection_limits
 from spike.identity import IdentitySource
@@ -46,7 +46,7 @@ def _server_options(config: NexusConfig, limits: ConnectionLimits) -> list[tuple
         # A request carries at most one secret (bounded by max_value_bytes) or one
         # backup (bounded at 1 MiB), plus framing.
         ("grpc.max_receive_message_length",
-         max(config.max_value_bytes, MAX_BACKUP_FILE_SIZE) + 64 * 1024),
+         max(config.max_value_bytes, MAX_BACKUP_SIZE) + 64 * 1024),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
         # Unauthenticated connections hold a descriptor each (nexus/limits.py).

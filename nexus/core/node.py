@@ -19,6 +19,7 @@ from nexus.core.schedule import Schedule, Scheduler
 from nexus.core.secrets import SecretsService
 from nexus.crypto.hardening import HardeningReport
 from nexus.store.base import Store
+from spike.states import BackupStatus, LifecycleState
 
 log = structlog.get_logger("nexus.node")
 
@@ -31,10 +32,10 @@ class HardeningStatus:
 
 
 @dataclass(frozen=True)
-class BackupStatus:
+class BackupReport:
     present: bool
     path: str
-    status: str
+    status: BackupStatus
     detail: str = ""
     last_written: float | None = None
     last_verified: float | None = None
@@ -44,19 +45,18 @@ class BackupStatus:
 
 @dataclass(frozen=True)
 class StatusReport:
-    state: str
+    state: LifecycleState
     generation: int
     fingerprint: str
     key_created: float | None
     hardening: HardeningStatus
-    backup: BackupStatus
+    backup: BackupReport
     version: str = __version__
     store: str = ""
     records_by_generation: dict[int, int] = field(default_factory=dict)
     rotation: RotationState | None = None
     schedule: Schedule | None = None
     next_rotation: float | None = None
-    encryptions: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,13 +112,18 @@ class Node:
     # ------------------------------------------------------------------ state
 
     @property
-    def state(self) -> str:
+    def state(self) -> LifecycleState:
         return self.keys.state
+
+    @property
+    def backup_path(self) -> str:
+        """Where the backup file is (no status, no store query: what Init answers with)."""
+        return self._backup_path
 
     def is_unsealed(self) -> bool:
         return self.keys.is_unsealed()
 
-    def sealed_message(self) -> tuple[str, str]:
+    def sealed_message(self) -> tuple[LifecycleState, str]:
         return self.keys.sealed_message()
 
     def on_state_change(self, listener: Callable[[], None]) -> None:
@@ -150,13 +155,13 @@ class Node:
             log.error("backup check failed with an error", error_type=type(exc).__name__,
                       where=where)
             health = self.keys.backup_health
-            health.status = "unknown"
+            health.status = BackupStatus.UNKNOWN
             health.detail = f"the last check failed ({type(exc).__name__}): see the Nexus log"
 
     def verify_backup_now(self) -> None:
         before = self.keys.backup_health.status
         health = self.keys.verify_backup_file()
-        if health.status != before or health.status != "ok":
+        if health.status != before or health.status != BackupStatus.OK:
             self.audit.record("backup.check", caller="(nexus)", outcome=health.status,
                               detail_text=health.detail)
 
@@ -189,7 +194,7 @@ class Node:
                 dumpable_off=self._hardening.dumpable_off,
                 key_memory_locked=bool(generation) and keyring.all_locked,
             ),
-            backup=BackupStatus(
+            backup=BackupReport(
                 present=os.path.exists(self._backup_path),
                 path=self._backup_path,
                 status=health.status,

@@ -2,22 +2,10 @@
 
 Key hierarchy: password -(Argon2id)-> backup key pair -(HPKE)-> root keys (one per generation)
 -(HKDF)-> per-purpose AES-256-GCM sub-keys -> record envelopes. See the module docstrings of
-``secret_buffer``, ``keys``, ``envelope``, ``keyring``, ``kdf`` and ``backup_format``.
+``secret_buffer``, ``keys``, ``envelope``, ``keyring`` and ``kdf``; the backup (the first two
+steps' file format) lives in :mod:`nexus.backup`.
 """
 
-from nexus.crypto.backup_format import (
-    Backup,
-    BackupCorrupt,
-    BackupError,
-    BackupKdfRejected,
-    BackupPublicKey,
-    BackupVersionUnsupported,
-    FingerprintMismatch,
-    WrongPassword,
-    create_backup,
-    open_backup,
-    verify_structure,
-)
 from nexus.crypto.envelope import DecryptionError, peek_generation, record_identity
 from nexus.crypto.hardening import HardeningReport, harden_process, secret_memory_status
 from nexus.crypto.kdf import KdfParams
@@ -26,14 +14,7 @@ from nexus.crypto.keys import Purpose, fingerprint, fingerprint_hex, fingerprint
 from nexus.crypto.secret_buffer import SecretBuffer, SecretKey
 
 __all__ = [
-    "Backup",
-    "BackupCorrupt",
-    "BackupError",
-    "BackupKdfRejected",
-    "BackupPublicKey",
-    "BackupVersionUnsupported",
     "DecryptionError",
-    "FingerprintMismatch",
     "HardeningReport",
     "KdfParams",
     "Keyring",
@@ -42,15 +23,11 @@ __all__ = [
     "SecretBuffer",
     "SecretKey",
     "UnknownGeneration",
-    "WrongPassword",
-    "create_backup",
     "fingerprint",
     "fingerprint_hex",
     "fingerprints_equal",
     "harden_process",
-    "open_backup",
     "peek_generation",
     "record_identity",
     "secret_memory_status",
-    "verify_structure",
 ]

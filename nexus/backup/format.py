@@ -55,16 +55,17 @@ from cryptography.hazmat.primitives import hashes, hpke
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
+from nexus.backup.file import MAX_BACKUP_SIZE
 from nexus.crypto import kdf
 from nexus.crypto.envelope import MAX_GENERATION
 from nexus.crypto.kdf import KdfBound, KdfParams
 from nexus.crypto.keys import FINGERPRINT_SIZE, fingerprint, fingerprints_equal
 from nexus.crypto.secret_buffer import ROOT_KEY_SIZE, SecretBuffer, SecretKey
+from spike.memory import wipe_bytearray
 
 __all__ = [
     "BACKUP_FORMAT",
     "BACKUP_FORMAT_VERSION",
-    "MAX_BACKUP_SIZE",
     "MAX_GENERATIONS",
     "Backup",
     "BackupCorrupt",
@@ -79,7 +80,6 @@ __all__ = [
     "create_backup",
     "create_backup_with_record_key",
     "open_backup",
-    "open_backup_with_record_key",
     "record_tag",
     "record_tag_valid",
     "verify_structure",
@@ -87,7 +87,6 @@ __all__ = [
 
 BACKUP_FORMAT = "spike-nexus-backup"
 BACKUP_FORMAT_VERSION = 1
-MAX_BACKUP_SIZE = 1024 * 1024
 MAX_GENERATIONS = 256
 
 _SEED_LEN = 96  # 64-byte ML-KEM-768 seed || 32-byte X25519 private key
@@ -410,15 +409,6 @@ def check_kdf_bound(backup: Backup, bound: KdfBound) -> None:
 
 def open_backup(
     backup: Backup, password: bytearray, *, bound: KdfBound | None = None
-) -> dict[int, SecretKey]:
-    """:func:`open_backup_with_record_key` without the record key."""
-    keys, record_key = open_backup_with_record_key(backup, password, bound=bound)
-    record_key.wipe()
-    return keys
-
-
-def open_backup_with_record_key(
-    backup: Backup, password: bytearray, *, bound: KdfBound | None = None
 ) -> tuple[dict[int, SecretKey], SecretBuffer]:
     """Recover every sealed root key with ``password``, and the record key (caller wipes).
 
@@ -432,7 +422,6 @@ def open_backup_with_record_key(
     verify_structure(backup)
     if bound is not None:
         check_kdf_bound(backup, bound)
-    suite = _suite()
     recovered: dict[int, SecretKey] = {}
     record_key: SecretBuffer | None = None
     try:
@@ -442,26 +431,9 @@ def open_backup_with_record_key(
                 raise WrongPassword()
             record_key = _record_key(seed)
             private_key = _private_key(seed)
+            suite = _suite()
             for item in backup.sealed:
-                try:
-                    plain = bytearray(
-                        suite.decrypt(
-                            item.sealed, private_key, info=_info(item.generation, item.fingerprint)
-                        )
-                    )
-                except Exception:
-                    raise BackupCorrupt(
-                        f"generation {item.generation}: sealed key failed to open"
-                    ) from None
-                if len(plain) != ROOT_KEY_SIZE:
-                    raise BackupCorrupt(f"generation {item.generation}: wrong key length")
-                key = SecretKey.from_bytes_consuming(plain)
-                recovered[item.generation] = key
-                if not fingerprints_equal(fingerprint(key), item.fingerprint):
-                    raise FingerprintMismatch(
-                        f"generation {item.generation}: recovered key does not match its "
-                        "recorded fingerprint"
-                    )
+                recovered[item.generation] = _open_sealed(suite, private_key, item)
             del private_key
     except BaseException:
         for key in recovered.values():
@@ -471,6 +443,27 @@ def open_backup_with_record_key(
         raise
     assert record_key is not None
     return recovered, record_key
+
+
+def _open_sealed(suite: hpke.Suite, private_key: hpke.MLKEM768X25519PrivateKey,
+                 item: SealedGeneration) -> SecretKey:
+    """One generation's root key, checked against its recorded fingerprint."""
+    try:
+        plain = bytearray(
+            suite.decrypt(item.sealed, private_key, info=_info(item.generation, item.fingerprint))
+        )
+    except Exception:
+        raise BackupCorrupt(f"generation {item.generation}: sealed key failed to open") from None
+    if len(plain) != ROOT_KEY_SIZE:
+        wipe_bytearray(plain)
+        raise BackupCorrupt(f"generation {item.generation}: wrong key length")
+    key = SecretKey.from_bytes_consuming(plain)
+    if not fingerprints_equal(fingerprint(key), item.fingerprint):
+        key.wipe()
+        raise FingerprintMismatch(
+            f"generation {item.generation}: recovered key does not match its recorded fingerprint"
+        )
+    return key
 
 
 # --- structure ----------------------------------------------------------------------------------
@@ -585,13 +578,29 @@ def _parse(data: bytes, allow_insecure: bool) -> Backup:
         raise ValueError("backup data must be bytes")
     if len(data) > MAX_BACKUP_SIZE:
         raise BackupCorrupt("backup file is too large")
+    doc = _checked_document(_load_json(data))
+    params, salt = _kdf_params_and_salt(doc, allow_insecure)
     try:
-        doc = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_duplicates)
+        public_key = BackupPublicKey(_unb64(doc["public_key"], "public_key"))
+    except ValueError:
+        raise BackupCorrupt("public key has the wrong length") from None
+    backup = Backup(params, salt, public_key, _sealed_generations(doc["generations"]))
+    verify_structure(backup)
+    return backup
+
+
+def _load_json(data: bytes) -> Any:
+    try:
+        return json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise BackupCorrupt("backup is not valid JSON (truncated or damaged)") from None
     except ValueError:
         # e.g. an integer of more than 4,300 digits (int_max_str_digits)
         raise BackupCorrupt("backup holds a number out of range") from None
+
+
+def _checked_document(doc: Any) -> dict[str, Any]:
+    """The top-level object, once its format, version, fields and checksum are right."""
     if not isinstance(doc, dict) or doc.get("format") != BACKUP_FORMAT:
         raise BackupCorrupt("not a SPIKE Nexus backup")
     version = doc.get("version")
@@ -602,14 +611,17 @@ def _parse(data: bytes, allow_insecure: bool) -> Backup:
             if isinstance(version, int) and not isinstance(version, bool)
             else "backup format version is missing or malformed"
         )
-    doc = _obj(doc, _TOP_KEYS, "backup")
-    body = {k: v for k, v in doc.items() if k != "checksum"}
-    checksum = doc["checksum"]
+    top = _obj(doc, _TOP_KEYS, "backup")
+    body = {k: v for k, v in top.items() if k != "checksum"}
+    checksum = top["checksum"]
     if not isinstance(checksum, str) or not _HEX_SHA256.fullmatch(checksum):
         raise BackupCorrupt("checksum field is malformed")
     if not hmac.compare_digest(_checksum(body), checksum):
         raise BackupCorrupt("checksum mismatch: the backup is damaged or was modified")
+    return top
 
+
+def _kdf_params_and_salt(doc: dict[str, Any], allow_insecure: bool) -> tuple[KdfParams, bytes]:
     kdf_doc = _obj(doc["kdf"], _KDF_KEYS, "kdf")
     if kdf_doc["algorithm"] != "argon2id" or kdf_doc["argon2_version"] != _ARGON2_VERSION:
         raise BackupKdfRejected("unsupported KDF")
@@ -625,11 +637,10 @@ def _parse(data: bytes, allow_insecure: bool) -> Backup:
     )
     if allow_insecure and not params.meets_owasp_minimum:
         params = replace(params, insecure_for_tests_only=True)
-    try:
-        public_key = BackupPublicKey(_unb64(doc["public_key"], "public_key"))
-    except ValueError:
-        raise BackupCorrupt("public key has the wrong length") from None
-    generations = doc["generations"]
+    return params, salt
+
+
+def _sealed_generations(generations: Any) -> tuple[SealedGeneration, ...]:
     if not isinstance(generations, list):
         raise BackupCorrupt("generations: not a list")
     if len(generations) > MAX_GENERATIONS:
@@ -647,6 +658,4 @@ def _parse(data: bytes, allow_insecure: bool) -> Backup:
                 sealed=_unb64(item["sealed"], "sealed"),
             )
         )
-    backup = Backup(params, salt, public_key, tuple(sealed))
-    verify_structure(backup)
-    return backup
+    return tuple(sealed)

@@ -6,6 +6,8 @@ renames the temporary file over the target and fsyncs the directory. A crash at 
 either the old or the new backup in place, and the previous good copy stays available.
 
 This module only moves opaque bytes: the caller hands it the already-encrypted backup.
+``MAX_BACKUP_SIZE`` bounds both the file and what the parser (:mod:`nexus.backup.format`)
+accepts.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import stat
 from pathlib import Path
 
 __all__ = [
-    "MAX_BACKUP_FILE_SIZE",
+    "MAX_BACKUP_SIZE",
     "BackupFileError",
     "previous_path",
     "read_backup_file",
     "write_backup_file",
 ]
 
-MAX_BACKUP_FILE_SIZE = 1024 * 1024
+MAX_BACKUP_SIZE = 1024 * 1024
 _FILE_MODE = 0o600
 
 
@@ -70,8 +72,8 @@ def read_backup_file(path: str | os.PathLike[str]) -> bytes:
         os.close(fd)
         raise
     with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_BACKUP_FILE_SIZE + 1)
-    if len(data) > MAX_BACKUP_FILE_SIZE:
+        data = f.read(MAX_BACKUP_SIZE + 1)
+    if len(data) > MAX_BACKUP_SIZE:
         raise BackupFileError("backup file is larger than 1 MiB")
     return data
 
@@ -80,7 +82,7 @@ def write_backup_file(path: str | os.PathLike[str], data: bytes) -> None:
     """Atomically replace ``path`` with ``data``, keeping the old file as ``<path>.prev``."""
     if not isinstance(data, bytes | bytearray) or not data:
         raise ValueError("backup data must be non-empty bytes")
-    if len(data) > MAX_BACKUP_FILE_SIZE:
+    if len(data) > MAX_BACKUP_SIZE:
         raise ValueError("backup data is larger than 1 MiB")
     target = Path(path)
     directory = target.parent
