@@ -34,16 +34,15 @@ from nexus.core.node import Node, StatusReport
 from nexus.core.schedule import NIST_LIMIT
 from nexus.crypto.hardening import core_dumps_disabled_now, dumpable_off_now
 from spike.errors import SpikeError
+from spike.states import BackupStatus, FailureKind, LifecycleState, RotationPhase
 
 log = structlog.get_logger("nexus.metrics")
 
 PREFIX = "spike_nexus"
-STATES = ("uninitialized", "sealed", "unsealed")
-BACKUP_STATUSES = ("ok", "missing", "corrupt", "mismatch", "unknown")
-ROTATION_PHASES = (
-    rot.IDLE, rot.PRECHECK, rot.NEW_KEY, rot.REENCRYPT, rot.VALIDATE, rot.FINALIZE,
-    rot.ROLLBACK, rot.COMPLETED, rot.FAILED, rot.ABORTED,
-)
+# Label values, derived from the state sets (spike/states.py).
+STATES = tuple(LifecycleState)
+BACKUP_STATUSES = tuple(BackupStatus)
+ROTATION_PHASES = tuple(RotationPhase)
 OTHER = "other"
 # Unary RPCs take ~0.6 ms; Recover/Init/ChangePassword run Argon2id (~0.2 s);
 # rotation watch streams run for minutes.
@@ -154,20 +153,20 @@ class NodeCollector:
 
     def _rotation(self, status: StatusReport) -> Iterable[Metric]:
         current = status.rotation
-        phase = current.phase if current is not None else rot.IDLE
+        phase = current.phase if current is not None else RotationPhase.IDLE
         family = _gauge("rotation_phase", "Phase of the current or last rotation: 1 for the "
                         "current one (idle = never rotated)", labels=["phase"])
-        for name in ROTATION_PHASES:
-            family.add_metric([name], 1 if phase == name else 0)
+        for each_phase in ROTATION_PHASES:
+            family.add_metric([each_phase], 1 if phase == each_phase else 0)
         yield family
         yield _gauge("rotation_in_progress", "1 while a rotation has not reached a terminal "
                      "phase", 1 if current is not None and not current.terminal else 0)
-        failed = current is not None and current.phase == rot.FAILED
+        failed = current is not None and current.phase == RotationPhase.FAILED
         kinds = _gauge("rotation_failure", "The failed rotation's kind of failure: 1 for it "
                        "(all 0 unless the current or last rotation failed)", labels=["kind"])
-        kind = (current.failure_kind if current is not None else "") or rot.FAILURE_INTERNAL
-        for name in rot.FAILURE_KINDS:
-            kinds.add_metric([name], 1 if failed and kind == name else 0)
+        kind = (current.failure_kind if current is not None else "") or FailureKind.INTERNAL
+        for each_kind in FailureKind:
+            kinds.add_metric([each_kind], 1 if failed and kind == each_kind else 0)
         yield kinds
         yield _gauge("rotation_failure_unsaved", "1 when the rotation failed and the store "
                      "refused to save that (disk full, store down); Nexus keeps retrying",
@@ -279,9 +278,9 @@ class NexusMetrics:
             if key == self._last_phase:
                 return  # progress inside the same phase
             self._last_phase = key
-            if state.phase == rot.FAILED:
+            if state.phase == RotationPhase.FAILED:
                 self._rotation_failures += 1
-            elif state.phase == rot.COMPLETED:
+            elif state.phase == RotationPhase.COMPLETED:
                 self._last_success = state.updated
 
     # ---------------------------------------------------------------- read by the collector
@@ -293,7 +292,7 @@ class NexusMetrics:
     def last_rotation_success(self, current: rot.RotationState | None) -> float | None:
         """The completed rotation's time: from the persisted state when the last rotation
         completed, else from what this process saw (unknown after a restart mid-rotation)."""
-        if current is not None and current.phase == rot.COMPLETED:
+        if current is not None and current.phase == RotationPhase.COMPLETED:
             return current.updated
         return self._last_success
 

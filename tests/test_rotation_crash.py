@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from nexus.core.testpoints import Point
 from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import (
@@ -69,7 +70,7 @@ def import_lines(expected: dict[str, list[dict[str, str]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pause_env(agent: DevAgent, point: str | None, after: int = 1) -> dict[str, str]:
+def pause_env(agent: DevAgent, point: Point | None, after: int = 1) -> dict[str, str]:
     env = agent.env("nexus")
     if point:
         env["SPIKE_NEXUS_TEST_PAUSE_AT"] = point
@@ -181,34 +182,34 @@ def case_dir(template: Path) -> Iterator[Path]:
 
 @dataclass(frozen=True)
 class Crash:
-    point: str
+    point: Point
     after: int = 1
     emergency: bool = False
 
 
 # Forward rotation: where the first Nexus is killed.
 FORWARD = {
-    "precheck_done": Crash("rotation_precheck_done"),
-    "new_key_generated": Crash("new_key_generated"),
-    "backup_updated": Crash("backup_updated", emergency=True),
-    "new_key_done": Crash("rotation_new_key_done"),
-    "first_batch_written": Crash("rotation_batch_written"),
-    "mid_batch_written": Crash("rotation_batch_written", after=4, emergency=True),
-    "between_batches": Crash("rotation_between_batches", after=3),
-    "validate": Crash("rotation_validate"),
-    "validated": Crash("rotation_validated", emergency=True),
-    "finalize_backup_dropped": Crash("generation_dropped_from_backup"),
-    "finalized": Crash("rotation_finalized"),
+    "precheck_done": Crash(Point.ROTATION_PRECHECK_DONE),
+    "new_key_generated": Crash(Point.NEW_KEY_GENERATED),
+    "backup_updated": Crash(Point.BACKUP_UPDATED, emergency=True),
+    "new_key_done": Crash(Point.ROTATION_NEW_KEY_DONE),
+    "first_batch_written": Crash(Point.ROTATION_BETWEEN_BATCHES),
+    "mid_batch_written": Crash(Point.ROTATION_BETWEEN_BATCHES, after=4, emergency=True),
+    "between_batches": Crash(Point.ROTATION_BETWEEN_BATCHES, after=3),
+    "validate": Crash(Point.ROTATION_VALIDATE),
+    "validated": Crash(Point.ROTATION_VALIDATED, emergency=True),
+    "finalize_backup_dropped": Crash(Point.GENERATION_DROPPED_FROM_BACKUP),
+    "finalized": Crash(Point.ROTATION_FINALIZED),
 }
 
 # Abort: the point inside the rollback where the second Nexus is killed ("" = none).
 ABORT = {
     "abort_requested": None,
-    "rollback_batch_written": Crash("rotation_batch_written", after=2),
-    "rollback_between_batches": Crash("rotation_between_batches"),
-    "rolled_back": Crash("rotation_rolled_back"),
-    "rollback_backup_dropped": Crash("generation_dropped_from_backup"),
-    "abort_dropped": Crash("rotation_abort_dropped"),
+    "rollback_batch_written": Crash(Point.ROTATION_BETWEEN_BATCHES, after=2),
+    "rollback_between_batches": Crash(Point.ROTATION_BETWEEN_BATCHES),
+    "rolled_back": Crash(Point.ROTATION_ROLLED_BACK),
+    "rollback_backup_dropped": Crash(Point.GENERATION_DROPPED_FROM_BACKUP),
+    "abort_dropped": Crash(Point.ROTATION_ABORT_DROPPED),
 }
 
 
@@ -266,11 +267,11 @@ def test_kill9_during_abort_rolls_back(agent: DevAgent, case_dir: Path, name: st
     crash = ABORT[name]
     # 1: a forward rotation blocked after its third batch (150 records under generation 2);
     #    the operator aborts it, then Nexus dies before the rollback starts.
-    first = Nexus(case_dir, pause_env(agent, "rotation_between_batches", 3))
+    first = Nexus(case_dir, pause_env(agent, Point.ROTATION_BETWEEN_BATCHES, 3))
     try:
         recover(agent, first)
         start_rotation(agent, first, emergency=False)
-        wait_paused(first, "rotation_between_batches")
+        wait_paused(first, Point.ROTATION_BETWEEN_BATCHES)
         result = pilot(["rotation", "abort", "--detach", "--output", "json"],
                        agent.env("pilot"), first)
         assert result.returncode == 0, result.stderr

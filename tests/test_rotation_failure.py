@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nexus.core.testpoints import Point
 from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import secrets_pb2, secrets_pb2_grpc
@@ -40,7 +41,7 @@ from tests.harness import PY, TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json,
 
 PATHS = 240
 BATCH = 40
-GATE = "rotation_between_batches"
+GATE = Point.ROTATION_BETWEEN_BATCHES
 FAILED_EXIT = 11
 SECRET_WORD = "canary-value-never-in-messages"  # noqa: S105 - a test fixture
 # pytest-timeout guards against a hang, not a slow machine: these start real processes

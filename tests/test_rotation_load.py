@@ -36,7 +36,6 @@ READERS = 2
 MAX_VERSIONS = 10  # Nexus's default --max-secret-versions
 RPC_TIMEOUT = 60  # generous: the suite must pass beside a CPU hog under nice -n 19
 LOAD_STEP = 10  # calls the load must make while the rotation is held, and after its end
-GATE = "rotation_between_batches"
 # pytest-timeout guards against a hang, not a slow machine: these start real processes
 # and must pass under nice -n 19 beside a CPU hog.
 pytestmark = pytest.mark.timeout(900)

@@ -8,28 +8,28 @@ progress stream's ordering, on ``World`` (tests/harness.py).
 from __future__ import annotations
 
 import itertools
+import os
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from nexus.core.errors import Conflict, NotFound, Unavailable
+from nexus.api.errors import status_for
+from nexus.core import rotation
+from nexus.core.errors import Conflict, NotFound, NotReady, Unavailable
 from nexus.core.policies import Policy
-from nexus.core.rotation import (
-    ABORTED,
-    COMPLETED,
-    FAILED,
-    REENCRYPT,
-    ROLLBACK,
-    STATE_KEY,
-    RotationState,
-)
+from nexus.core.rotation import STATE_KEY, RotationState
+from nexus.core.testpoints import Point
 from nexus.store.base import BlobUpdate
-from tests.harness import HOLD, SUPERUSER, TEST_PASSWORD, World, tamper
+from spike.errors import ErrorKind
+from spike.states import RotationPhase
+from tests.harness import HOLD, PY, SUPERUSER, TEST_PASSWORD, World, tamper
 
 
 @pytest.fixture()
@@ -37,6 +37,13 @@ def world(tmp: Path) -> Iterator[World]:
     w = World(tmp)
     yield w
     w.close()
+
+
+def stored_state(world: World) -> RotationState:
+    """The rotation state in the store itself (not what the engine holds in memory)."""
+    raw = world.store._inner.get_state(STATE_KEY)
+    assert raw is not None
+    return RotationState.from_json(raw)
 
 
 # ---------------------------------------------------------------- tests
@@ -47,7 +54,7 @@ def test_rotation_completes_and_drops_the_old_generation(world: World) -> None:
     started = world.engine.start(caller="test", batch_size=7)
     assert started.from_generation == 1
     state = world.wait()
-    assert state.phase == COMPLETED, state.message
+    assert state.phase == RotationPhase.COMPLETED, state.message
     assert (state.to_generation, state.done, state.reencrypted, state.failed) == (2, 80, 80, 0)
     world.read_all(expected)
     assert world.generations() == {"rows": {2}, "memory": {2}, "backup": {2}, "file": {2}}
@@ -78,7 +85,7 @@ def test_a_user_write_racing_a_batch_is_not_clobbered(world: World) -> None:
     world.engine.start(caller="test", batch_size=8)
     state = world.wait()
     assert raced, "the race hook never ran"
-    assert state.phase == COMPLETED, state.message
+    assert state.phase == RotationPhase.COMPLETED, state.message
     assert (state.done, state.skipped, state.reencrypted) == (21, 2, 19)  # 20 secrets + 1 policy
     policy = world.policies.get("team")
     assert policy.path_pattern == "^team/v2/" and policy.permissions == {"read", "list"}
@@ -106,18 +113,18 @@ def test_abort_rolls_every_record_back_and_drops_the_new_generation(
         world.engine.start(caller="test", batch_size=10, max_rate=1000)
         state = world.wait()
         assert aborted.is_set()
-        assert state.phase == ABORTED, state.message
+        assert state.phase == RotationPhase.ABORTED, state.message
         assert world.keys.keyring.active_generation == 1
         assert world.generations() == {"rows": {1}, "memory": {1}, "backup": {1}, "file": {1}}
         world.read_all(expected)
         phases = [s.phase for s in world.engine.watch()]  # terminal snapshot only
-        assert phases == [ABORTED]
+        assert phases == [RotationPhase.ABORTED]
         with pytest.raises(NotFound):
             world.engine.abort("test")
         # A new rotation may start after an abort and complete.
         world.engine.start(caller="test", emergency=True)
         again = world.wait()
-        assert again.phase == COMPLETED
+        assert again.phase == RotationPhase.COMPLETED
         # Note: the number of the dropped generation is handed out again (2), with a new key.
         assert again.to_generation > 1
         assert world.generations() == {k: {again.to_generation}
@@ -133,7 +140,7 @@ def test_tampered_record_fails_safely_then_resume_completes(world: World) -> Non
     expected.pop(("app/s007", 1))
     world.engine.start(caller="test", batch_size=8)
     state = world.wait()
-    assert state.phase == FAILED, state.message
+    assert state.phase == RotationPhase.FAILED, state.message
     assert state.failed == 1 and "integrity" in state.message
     # Both keys kept, in memory and in the backup: nothing became unreadable.
     gens = world.generations()
@@ -146,7 +153,7 @@ def test_tampered_record_fails_safely_then_resume_completes(world: World) -> Non
     world.secrets.destroy(SUPERUSER, "app/s007", [1])
     world.engine.resume("test")
     state = world.wait()
-    assert state.phase == COMPLETED, state.message
+    assert state.phase == RotationPhase.COMPLETED, state.message
     assert world.generations() == {"rows": {2}, "memory": {2}, "backup": {2}, "file": {2}}
     world.read_all(expected)
 
@@ -156,10 +163,10 @@ def test_failed_rotation_can_be_aborted(world: World) -> None:
     tamper(world.dir, "app/s010", 1)
     expected.pop(("app/s010", 1))
     world.engine.start(caller="test", batch_size=8)
-    assert world.wait().phase == FAILED
+    assert world.wait().phase == RotationPhase.FAILED
     world.engine.abort("test")
     state = world.wait()
-    assert state.phase == ABORTED, state.message
+    assert state.phase == RotationPhase.ABORTED, state.message
     gens = world.generations()
     assert gens == {"rows": {1}, "memory": {1}, "backup": {1}, "file": {1}}
     world.read_all(expected)
@@ -178,16 +185,17 @@ def test_resume_after_unseal_continues_an_interrupted_rotation(tmp: Path) -> Non
     expected = world.fill()
     world.engine.start(caller="test", batch_size=10, max_rate=1000)
     assert stopped.wait(HOLD)
-    world.engine._stop.shutdown.set()  # what shutdown() does, without waiting
+    world.engine.request_shutdown()  # what shutdown() does, without waiting
     gate.set()
     world.close()
     saved = world.engine.current
-    assert saved is not None and saved.phase not in (COMPLETED, ABORTED, FAILED)
+    assert saved is not None and saved.phase not in (
+        RotationPhase.COMPLETED, RotationPhase.ABORTED, RotationPhase.FAILED)
     again = World(tmp, init=False)
     try:
         again.keys.recover(TEST_PASSWORD.encode())
         state = again.wait()
-        assert state.phase == COMPLETED and state.rotation_id == saved.rotation_id
+        assert state.phase == RotationPhase.COMPLETED and state.rotation_id == saved.rotation_id
         again.read_all(expected)
         assert again.generations()["rows"] == {2}
     finally:
@@ -210,15 +218,16 @@ def test_abort_request_survives_a_checkpoint(tmp: Path) -> None:
     assert stopped.wait(HOLD)
     world.engine.abort("test")
     assert world.engine.current is not None and world.engine.current.abort_requested
-    world.engine._stop.shutdown.set()
+    world.engine.request_shutdown()
     gate.set()
     world.close()
     again = World(tmp, init=False)
     try:
         again.keys.recover(TEST_PASSWORD.encode())
         seen = [s.phase for s in again.engine.watch(timeout=0.2)]
-        assert again.wait().phase == ABORTED
-        assert COMPLETED not in seen and (ROLLBACK in seen or seen == [ABORTED])
+        assert again.wait().phase == RotationPhase.ABORTED
+        assert RotationPhase.COMPLETED not in seen and (RotationPhase.ROLLBACK in seen
+                                                        or seen == [RotationPhase.ABORTED])
         again.read_all(expected)
         assert again.generations()["rows"] == {1}
     finally:
@@ -264,20 +273,20 @@ def test_failure_right_after_the_new_key_resume_or_abort(world: World, operator:
     fail_right_after_new_key(world)
     world.engine.start(caller="test", batch_size=8)
     state = world.wait()
-    assert state.phase == FAILED and state.to_generation == 0, state
+    assert state.phase == RotationPhase.FAILED and state.to_generation == 0, state
     assert world.keys.keyring.active_generation == 2  # new writes already use it
     world.secrets.put(SUPERUSER, "app/late", {"k": "written under 2"}, None)
     expected[("app/late", 1)] = {"k": "written under 2"}
     if operator == "resume":
         world.engine.resume("test")
         state = world.wait()
-        assert state.phase == COMPLETED, state.message
+        assert state.phase == RotationPhase.COMPLETED, state.message
         assert state.to_generation == 2
         want = 2
     else:
         world.engine.abort("test")
         state = world.wait()
-        assert state.phase == ABORTED, state.message
+        assert state.phase == RotationPhase.ABORTED, state.message
         want = 1
     assert world.keys.keyring.active_generation == want
     assert world.generations() == {k: {want} for k in ("rows", "memory", "backup", "file")}
@@ -304,12 +313,12 @@ def test_generation_numbers_are_never_reused_after_an_abort(tmp: Path) -> None:
         assert world.keys.next_generation() == 2
         world.engine.start(caller="t", batch_size=5, max_rate=1000)
         state = world.wait()
-        assert requested.is_set() and state.phase == ABORTED, state
+        assert requested.is_set() and state.phase == RotationPhase.ABORTED, state
         assert world.keys.keyring.generations == (1,)
         assert world.keys.next_generation() == 3
         world.engine.start(caller="t", emergency=True)
         last = world.wait()
-        assert last.phase == COMPLETED and last.to_generation == 3
+        assert last.phase == RotationPhase.COMPLETED and last.to_generation == 3
     finally:
         world.close()
 
@@ -332,7 +341,7 @@ def test_validation_uses_the_new_key_not_whatever_the_header_names(world: World)
     world.store.before_replace = edit_cell
     world.engine.start(caller="test", emergency=True, batch_size=5)
     state = world.wait()
-    assert state.phase == FAILED, state.message
+    assert state.phase == RotationPhase.FAILED, state.message
     assert "does not decrypt under generation 2" in state.message
     gens = world.generations()
     assert gens["memory"] == gens["backup"] == gens["file"] == {1, 2}  # nothing dropped
@@ -352,7 +361,7 @@ def test_a_cell_edited_before_the_rotation_is_set_right_and_it_completes(world: 
         db.close()
     world.engine.start(caller="test", emergency=True)
     state = world.wait()
-    assert state.phase == COMPLETED, state.message
+    assert state.phase == RotationPhase.COMPLETED, state.message
     world.read_all(expected)
 
 
@@ -375,15 +384,16 @@ def test_a_full_disk_fails_the_rotation_visibly_and_resume_continues(tmp: Path) 
         expected = world.fill(paths=30, versions=1)
         world.engine.start(caller="test", batch_size=10, max_rate=1000)
         state = world.wait()
-        assert state.phase == FAILED and state.terminal, state
-        assert (state.failure_kind, state.failed_in_phase) == ("store", REENCRYPT), state
+        assert state.phase == RotationPhase.FAILED and state.terminal, state
+        assert (state.failure_kind, state.failed_in_phase) == ("store", RotationPhase.REENCRYPT), \
+            state
         assert state.failure_unsaved and "disk is full" in state.message, state
-        stored_raw = world.store._inner.get_state(STATE_KEY)
-        stored = RotationState.from_json(stored_raw)
-        assert stored.phase == REENCRYPT and stored.done == 10
+        stored = stored_state(world)
+        assert stored.phase == RotationPhase.REENCRYPT and stored.done == 10
         assert not world.engine.running() and not world.engine.orphaned()
         current = world.engine.current
-        assert current is not None and current.phase == FAILED  # not the stored phase
+        # not the stored phase
+        assert current is not None and current.phase == RotationPhase.FAILED
         with pytest.raises(Conflict):
             world.engine.start(caller="test")
         with pytest.raises(Unavailable):
@@ -392,17 +402,109 @@ def test_a_full_disk_fails_the_rotation_visibly_and_resume_continues(tmp: Path) 
 
         world.store.writes_fail = False
         deadline = time.monotonic() + HOLD
-        while RotationState.from_json(world.store._inner.get_state(STATE_KEY)).phase != FAILED:
+        while stored_state(world).phase != RotationPhase.FAILED:
             assert time.monotonic() < deadline, "the failure was never saved"
             time.sleep(0.02)
-        saved = RotationState.from_json(world.store._inner.get_state(STATE_KEY))
+        saved = stored_state(world)
         assert not saved.failure_unsaved and saved.cursor == stored.cursor
         resumed = world.engine.resume("test")
         assert resumed.cursor == stored.cursor  # continues from the saved progress
         state = world.wait()
-        assert state.phase == COMPLETED, state.message
+        assert state.phase == RotationPhase.COMPLETED, state.message
         assert world.generations() == {"rows": {2}, "memory": {2}, "backup": {2}, "file": {2}}
         world.read_all(expected)
     finally:
         world.store.writes_fail = False
         world.close()
+
+
+@pytest.mark.parametrize("held_in", ["listener", "commit"])
+def test_watch_and_abort_never_wait_on_a_listener_or_a_commit(tmp: Path, held_in: str) -> None:
+    """The worker is held inside a listener (or right before a batch's store write) with the
+    publication order taken: a watcher still gets its snapshot and an abort returns at once;
+    the abort request is saved by the worker as soon as it lets go, and the rotation rolls
+    back. (Both used to wait for the lock the worker held through commits and listeners.)"""
+    inside, release = threading.Event(), threading.Event()
+    published: list[RotationState] = []
+
+    def hold() -> None:
+        if not inside.is_set():
+            inside.set()
+            release.wait()
+
+    world = World(tmp)
+    if held_in == "listener":
+        world.engine.add_listener(lambda s: hold() if s.phase == RotationPhase.REENCRYPT
+                                  and s.done else None)
+    else:
+        world.store.before_replace = lambda _updates: hold()
+    world.engine.add_listener(published.append)
+    try:
+        world.fill(paths=20, versions=1)
+        world.engine.start(caller="test", batch_size=5, max_rate=1000)
+        assert inside.wait(HOLD)
+        snapshots: list[RotationState] = []
+
+        def outside() -> None:  # a watcher, then an operator's abort
+            snapshots.append(next(world.engine.watch()))
+            world.engine.abort("test")
+
+        caller = threading.Thread(target=outside)
+        caller.start()
+        caller.join(HOLD)  # a deadline against a hang, not a timing assumption
+        assert not caller.is_alive(), "watch() or abort() waited for the worker"
+        assert [s.phase for s in snapshots] == [RotationPhase.REENCRYPT]
+        release.set()
+        state = world.wait()
+        assert state.phase == RotationPhase.ABORTED, state.message
+        assert any(s.abort_requested and s.phase == RotationPhase.REENCRYPT for s in published)
+        sequences = [s.sequence for s in published]
+        assert sequences == sorted(set(sequences))  # in order, no duplicate
+    finally:
+        release.set()
+        world.close()
+
+
+def test_low_disk_space_is_a_failed_precondition(world: World,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Less than MIN_FREE_BYTES free in the data directory: the rotation is refused as a
+    failed precondition (kind ``store``), no longer as a conflict (ABORTED), and nothing
+    changes."""
+    world.fill(paths=5, versions=1)
+    monkeypatch.setattr(rotation, "MIN_FREE_BYTES", 1 << 62)
+    with pytest.raises(NotReady) as refused:
+        world.engine.start(caller="test")
+    assert refused.value.kind == ErrorKind.STORE
+    assert "free in the data directory: rotation refused" in str(refused.value)
+    assert status_for(refused.value) == grpc.StatusCode.FAILED_PRECONDITION
+    assert world.engine.current is None and not world.engine.running()
+    assert world.generations() == {"rows": {1}, "memory": {1}, "backup": {1}, "file": {1}}
+
+
+def test_a_bad_backup_is_a_failed_precondition(world: World) -> None:
+    """The backup file is missing: the rotation is refused as a failed precondition (kind
+    ``backup_invalid``), no longer as a conflict (ABORTED)."""
+    world.fill(paths=5, versions=1)
+    (world.dir / "root-key.backup").unlink()
+    with pytest.raises(NotReady) as refused:
+        world.engine.start(caller="test")
+    assert refused.value.kind == ErrorKind.BACKUP_INVALID
+    assert "the backup is missing" in str(refused.value)
+    assert status_for(refused.value) == grpc.StatusCode.FAILED_PRECONDITION
+    assert world.engine.current is None and world.keys.keyring.generations == (1,)
+
+
+@pytest.mark.parametrize("variable", ["SPIKE_NEXUS_TEST_GATE_AT", "SPIKE_NEXUS_TEST_PAUSE_AT"])
+def test_an_unknown_test_point_fails_at_start_up(variable: str) -> None:
+    """A typo in a test point's name stops Nexus at start-up, naming the known points
+    (it used to show as a rotation that never stopped where the test waited)."""
+    env = {**os.environ, variable: "rotation_betwen_batches"}
+    result = subprocess.run([PY, "-m", "nexus", "--help"], env=env, capture_output=True,
+                            text=True, timeout=HOLD, check=False)
+    assert result.returncode != 0
+    assert f"{variable}='rotation_betwen_batches' is not a test point" in result.stderr
+    assert Point.ROTATION_BETWEEN_BATCHES.value in result.stderr
+    ok = subprocess.run([PY, "-m", "nexus", "--help"], capture_output=True, text=True,
+                        timeout=HOLD, check=False,
+                        env={**os.environ, variable: Point.ROTATION_BETWEEN_BATCHES.value})
+    assert ok.returncode == 0, ok.stderr

@@ -31,7 +31,6 @@ from spike.tls import client_channel
 from spike.v1 import operator_pb2, operator_pb2_grpc
 from tests.harness import PY, TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json
 
-GATE = "rotation_between_batches"
 RECORDS = 400
 BATCH = 20
 # pytest-timeout guards against a hang, not a slow machine: these start real processes
@@ -119,16 +118,16 @@ def test_two_watchers_a_late_one_and_leavers(agent: DevAgent, data_dir: Path,
     wait_for("first batch held at the gate", lambda: gate_reached(nexus, 1), nexus)
     first, second, leaver = (Watcher(agent, nexus) for _ in range(3))
     for watcher in (first, second, leaver):
-        wait_for("watcher snapshot", lambda w=watcher: w.lines, nexus)
+        wait_for("watcher snapshot", lambda w=watcher: w.lines, nexus)  # type: ignore[misc]
     channel = client_channel(nexus.address, fetch_svid(agent.socket("pilot")),
                              "nexus.spike.internal")
     operator = operator_pb2_grpc.OperatorStub(channel)
     raw = operator.WatchRotation(operator_pb2.WatchRotationRequest())
-    raw_events = []
-    for event in raw:
-        raw_events.append(event)
+    raw_events: list[operator_pb2.RotationEvent] = []
+    for raw_event in raw:
+        raw_events.append(raw_event)
         if len(raw_events) == 3:
-            raw.cancel()  # a client that goes away mid-stream
+            raw.cancel()  # type: ignore[no-untyped-call]  # a client that goes away mid-stream
             break
         # Let exactly one more batch through: the next event is its progress.
         (gate / str(len(raw_events))).touch()

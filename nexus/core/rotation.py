@@ -1,6 +1,7 @@
 """Root key rotation: online re-encryption of every stored record, crash-safe.
 
-Phases (docs/runbooks/rotation.md follows them for the operator):
+Phases (``spike.states.RotationPhase``; docs/runbooks/rotation.md follows them for the
+operator):
 
 1. ``precheck``  unsealed, store writable, free space, backup present and matching,
                  no rotation running;
@@ -8,7 +9,7 @@ Phases (docs/runbooks/rotation.md follows them for the operator):
                  written under it; new writes use g+1 at once;
 3. ``reencrypt`` batches of records not yet under g+1: decrypt, encrypt under g+1,
                  conditional write (a user write that landed meanwhile wins);
-                 throttled; the cursor is persisted after every batch;
+                 paced (``nexus.core.pacing``); the cursor is persisted after every batch;
 4. ``validate``  nothing left outside g+1, every record decrypts under g+1;
 5. ``finalize``  g is dropped from the backup first, then wiped from memory.
 
@@ -16,6 +17,12 @@ Phases (docs/runbooks/rotation.md follows them for the operator):
 lives in the store (state key ``rotation``) so that after a crash and
 ``spike recover`` the rotation resumes by itself. Progress is published as
 events with a monotone sequence number; any number of watchers read them.
+
+Two locks. ``_lock`` guards the published state and is held only for a few assignments:
+``watch()`` and ``abort()`` take it and never wait behind a store write or a listener.
+``_order`` orders publication: the next sequence number, the store write of the state and
+the listeners happen under it, one state at a time, so that every watcher and listener sees
+the states in sequence order, without a duplicate.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, assert_never
 
 import structlog
 
@@ -40,27 +47,18 @@ from nexus.core.counter import EncryptionCounter
 from nexus.core.errors import Conflict, InvalidInput, NotFound, NotReady, Unavailable
 from nexus.core.integrity import reconcile_generation_cells
 from nexus.core.keymanager import KeyManager
+from nexus.core.pacing import Pacer, RateMeter
+from nexus.core.testpoints import Point
 from nexus.crypto import envelope
 from nexus.crypto.keyring import Keyring
 from nexus.crypto.keys import Purpose
 from nexus.store.base import KIND_SECRET, BlobUpdate, RecordKey, ScanRow, Store, StoreError
 from spike.errors import ErrorKind
+from spike.states import BackupStatus, FailureKind, RotationPhase
 
 log = structlog.get_logger("nexus.rotation")
 
 STATE_KEY = "rotation"
-
-PRECHECK = "precheck"
-NEW_KEY = "new_key"
-REENCRYPT = "reencrypt"
-VALIDATE = "validate"
-FINALIZE = "finalize"
-ROLLBACK = "rollback"
-COMPLETED = "completed"
-FAILED = "failed"
-ABORTED = "aborted"
-IDLE = "idle"
-TERMINAL = frozenset({COMPLETED, FAILED, ABORTED})
 
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_MAX_RATE = 2_000  # records/s when throttled (tests/bench_rotation.py: get p99)
@@ -78,14 +76,10 @@ STALE_NODE_GRACE = 2.0
 # (doubling from the first) until it is saved or superseded.
 FAILURE_SAVE_FIRST_RETRY = 0.5
 FAILURE_SAVE_MAX_RETRY = 10.0
-# failure_kind of a FAILED rotation (RotationEvent.failure_kind, metric label).
-FAILURE_STORE = "store"  # the database or a file in the data directory refused an operation
-FAILURE_INTEGRITY = "integrity"  # records that do not decrypt under their own key
-FAILURE_VALIDATION = "validation"  # a record does not decrypt under the new key
-FAILURE_ROLLBACK = "rollback"  # a rollback left records under the new key
-FAILURE_INTERNAL = "internal"  # anything else (a bug): the log has the traceback
-FAILURE_KINDS = (FAILURE_STORE, FAILURE_INTEGRITY, FAILURE_VALIDATION, FAILURE_ROLLBACK,
-                 FAILURE_INTERNAL)
+
+# The phases an abort request no longer applies to: a rollback is what it asks for, and
+# finalize is past the point of no return.
+_UNABORTABLE = frozenset({RotationPhase.ROLLBACK, RotationPhase.FINALIZE})
 
 
 @dataclass(frozen=True)
@@ -93,7 +87,7 @@ class RotationState:
     """One rotation's progress: persisted after every step, published as events."""
 
     rotation_id: str
-    phase: str
+    phase: RotationPhase
     from_generation: int
     to_generation: int = 0
     emergency: bool = False
@@ -117,16 +111,21 @@ class RotationState:
     # Set when an operator asked to abort; persisted so that a crash or a restart
     # before the rollback starts does not lose the request.
     abort_requested: bool = False
-    # FAILED only: what kind of failure (FAILURE_KINDS) and the phase it stopped in.
-    failure_kind: str = ""
-    failed_in_phase: str = ""
+    # FAILED only ("" otherwise): what kind of failure and the phase it stopped in.
+    failure_kind: FailureKind | Literal[""] = ""
+    failed_in_phase: RotationPhase | Literal[""] = ""
     # FAILED only: the store refused to save the failure; this process alone knows it
     # (and keeps trying to save it). Never true in the stored document.
     failure_unsaved: bool = False
 
     @property
     def terminal(self) -> bool:
-        return self.phase in TERMINAL
+        return self.phase.terminal
+
+    @property
+    def abortable(self) -> bool:
+        """An abort request still applies (not ended, not rolling back or finalizing)."""
+        return not self.terminal and self.phase not in _UNABORTABLE
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -136,6 +135,11 @@ class RotationState:
         doc = json.loads(text)
         if doc.get("cursor") is not None:
             doc["cursor"] = tuple(doc["cursor"])
+        doc["phase"] = RotationPhase(doc["phase"])
+        if doc.get("failure_kind"):
+            doc["failure_kind"] = FailureKind(doc["failure_kind"])
+        if doc.get("failed_in_phase"):
+            doc["failed_in_phase"] = RotationPhase(doc["failed_in_phase"])
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in doc.items() if k in known})
 
@@ -164,6 +168,35 @@ class _Stop:
     abort: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class _Sweep:
+    """The batch loop's walk over the keyset: a pass goes from the cursor to the end."""
+
+    cursor: RecordKey | None
+    from_start: bool
+    work: int = 0  # records handled in this pass
+    failed: set[RecordKey] = field(default_factory=set)  # failed their integrity check
+
+    def take(self, rows: list[ScanRow]) -> list[ScanRow]:
+        """The rows of a batch to re-encrypt (not those that failed before); the cursor
+        moves past the batch."""
+        self.cursor = rows[-1].key
+        if self.failed:
+            rows = [r for r in rows if r.key not in self.failed]
+        self.work += len(rows)
+        return rows
+
+    def finished(self, *, forward: bool) -> bool:
+        """At the end of a pass. Writes that raced the key switch may land behind the
+        cursor, so it is done only after a pass *from the start*; forward, one with nothing
+        failed is enough (validation walks every record and sends the rotation back here if
+        a raced write was left behind), else one that found nothing to do."""
+        return self.from_start and (self.work == 0 or (forward and not self.failed))
+
+    def restart(self) -> None:
+        self.cursor, self.from_start, self.work = None, True, 0
+
+
 class RotationEngine:
     def __init__(
         self,
@@ -188,8 +221,9 @@ class RotationEngine:
         self._data_dir = data_dir
         self._clock = clock
         self._sleep = sleep
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the published state (see the module's doc)
         self._changed = threading.Condition(self._lock)
+        self._order = threading.Lock()  # publication: sequence, store write, listeners
         # A FAILED state the store refused to save: it stands in for the stored (older,
         # non-terminal) one until it is saved or a newer state is.
         self._unsaved: RotationState | None = None
@@ -221,21 +255,36 @@ class RotationEngine:
         """The running rotation, or the last one (terminal), or None.
 
         When no worker runs here the stored state is authoritative: another node
-        sharing the store may be the one rotating.
+        sharing the store may be the one rotating. (While a state is being published
+        here, the one in memory is returned: it is about to be the newest.)
         """
-        if not self.running():
-            try:
-                stored = self._load()
-            except StoreError:
-                return self._state  # the store is down: the last known state
-            with self._lock:
-                if not self.running():
-                    self._state = stored
+        if self.running() or not self._order.acquire(blocking=False):
+            return self._state
+        try:
+            stored = self._load()
+            if not self.running():
+                self._adopt(stored)
+        except StoreError:
+            pass  # the store is down: the last known state
+        finally:
+            self._release_order()
         return self._state
 
     def running(self) -> bool:
         thread = self._thread
         return thread is not None and thread.is_alive()
+
+    def in_worker(self) -> bool:
+        """The calling thread is this engine's worker (for test hooks)."""
+        return threading.current_thread() is self._thread
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the worker to end (it writes the audit after its terminal state);
+        True when no worker runs."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return not self.running()
 
     def orphaned(self) -> bool:
         """A rotation of this node is neither terminal nor driven by a worker while Nexus
@@ -247,6 +296,8 @@ class RotationEngine:
             and state.node in ("", self._node_name) and not self.running()
 
     def add_listener(self, listener: Callable[[RotationState], None]) -> None:
+        """``listener(state)`` for every state published, in sequence order, in the
+        publishing thread (never under the lock that watch() and abort() take)."""
         self._listeners.append(listener)
 
     def watch(self, timeout: float = 15.0) -> Iterator[RotationState]:
@@ -296,27 +347,20 @@ class RotationEngine:
         finishing = self._thread
         if finishing is not None and self._state is not None and self._state.terminal:
             finishing.join(10.0)  # it published its terminal state and is writing the audit
-        with self._lock, _store_errors("start a rotation"):
+        with self._ordered(), _store_errors("start a rotation"):
             # The store decides, not this process's memory: several nodes may share it.
             stored_raw = self._store.get_state(STATE_KEY)
             previous = self._overlay(RotationState.from_json(stored_raw) if stored_raw
                                      else None)
-            self._state = previous
-            if self.running() or (previous is not None and not previous.terminal):
-                where = f" on node {previous.node}" if previous and previous.node and \
-                    previous.node != self._node_name else ""
-                raise Conflict(f"a rotation is already running{where}: watch it with "
-                               "`spike rotation watch` or stop it with `spike rotation abort`")
-            if previous is not None and previous.phase == FAILED:
-                raise Conflict("the last rotation failed: fix its cause, then "
-                               "`spike rotation resume` or `spike rotation abort`")
+            self._adopt(previous)
+            self._refuse_start(previous)
             keyring = self._keys.require_unsealed()
             active = keyring.active_generation
             assert active is not None
             now = self._clock()
             state = RotationState(
                 rotation_id=uuid.uuid4().hex[:12],
-                phase=PRECHECK,
+                phase=RotationPhase.PRECHECK,
                 from_generation=active,
                 emergency=emergency,
                 batch_size=batch_size or (EMERGENCY_BATCH_SIZE if emergency
@@ -331,7 +375,7 @@ class RotationEngine:
             )
             self._precheck(state)
             # Claim the job with a compare-and-set: of two nodes starting at once, one wins.
-            self._publish_locked(state, claim=True, expected_raw=stored_raw)
+            self._publish_ordered(state, claim=True, expected_raw=stored_raw)
         # The job is claimed: a worker must drive it even if the audit cannot be written
         # now (a full disk: the line stays queued in the audit log; the worker will fail
         # visibly on its first write).
@@ -340,31 +384,35 @@ class RotationEngine:
         self._spawn()
         return state
 
+    def _refuse_start(self, previous: RotationState | None) -> None:
+        if self.running() or (previous is not None and not previous.terminal):
+            where = f" on node {previous.node}" if previous and previous.node and \
+                previous.node != self._node_name else ""
+            raise Conflict(f"a rotation is already running{where}: watch it with "
+                           "`spike rotation watch` or stop it with `spike rotation abort`")
+        if previous is not None and previous.phase == RotationPhase.FAILED:
+            raise Conflict("the last rotation failed: fix its cause, then "
+                           "`spike rotation resume` or `spike rotation abort`")
+
     def abort(self, caller: str, reason: str = "") -> RotationState:
         self.current  # noqa: B018 - refresh from the store when no worker runs here
         with self._lock:
             state = self._state
-            if state is None or (state.terminal and state.phase != FAILED):
+            if state is None or (state.terminal and state.phase != RotationPhase.FAILED):
                 raise NotFound("no rotation to abort")
             if state.node and state.node != self._node_name and not state.terminal:
                 raise Conflict(f"the rotation runs on node {state.node}: abort it there; if "
                                "that node is gone for good, `spike rotation resume` here first")
-            if state.phase in (FINALIZE,):
+            if state.phase == RotationPhase.FINALIZE:
                 raise Conflict("the rotation is finalizing and can no longer be aborted")
         with _store_errors("abort the rotation"):  # audited before anything is done
             self._audit.record("rotation.abort", caller=caller, target=state.rotation_id,
                                outcome="ok", durable=True, reason=reason)
         if self.running():
             self._stop.abort.set()
-            with self._lock:  # persist the request: a crash before the worker sees it
-                current = self._state
-                if current is not None and current.phase not in (ROLLBACK, FINALIZE) \
-                        and not current.terminal:
-                    try:
-                        self._publish_locked(replace(current, abort_requested=True))
-                    except StoreError as exc:  # the worker still sees the request
-                        log.warning("abort request not saved; the worker rolls back anyway",
-                                    error=_store_detail(exc))
+            # Persist the request (a crash before the worker sees it must not lose it):
+            # now, or by the publication under way as soon as it is done; never waited for.
+            self._save_abort_request()
         else:
             with _store_errors("abort the rotation"):
                 self._enter_rollback(state, f"abort requested by {caller}")
@@ -373,31 +421,17 @@ class RotationEngine:
 
     def resume(self, caller: str) -> RotationState:
         self.current  # noqa: B018 - refresh from the store when no worker runs here
-        with self._lock, _store_errors("resume the rotation"):
+        with self._ordered(), _store_errors("resume the rotation"):
             state = self._state
-            if state is None or state.phase in (COMPLETED, ABORTED):
+            if state is None or state.phase in (RotationPhase.COMPLETED, RotationPhase.ABORTED):
                 raise NotFound("no interrupted or failed rotation to resume")
             if self.running():
                 raise Conflict("the rotation is already running")
-            if state.phase == FAILED:
-                if state.failed_in_phase == ROLLBACK:
-                    phase = ROLLBACK  # an abort that failed goes on rolling back
-                else:
-                    # A failure before the new key was in place (to_generation still 0)
-                    # resumes at the new-key step, which picks up a key already added.
-                    phase = REENCRYPT if state.to_generation else NEW_KEY
-                # After a store failure the saved cursor is good: continue from it.
-                # Records that failed their integrity check are tried again from the start.
-                keep_cursor = state.failure_kind == FAILURE_STORE and phase == REENCRYPT \
-                    and state.failed_in_phase == REENCRYPT and not state.failed
-                self._publish_locked(replace(
-                    state, phase=phase, cursor=state.cursor if keep_cursor else None,
-                    failed=0, abort_requested=False, node=self._node_name,
-                    failure_kind="", failed_in_phase="", failure_unsaved=False,
-                    message=f"resumed by {caller}"))
+            if state.phase == RotationPhase.FAILED:
+                self._publish_ordered(_resumed(state, caller, self._node_name))
             elif state.node != self._node_name:  # an operator moves the job here
-                self._publish_locked(replace(state, node=self._node_name,
-                                             message=f"taken over by {caller}"))
+                self._publish_ordered(replace(state, node=self._node_name,
+                                              message=f"taken over by {caller}"))
         self._record_quietly("rotation.resume", caller=caller, target=state.rotation_id)
         self._spawn()
         assert self._state is not None
@@ -407,9 +441,9 @@ class RotationEngine:
         """Called when Nexus unseals: continue an interrupted rotation by itself —
         only one this node started; another node's job is that node's (or an
         operator's explicit `spike rotation resume`)."""
-        state = self._load()
-        with self._lock:
-            self._state = state
+        with self._ordered():
+            state = self._load()
+            self._adopt(state)
         if state is None or state.terminal or self.running():
             return False
         if state.node and state.node != self._node_name:
@@ -434,15 +468,18 @@ class RotationEngine:
         except Exception as exc:
             log.error("audit event not written yet", action=action, error=_store_detail(exc))
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Checkpoint: stop at the next batch boundary; the state stays resumable."""
+    def request_shutdown(self) -> None:
+        """Ask the worker to stop at its next batch boundary (the state stays resumable)
+        and end the watch streams; returns at once. ``shutdown`` also waits."""
         self._closing.set()
         self._stop.shutdown.set()
         with self._changed:
             self._changed.notify_all()
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Checkpoint: stop at the next batch boundary; the state stays resumable."""
+        self.request_shutdown()
+        self.join(timeout)
         self._save_failure()  # one last try; else the stored phase resumes after a restart
 
     # ------------------------------------------------------------------ worker
@@ -460,7 +497,7 @@ class RotationEngine:
         except Exception as exc:  # never leave a rotation silently half-done
             state = self._state
             kind, message = _describe_failure(exc, state.phase if state else "")
-            if kind == FAILURE_STORE:
+            if kind == FailureKind.STORE:
                 log.error("rotation failed: the store refused an operation",
                           error=message, phase=state.phase if state else "")
             else:
@@ -475,64 +512,81 @@ class RotationEngine:
         while True:
             state = self._state
             assert state is not None
-            if state.terminal:
+            step = self._step_for(state.phase)
+            if step is None:
                 return
-            if (self._stop.abort.is_set() or state.abort_requested) \
-                    and state.phase not in (ROLLBACK, FINALIZE):
+            if (self._stop.abort.is_set() or state.abort_requested) and state.abortable:
                 self._stop.abort.clear()
                 self._enter_rollback(state, "abort requested")
                 continue
-            step = {
-                PRECHECK: self._step_new_key,
-                NEW_KEY: self._step_new_key,
-                REENCRYPT: self._step_reencrypt,
-                VALIDATE: self._step_validate,
-                FINALIZE: self._step_finalize,
-                ROLLBACK: self._step_rollback,
-            }[state.phase]
             try:
                 step(state)
             except _AbortRequested:
                 self._stop.abort.clear()
                 self._enter_rollback(self._state or state, "abort requested")
 
+    def _step_for(self, phase: RotationPhase) -> Callable[[RotationState], None] | None:
+        """The step that moves a rotation on from ``phase``; None once it has ended."""
+        match phase:
+            case RotationPhase.PRECHECK | RotationPhase.NEW_KEY:
+                return self._step_new_key
+            case RotationPhase.REENCRYPT:
+                return self._step_reencrypt
+            case RotationPhase.VALIDATE:
+                return self._step_validate
+            case RotationPhase.FINALIZE:
+                return self._step_finalize
+            case RotationPhase.ROLLBACK:
+                return self._step_rollback
+            case RotationPhase.COMPLETED | RotationPhase.FAILED | RotationPhase.ABORTED:
+                return None
+            case RotationPhase.IDLE:  # the word for "no rotation", never a rotation's phase
+                raise RuntimeError("a rotation state in phase idle")
+            case _:
+                assert_never(phase)
+
     # -- phases
 
     def _precheck(self, state: RotationState) -> None:
+        """Refusals are failed preconditions: the operator fixes the cause and retries."""
         self._keys.require_unsealed()
         try:
             self._store.check_writable()
         except Exception:
-            raise NotReady(ErrorKind.STORE, "the store is not writable: rotation refused") from None
+            raise NotReady(ErrorKind.STORE, "the store is not writable: rotation refused") \
+                from None
         if self._data_dir is not None:
             free = shutil.disk_usage(self._data_dir).free
             if free < MIN_FREE_BYTES:
-                raise Conflict(f"only {free // (1024 * 1024)} MiB free in the data directory: "
-                               "rotation refused")
+                raise NotReady(ErrorKind.STORE, f"only {free // (1024 * 1024)} MiB free in "
+                               "the data directory: rotation refused")
         health = self._keys.verify_backup_file()
-        if health.status != "ok":
-            raise Conflict(f"the backup is {health.status} ({health.detail}): fix it before "
+        if health.status != BackupStatus.OK:
+            raise NotReady(ErrorKind.BACKUP_INVALID,
+                           f"the backup is {health.status} ({health.detail}): fix it before "
                            "rotating (`spike backup status`)")
 
     def _step_new_key(self, state: RotationState) -> None:
-        testpoints.reached("rotation_precheck_done")
+        testpoints.reached(Point.ROTATION_PRECHECK_DONE)
         keyring = self._keys.require_unsealed()
         newer = [g for g in keyring.generations if g > state.from_generation]
-        if state.phase == NEW_KEY and newer:
+        if state.phase == RotationPhase.NEW_KEY and newer:
             # A crash after the backup was updated: the new key came back with the backup.
             to = max(newer)
             self._keys.ensure_recorded()
         else:
-            state = self._publish(replace(state, phase=NEW_KEY, message="generating new key"))
+            state = self._publish(replace(state, phase=RotationPhase.NEW_KEY,
+                                          message="generating new key"))
             info = self._keys.add_generation()
             to = info.generation
         self._keys.activate(to)
         total = sum(n for g, n in self._store.count_by_generation().items() if g != to)
-        self._publish(replace(state, phase=REENCRYPT, to_generation=to, total=total,
-                              cursor=None, message=f"re-encrypting under generation {to}"))
+        self._publish(replace(state, phase=RotationPhase.REENCRYPT, to_generation=to,
+                              total=total, cursor=None,
+                              message=f"re-encrypting under generation {to}"))
         self._audit.record("rotation.new_key", caller="(nexus)", target=state.rotation_id,
                            outcome="ok", durable=True, generation=to)
-        testpoints.reached("rotation_new_key_done")
+        testpoints.reached(Point.ROTATION_NEW_KEY_DONE)
 
     def _step_reencrypt(self, state: RotationState) -> None:
         self._keys.activate(state.to_generation)
@@ -540,34 +594,54 @@ class RotationEngine:
         # its ciphertext header (an edited database) is set right first (and logged).
         reconcile_generation_cells(self._store, self._keys.require_unsealed().generations)
         state = self._move_records(state, target=state.to_generation, forward=True)
-        self._publish(replace(state, phase=VALIDATE, cursor=None, message="validating"))
+        self._publish(replace(state, phase=RotationPhase.VALIDATE, cursor=None,
+                              message="validating"))
 
     def _step_validate(self, state: RotationState) -> None:
         """One pass over every record: each must be under the new generation and decrypt
         with the new key. A record still under another generation sends the rotation back
         to re-encryption (a write that raced the key switch) or, if some records failed
         their integrity check, stops it with both keys kept."""
-        testpoints.reached("rotation_validate")
+        testpoints.reached(Point.ROTATION_VALIDATE)
+        target = state.to_generation
+        checked, leftover, unreadable = self._validate_pass(state)
+        if unreadable:
+            self._fail(state, unreadable, FailureKind.VALIDATION)
+            return
+        if leftover:
+            if state.failed:
+                self._fail(state, f"{state.failed} record(s) failed their integrity check and "
+                                  f"stay under generation {state.from_generation}: destroy or "
+                                  "rewrite them, then `spike rotation resume`",
+                           FailureKind.INTEGRITY)
+                return
+            # Writes that raced the switch: sweep again.
+            self._publish(replace(state, phase=RotationPhase.REENCRYPT, cursor=None,
+                                  message=f"{leftover} record(s) left; sweeping again"))
+            return
+        self._publish(replace(state, phase=RotationPhase.FINALIZE,
+                              message=f"validated {checked} record(s) under generation {target}"))
+        testpoints.reached(Point.ROTATION_VALIDATED)
+
+    def _validate_pass(self, state: RotationState) -> tuple[int, int, str]:
+        """(records checked, records under another generation, what does not decrypt
+        under the new key or "") after one pass, which stops at the first such record."""
         target = state.to_generation
         keyring = self._keys.require_unsealed()
         after: RecordKey | None = None
         checked = leftover = 0
-        # Throttled like re-encryption (decrypting is about half the work, so twice the
+        # Paced like re-encryption (decrypting is about half the work, so twice the
         # rate): an unpaced pass over every record held the GIL long enough to push
         # foreground p99 to ~50 ms in the benchmark.
-        pace_rate = 2 * state.max_rate
+        pacer = Pacer(2 * state.max_rate, self._sleep)
         batch = min(state.batch_size, VALIDATE_BATCH_SIZE)
         checkers: dict[str, envelope.Resealer] = {}
         while True:
             self._check_interrupt(allow_abort=True)
             rows = self._store.scan_not_in_generation(EVERY_GENERATION, after, batch)
             if not rows:
-                break
-            begun = time.monotonic()
-            for index, (kind, path, version, generation, blob) in enumerate(rows):
-                if pace_rate and index and index % 16 == 0:
-                    ahead = index / pace_rate - (time.monotonic() - begun)
-                    self._sleep(max(ahead, 0.0001))
+                return checked, leftover, ""
+            for kind, path, version, generation, blob in pacer.paced(rows):
                 if generation != target:
                     leftover += 1
                     continue
@@ -577,26 +651,11 @@ class RotationEngine:
                 # Under the new key only, and the header must name it too: a row whose
                 # column says the new generation but whose header says otherwise fails.
                 if not checker.opens_under_target(path, version, blob):
-                    self._fail(state, f"validation: {kind} {path} v{version} does "
-                                      f"not decrypt under generation {target}; both keys kept",
-                               FAILURE_VALIDATION)
-                    return
+                    return checked, leftover, (f"validation: {kind} {path} v{version} does "
+                                               f"not decrypt under generation {target}; "
+                                               "both keys kept")
             checked += len(rows)
             after = rows[-1].key
-        if leftover:
-            if state.failed:
-                self._fail(state, f"{state.failed} record(s) failed their integrity check and "
-                                  f"stay under generation {state.from_generation}: destroy or "
-                                  "rewrite them, then `spike rotation resume`",
-                           FAILURE_INTEGRITY)
-                return
-            # Writes that raced the switch: sweep again.
-            self._publish(replace(state, phase=REENCRYPT, cursor=None,
-                                  message=f"{leftover} record(s) left; sweeping again"))
-            return
-        self._publish(replace(state, phase=FINALIZE,
-                              message=f"validated {checked} record(s) under generation {target}"))
-        testpoints.reached("rotation_validated")
 
     def _step_finalize(self, state: RotationState) -> None:
         target = state.to_generation
@@ -613,16 +672,16 @@ class RotationEngine:
         counts = self._store.count_by_generation()
         leftover = sum(n for g, n in counts.items() if g != target)
         if leftover:
-            self._publish(replace(state, phase=REENCRYPT, cursor=None,
+            self._publish(replace(state, phase=RotationPhase.REENCRYPT, cursor=None,
                                   message=f"{leftover} record(s) written under an old key "
                                           "meanwhile; sweeping again"))
             return
         for generation in keyring.generations:
             if generation != target and not counts.get(generation):
                 self._keys.drop_generation(generation)
-        testpoints.reached("rotation_finalized")
+        testpoints.reached(Point.ROTATION_FINALIZED)
         self._counter.flush()
-        self._publish(replace(state, phase=COMPLETED, message=(
+        self._publish(replace(state, phase=RotationPhase.COMPLETED, message=(
             f"generation {target} active; generation {state.from_generation} removed from "
             "memory and backup"), eta=0.0))
         self._record_quietly("rotation.completed", caller="(nexus)",
@@ -633,10 +692,10 @@ class RotationEngine:
     def _enter_rollback(self, state: RotationState, message: str) -> None:
         total = self._store.count_by_generation().get(state.to_generation, 0) \
             if state.to_generation else 0
-        self._publish(replace(state, phase=ROLLBACK, cursor=None, total=total, done=0,
-                              reencrypted=0, skipped=0, failed=0, abort_requested=False,
-                              failure_kind="", failed_in_phase="", failure_unsaved=False,
-                              message=message))
+        self._publish(replace(state, phase=RotationPhase.ROLLBACK, cursor=None, total=total,
+                              done=0, reencrypted=0, skipped=0, failed=0,
+                              abort_requested=False, failure_kind="", failed_in_phase="",
+                              failure_unsaved=False, message=message))
 
     def _step_rollback(self, state: RotationState) -> None:
         keyring = self._keys.require_unsealed()
@@ -649,14 +708,15 @@ class RotationEngine:
             state = replace(state, to_generation=source)  # _move_records reads it
             self._keys.activate(back)
             state = self._move_records(state, target=back, forward=False)
-            testpoints.reached("rotation_rolled_back")
+            testpoints.reached(Point.ROTATION_ROLLED_BACK)
             if self._store.count_by_generation().get(source, 0):
                 self._fail(state, f"rollback left records under generation {source}; both "
-                                  "keys kept: `spike rotation abort` again", FAILURE_ROLLBACK)
+                                  "keys kept: `spike rotation abort` again",
+                           FailureKind.ROLLBACK)
                 return
             self._keys.drop_generation(source)
-        testpoints.reached("rotation_abort_dropped")
-        self._publish(replace(state, phase=ABORTED, cursor=None, eta=0.0,
+        testpoints.reached(Point.ROTATION_ABORT_DROPPED)
+        self._publish(replace(state, phase=RotationPhase.ABORTED, cursor=None, eta=0.0,
                               message=f"aborted; generation {back} active"))
         self._record_quietly("rotation.aborted", caller="(nexus)", target=state.rotation_id)
 
@@ -666,93 +726,75 @@ class RotationEngine:
                       forward: bool) -> RotationState:
         """Re-encrypt every record not under ``target`` (forward) or under the new
         generation (rollback) until none is left; the cursor makes restarts cheap."""
-        cursor = RecordKey(*state.cursor) if state.cursor else None
-        failed_keys: set[RecordKey] = set()
-        window: list[tuple[float, int]] = []
-        source = state.to_generation
-        # A pass walks the keyset from the cursor to the end. Writes that raced the key
-        # switch may land behind the cursor, so we are done only after a pass *from the
-        # start* found nothing to do (rows that failed to decrypt are skipped).
-        pass_from_start = cursor is None
-        pass_work = 0
+        sweep = _Sweep(RecordKey(*state.cursor) if state.cursor else None,
+                       from_start=state.cursor is None)
+        pacer = Pacer(state.max_rate, self._sleep)
+        meter = RateMeter()
         while True:
             self._check_interrupt(allow_abort=forward)
             started = time.monotonic()
             if forward:
-                rows = self._store.scan_not_in_generation(target, cursor, state.batch_size)
+                rows = self._store.scan_not_in_generation(target, sweep.cursor,
+                                                          state.batch_size)
             else:
-                rows = self._store.scan_generation(source, cursor, state.batch_size)
+                rows = self._store.scan_generation(state.to_generation, sweep.cursor,
+                                                   state.batch_size)
             if not rows:
-                # Forward, a whole pass with nothing failed is enough: validation walks
-                # every record and sends the rotation back here if a raced write left one
-                # behind. Otherwise make sure with a pass that finds nothing to do.
-                if pass_from_start and (pass_work == 0 or (forward and not failed_keys)):
+                if sweep.finished(forward=forward):
                     return state
-                cursor, pass_from_start, pass_work = None, True, 0
+                sweep.restart()
                 continue
-            last_key = rows[-1].key
-            if failed_keys:
-                rows = [r for r in rows if r.key not in failed_keys]
-                if not rows:
-                    cursor = last_key
-                    continue
-            pass_work += len(rows)
-            updates, bad = self._reseal_rows(rows, target, max_rate=state.max_rate)
-            failed_keys.update(bad)
-            cursor = last_key
-            now = time.monotonic()
-            window.append((now, len(rows)))
-            window = [(t, n) for t, n in window if now - t <= 10.0]
-            span = max(now - window[0][0], now - started, 1e-6)
-            rate = sum(n for _, n in window) / span
-            done = state.done + len(rows)
-            remaining = max(state.total - done, 0)
-            with self._lock:
-                # The cursor is committed in the same transaction as the batch, so a
-                # crash never re-does or skips a batch. The stored counts assume every
-                # update applied; the exact ones are announced now and stored next time.
-                planned = self._stamp_locked(replace(
-                    state,
-                    done=done,
-                    reencrypted=state.reencrypted + len(updates),
-                    failed=state.failed + len(bad),
-                    total=max(state.total, done),
-                    rate=rate,
-                    eta=remaining / rate if rate > 0 else 0.0,
-                    cursor=(cursor.kind, cursor.path, cursor.version),
-                ))
-                changed = self._store.replace_blobs(updates,
-                                                    state=(STATE_KEY, planned.to_json()))
-                state = self._announce_locked(replace(
-                    planned,
-                    reencrypted=state.reencrypted + changed,
-                    skipped=state.skipped + (len(updates) - changed),
-                ))
+            rows = sweep.take(rows)
+            if not rows:
+                continue
+            updates, bad = self._reseal_rows(rows, target, pacer)
+            sweep.failed.update(bad)
+            assert sweep.cursor is not None
+            state = self._commit_batch(state, updates, bad, done=len(rows),
+                                       cursor=sweep.cursor,
+                                       rate=meter.observe(len(rows), started))
             if updates:
                 self._counter.add(target, len(updates))
-            testpoints.reached("rotation_batch_written")
-            testpoints.reached("rotation_between_batches")
-            self._throttle(state, len(rows), started)
+            testpoints.reached(Point.ROTATION_BETWEEN_BATCHES)
+            pacer.rest(len(rows), started)
+
+    def _commit_batch(self, state: RotationState, updates: list[BlobUpdate],
+                      bad: list[RecordKey], *, done: int, cursor: RecordKey,
+                      rate: float) -> RotationState:
+        """Write a batch and the progress after it in one transaction, so a crash never
+        re-does or skips a batch, and announce that progress."""
+        done += state.done
+        remaining = max(state.total - done, 0)
+        with self._ordered():
+            # The stored counts assume every update applied; the exact ones are announced
+            # now and stored next time.
+            planned = self._stamp(replace(
+                state,
+                done=done,
+                reencrypted=state.reencrypted + len(updates),
+                failed=state.failed + len(bad),
+                total=max(state.total, done),
+                rate=rate,
+                eta=remaining / rate if rate > 0 else 0.0,
+                cursor=(cursor.kind, cursor.path, cursor.version),
+            ))
+            changed = self._store.replace_blobs(updates, state=(STATE_KEY, planned.to_json()))
+            return self._announce(replace(
+                planned,
+                reencrypted=state.reencrypted + changed,
+                skipped=state.skipped + (len(updates) - changed),
+            ))
 
     def _reseal_rows(self, rows: list[ScanRow], target: int,
-                     max_rate: int = 0) -> tuple[list[BlobUpdate], list[RecordKey]]:
-        """Decrypt each row under its own generation and encrypt it under ``target``.
-
-        Throttled (``max_rate`` > 0), the work is paced in small slices with a sleep after
-        each, so foreground requests get the GIL within a slice instead of waiting for the
-        interpreter's switch interval behind a whole batch.
-        """
+                     pacer: Pacer) -> tuple[list[BlobUpdate], list[RecordKey]]:
+        """Decrypt each row under its own generation and encrypt it under ``target``,
+        paced by ``pacer``."""
         keyring = self._keys.require_unsealed()
         resealers: dict[str, envelope.Resealer] = {}
         updates: list[BlobUpdate] = []
         bad: list[RecordKey] = []
-        pace_every = 16 if max_rate > 0 else 0
-        begun = time.monotonic()
         add = updates.append
-        for index, (kind, path, version, generation, blob) in enumerate(rows):
-            if pace_every and index and index % pace_every == 0:
-                ahead = index / max_rate - (time.monotonic() - begun)
-                self._sleep(max(ahead, 0.0001))
+        for kind, path, version, generation, blob in pacer.paced(rows):
             resealer = resealers.get(kind)
             if resealer is None:
                 resealer = resealers[kind] = _resealer(keyring, kind, target)
@@ -765,14 +807,6 @@ class RotationEngine:
             add(BlobUpdate(kind, path, version, generation, blob, target, new_blob))
         return updates, bad
 
-    def _throttle(self, state: RotationState, count: int, started: float) -> None:
-        if state.max_rate <= 0:
-            return
-        wanted = count / state.max_rate
-        elapsed = time.monotonic() - started
-        if wanted > elapsed:
-            self._sleep(wanted - elapsed)
-
     def _check_interrupt(self, *, allow_abort: bool) -> None:
         if self._stop.shutdown.is_set():
             raise _Interrupted()
@@ -781,38 +815,63 @@ class RotationEngine:
 
     # -- publishing
 
-    def _publish(self, state: RotationState) -> RotationState:
-        with self._lock:
-            return self._publish_locked(state)
+    @contextlib.contextmanager
+    def _ordered(self) -> Iterator[None]:
+        """Hold the publication order (see the module's doc). On leaving, an abort
+        requested meanwhile is saved (``_save_abort_request``)."""
+        self._order.acquire()
+        try:
+            yield
+        finally:
+            self._release_order()
 
-    def _publish_locked(self, state: RotationState, *, claim: bool = False,
-                        expected_raw: str | None = None) -> RotationState:
-        """Persist and announce ``state``. ``claim``: only if the stored document is
-        still ``expected_raw`` (compare-and-set), else Conflict."""
-        state = self._stamp_locked(state)
+    def _release_order(self) -> None:
+        self._order.release()
+        self._save_abort_request()
+
+    def _adopt(self, state: RotationState | None) -> None:
+        """Take ``state`` as the one in memory without announcing it (caller holds the
+        publication order)."""
+        with self._lock:
+            self._state = state
+
+    def _publish(self, state: RotationState) -> RotationState:
+        with self._ordered():
+            return self._publish_ordered(state)
+
+    def _publish_ordered(self, state: RotationState, *, claim: bool = False,
+                         expected_raw: str | None = None) -> RotationState:
+        """Persist and announce ``state`` (caller holds the publication order). ``claim``:
+        only if the stored document is still ``expected_raw`` (compare-and-set), else
+        Conflict."""
+        state = self._stamp(state)
         if not claim:
             self._store.put_state(STATE_KEY, state.to_json())
         elif not self._store.swap_state(STATE_KEY, expected_raw, state.to_json()):
             raise Conflict("another Nexus node started a rotation at the same moment: "
                            "`spike rotation status`")
-        return self._announce_locked(state)
+        return self._announce(state)
 
-    def _stamp_locked(self, state: RotationState) -> RotationState:
-        """The next sequence number and time; carries a pending abort request along."""
+    def _stamp(self, state: RotationState) -> RotationState:
+        """The next sequence number and time; carries a pending abort request along
+        (caller holds the publication order)."""
         previous = self._state
         sequence = max(state.sequence, previous.sequence if previous else 0) + 1
         state = replace(state, sequence=sequence, updated=self._clock())
-        if self._stop.abort.is_set() and not state.terminal \
-                and state.phase not in (ROLLBACK, FINALIZE):
+        if self._stop.abort.is_set() and state.abortable:
             state = replace(state, abort_requested=True)  # the worker's copy predates it
         return state
 
-    def _announce_locked(self, state: RotationState) -> RotationState:
-        previous = self._state
-        self._state = state
-        if not state.failure_unsaved:
-            self._unsaved = None  # a newer state reached the store
-        self._changed.notify_all()
+    def _announce(self, state: RotationState) -> RotationState:
+        """Make ``state`` the current one, wake the watchers, then call the listeners
+        (caller holds the publication order, not the state lock)."""
+        with self._lock:
+            previous = self._state
+            self._state = state
+            # Only a FAILED state the store refused stands in for the stored one; any
+            # other state announced reached the store.
+            self._unsaved = state if state.failure_unsaved else None
+            self._changed.notify_all()
         for listener in self._listeners:
             try:
                 listener(state)
@@ -824,25 +883,45 @@ class RotationEngine:
                      done=state.done, total=state.total)
         return state
 
-    def _fail(self, state: RotationState, message: str, kind: str = FAILURE_INTERNAL) -> None:
+    def _save_abort_request(self) -> None:
+        """Persist an abort request the current state does not carry yet. Never waits:
+        when a publication is under way its thread does it on leaving (``_ordered``), so
+        the request is saved right after the store write it arrived during."""
+        while self._abort_unsaved() and self._order.acquire(blocking=False):
+            try:
+                current = self._state
+                if current is not None and self._abort_unsaved():
+                    self._publish_ordered(replace(current, abort_requested=True))
+            except StoreError as exc:  # the worker still sees the request
+                log.warning("abort request not saved; the worker rolls back anyway",
+                            error=_store_detail(exc))
+                return
+            finally:
+                self._order.release()
+
+    def _abort_unsaved(self) -> bool:
+        state = self._state
+        return self._stop.abort.is_set() and state is not None and state.abortable \
+            and not state.abort_requested
+
+    def _fail(self, state: RotationState, message: str,
+              kind: FailureKind = FailureKind.INTERNAL) -> None:
         """Enter FAILED. Announced to watchers even when the store refuses to save it (the
         disk is full: the very failure may be why); it is then saved as soon as the store
         takes writes again, and until then stands in for the stored state here."""
-        base = self._state or state
-        failed = replace(base, phase=FAILED, message=message, eta=0.0, failure_kind=kind,
-                         failed_in_phase=base.failed_in_phase if base.phase == FAILED
-                         else base.phase, failure_unsaved=False)
-        with self._lock:
-            failed = self._stamp_locked(failed)
+        with self._ordered():
+            base = self._state or state
+            failed = self._stamp(replace(
+                base, phase=RotationPhase.FAILED, message=message, eta=0.0, failure_kind=kind,
+                failed_in_phase=base.failed_in_phase if base.phase == RotationPhase.FAILED
+                else base.phase, failure_unsaved=False))
             try:
                 self._store.put_state(STATE_KEY, failed.to_json())
             except Exception as exc:
                 log.error("rotation failure not saved: the store refuses writes; retrying",
                           rotation_id=failed.rotation_id, error=_store_detail(exc))
                 failed = replace(failed, failure_unsaved=True)
-            self._announce_locked(failed)
-            if failed.failure_unsaved:
-                self._unsaved = failed
+            self._announce(failed)
         if failed.failure_unsaved:
             self._start_saver()
         self._record_quietly("rotation.failed", caller="(nexus)", target=state.rotation_id,
@@ -866,7 +945,7 @@ class RotationEngine:
 
     def _save_failure(self) -> bool:
         """Try to save the unsaved FAILED state; True once nothing is left to save."""
-        with self._lock:
+        with self._ordered():
             pending = self._unsaved
             if pending is None:
                 return True
@@ -875,7 +954,7 @@ class RotationEngine:
                 stored = RotationState.from_json(raw) if raw else None
                 if stored is not None and (stored.rotation_id != pending.rotation_id
                                            or stored.sequence >= pending.sequence):
-                    self._unsaved = None  # superseded (another node, an operator)
+                    self._drop_unsaved()  # superseded (another node, an operator)
                     return True
                 saved = replace(pending, failure_unsaved=False)
                 if not self._store.swap_state(STATE_KEY, raw, saved.to_json()):
@@ -885,10 +964,32 @@ class RotationEngine:
                 return False
             log.info("rotation failure saved", rotation_id=saved.rotation_id)
             if self._state is pending:
-                self._announce_locked(saved)  # same sequence: watchers see no new event
+                self._announce(saved)  # same sequence: watchers see no new event
             else:
-                self._unsaved = None
+                self._drop_unsaved()
             return True
+
+    def _drop_unsaved(self) -> None:
+        with self._lock:
+            self._unsaved = None
+
+
+def _resumed(state: RotationState, caller: str, node: str) -> RotationState:
+    """A FAILED rotation, sent back to work by ``caller`` on ``node``."""
+    if state.failed_in_phase == RotationPhase.ROLLBACK:
+        phase = RotationPhase.ROLLBACK  # an abort that failed goes on rolling back
+    else:
+        # A failure before the new key was in place (to_generation still 0) resumes at
+        # the new-key step, which picks up a key already added.
+        phase = RotationPhase.REENCRYPT if state.to_generation else RotationPhase.NEW_KEY
+    # After a store failure the saved cursor is good: continue from it. Records that
+    # failed their integrity check are tried again from the start.
+    keep_cursor = state.failure_kind == FailureKind.STORE \
+        and phase == RotationPhase.REENCRYPT \
+        and state.failed_in_phase == RotationPhase.REENCRYPT and not state.failed
+    return replace(state, phase=phase, cursor=state.cursor if keep_cursor else None,
+                   failed=0, abort_requested=False, node=node, failure_kind="",
+                   failed_in_phase="", failure_unsaved=False, message=f"resumed by {caller}")
 
 
 def _store_detail(exc: BaseException) -> str:
@@ -908,16 +1009,16 @@ def _store_detail(exc: BaseException) -> str:
     return ": ".join(parts[:2]) + (f" ({', '.join(parts[2:])})" if parts[2:] else "")
 
 
-def _describe_failure(exc: BaseException, phase: str) -> tuple[str, str]:
+def _describe_failure(exc: BaseException, phase: str) -> tuple[FailureKind, str]:
     """(failure kind, message) for an exception that stopped the worker."""
     if isinstance(exc, StoreError | OSError):
-        return FAILURE_STORE, (
+        return FailureKind.STORE, (
             f"the store or the data directory refused an operation during "
             f"{phase or 'the rotation'} "
             f"({_store_detail(exc)}): progress up to the last batch is saved and both keys "
             "are kept; fix the cause (disk full? store down?), then `spike rotation resume`")
-    return FAILURE_INTERNAL, (f"internal error ({type(exc).__name__}); keys are kept: check "
-                              "the logs, then `spike rotation resume`")
+    return FailureKind.INTERNAL, (f"internal error ({type(exc).__name__}); keys are kept: "
+                                  "check the logs, then `spike rotation resume`")
 
 
 @contextlib.contextmanager
@@ -936,7 +1037,3 @@ class _Interrupted(Exception):
 
 class _AbortRequested(Exception):
     """Raised inside the forward batch loop when an abort was requested."""
-
-
-def state_summary(state: RotationState | None) -> dict[str, Any]:
-    return asdict(state) if state else {"phase": IDLE}

@@ -25,8 +25,9 @@ import structlog
 from nexus.core.counter import EncryptionCounter
 from nexus.core.errors import InvalidInput, NexusError
 from nexus.core.keymanager import KeyManager
-from nexus.core.rotation import COMPLETED, FAILED, RotationEngine
+from nexus.core.rotation import RotationEngine
 from nexus.store.base import Store
+from spike.states import RotationPhase
 
 log = structlog.get_logger("nexus.schedule")
 
@@ -211,7 +212,7 @@ class Scheduler:
         current = self._rotation.current
         if self._rotation.running() or (current is not None and not current.terminal):
             return None
-        if current is not None and current.phase == FAILED:
+        if current is not None and current.phase == RotationPhase.FAILED:
             return None
         active = self._active_created()
         if active is None:
@@ -222,7 +223,7 @@ class Scheduler:
         # The rotation that created this generation re-encrypted every record under it;
         # those encryptions count toward the NIST budget but must not trigger the next
         # rotation, or a limit below the record count would rotate forever.
-        if (current is not None and current.phase == COMPLETED
+        if (current is not None and current.phase == RotationPhase.COMPLETED
                 and current.to_generation == generation):
             count -= current.reencrypted + current.skipped
         if count >= schedule.max_encryptions:
