@@ -14,8 +14,6 @@ from collections.abc import Callable
 
 from nexus.store.base import Store
 
-NIST_GCM_RANDOM_NONCE_LIMIT = 2**32
-
 
 class EncryptionCounter:
     def __init__(self, store: Store, flush_every: int = 50_000, flush_seconds: float = 5.0,
@@ -39,17 +37,28 @@ class EncryptionCounter:
             self.flush()
 
     def flush(self) -> None:
+        """Write the pending counts, one generation at a time.
+
+        If a write fails, that generation's count and every one not written yet go back
+        to the pending counts (for the next flush) before the error propagates: no count
+        is lost, and none that was written goes back.
+        """
         with self._lock:
             pending, self._pending, self._pending_total = self._pending, {}, 0
             self._last_flush = self._clock()
-        for generation, n in pending.items():
+        counts = list(pending.items())
+        for i, (generation, n) in enumerate(counts):
             try:
                 self._store.add_encryptions(generation, n)
             except Exception:
-                with self._lock:  # keep it for the next flush
-                    self._pending[generation] = self._pending.get(generation, 0) + n
-                    self._pending_total += n
+                self._keep(counts[i:])
                 raise
+
+    def _keep(self, unwritten: list[tuple[int, int]]) -> None:
+        with self._lock:
+            for generation, n in unwritten:
+                self._pending[generation] = self._pending.get(generation, 0) + n
+                self._pending_total += n
 
     def counts(self) -> dict[int, int]:
         stored = self._store.encryption_counts()

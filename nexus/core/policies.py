@@ -28,10 +28,10 @@ from nexus.crypto.envelope import DecryptionError, record_identity
 from nexus.crypto.keys import Purpose
 from nexus.store.base import KIND_POLICY, POLICY_VERSION, Store
 from nexus.store.base import NotFound as StoreNotFound
+from spike.permissions import PERMISSIONS
 
 log = structlog.get_logger("nexus.policies")
 
-PERMISSIONS = ("read", "write", "list", "super")
 # RE2 memory budget per compiled pattern: bounds what a hostile pattern can cost.
 _RE2_MAX_MEM = 1 << 20
 DECISION_CACHE_ENTRIES = 10_000
@@ -47,13 +47,17 @@ class Policy:
     created: float = 0.0
     updated: float = 0.0
 
-    def to_json(self) -> bytes:
-        return json.dumps({
+    def to_json(self, updated: float | None = None) -> bytes:
+        """The stored document; ``updated`` (the time of this write) when given."""
+        doc: dict[str, object] = {
             "name": self.name,
             "spiffe_id_pattern": self.spiffe_id_pattern,
             "path_pattern": self.path_pattern,
             "permissions": sorted(self.permissions),
-        }, sort_keys=True).encode()
+        }
+        if updated is not None:
+            doc["updated"] = updated
+        return json.dumps(doc, sort_keys=True).encode()
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,7 @@ class PolicyEngine:
         self._clock = clock
         self._lock = threading.Lock()
         self._cache: tuple[float, list[_Compiled]] | None = None
+        self._invalidations = 0
         self._decisions: tuple[list[_Compiled] | None, dict[tuple[str, str, str], bool]] = (
             None, {})
 
@@ -135,27 +140,47 @@ class PolicyEngine:
         if not self.allowed(caller, path, permission):
             raise Forbidden(f"no policy allows {caller} to {permission} {path}")
 
-    def _policies(self) -> list[_Compiled]:
+    def _cached(self) -> list[_Compiled] | None:
+        """The compiled policies if the cache is fresh, else None."""
         cached = self._cache
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < self._cache_seconds:
+        if cached is not None and time.monotonic() - cached[0] < self._cache_seconds:
             return cached[1]
+        return None
+
+    def _policies(self) -> list[_Compiled]:
+        compiled = self._cached()
+        if compiled is not None:
+            return compiled
         with self._lock:
-            compiled = []
-            for row in self._store.list_policies():
-                try:
-                    policy = self._decode(row)
-                except DecryptionError:
-                    # Deny-safe: a tampered policy grants nothing; the rest still apply.
-                    log.error("policy failed its integrity check; ignored", policy=row.path)
-                    continue
-                compiled.append(_Compiled(
-                    policy, compile_pattern(policy.spiffe_id_pattern, "SPIFFE ID"),
-                    compile_pattern(policy.path_pattern, "path")))
-            self._cache = (now, compiled)
+            # Again under the lock: the threads that queued here while one rebuilt the
+            # cache take its result instead of each rebuilding it once more.
+            compiled = self._cached()
+            if compiled is not None:
+                return compiled
+            loaded_at, invalidations = time.monotonic(), self._invalidations
+            compiled = self._load()
+            # A change that landed while this list was read (invalidate() ran meanwhile)
+            # may be missing from it: it serves this caller, but is not kept.
+            if invalidations == self._invalidations:
+                self._cache = (loaded_at, compiled)
+        return compiled
+
+    def _load(self) -> list[_Compiled]:
+        compiled = []
+        for row in self._store.list_policies():
+            try:
+                policy = self._decode(row)
+            except DecryptionError:
+                # Deny-safe: a tampered policy grants nothing; the rest still apply.
+                log.error("policy failed its integrity check; ignored", policy=row.path)
+                continue
+            compiled.append(_Compiled(
+                policy, compile_pattern(policy.spiffe_id_pattern, "SPIFFE ID"),
+                compile_pattern(policy.path_pattern, "path")))
         return compiled
 
     def invalidate(self) -> None:
+        self._invalidations += 1
         self._cache = None
 
     # ------------------------------------------------------------------ CRUD (superuser)
@@ -165,8 +190,12 @@ class PolicyEngine:
         plain = keyring.decrypt(Purpose.POLICIES, row.blob,
                                 record_identity(KIND_POLICY, row.path, POLICY_VERSION))
         doc = json.loads(plain)
+        # The store keeps a policy's creation time on replace; the time of its last
+        # write is in the (authenticated) document. A document written before that time
+        # was kept there has none: its creation time stands in.
         return Policy(doc["name"], doc["spiffe_id_pattern"], doc["path_pattern"],
-                      frozenset(doc["permissions"]), row.created_at, row.created_at)
+                      frozenset(doc["permissions"]), row.created_at,
+                      float(doc.get("updated", row.created_at)))
 
     def put(self, policy: Policy) -> Policy:
         validate_policy(policy)
@@ -174,9 +203,9 @@ class PolicyEngine:
         self._keys.assert_current(keyring)
         generation = keyring.active_generation
         assert generation is not None
-        blob = keyring.encrypt(Purpose.POLICIES, policy.to_json(),
-                               record_identity(KIND_POLICY, policy.name, POLICY_VERSION))
         now = self._clock()
+        blob = keyring.encrypt(Purpose.POLICIES, policy.to_json(updated=now),
+                               record_identity(KIND_POLICY, policy.name, POLICY_VERSION))
         self._store.put_policy(policy.name, generation, blob, now)
         self._counter.add(generation)
         self.invalidate()
