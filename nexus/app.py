@@ -14,8 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import structlog
-
 from nexus.audit import AuditLog
 from nexus.config import NexusConfig
 from nexus.core.counter import EncryptionCounter
@@ -30,21 +28,16 @@ from nexus.crypto.kdf import KdfParams
 from nexus.store.base import Store
 from spike.errors import SpikeError
 from spike.identity import IdentitySource
+from spike.roles import superuser_id
 
 if TYPE_CHECKING:
     from nexus.api.server import NexusServer
     from nexus.limits import ConnectionLimits
     from nexus.metrics import MetricsEndpoint, NexusMetrics
 
-log = structlog.get_logger("nexus")
-
 # What a process that did not harden itself reports (tests building Nexus in process).
 UNHARDENED = HardeningReport(core_dumps_disabled=False, dumpable_off=False,
                              mlock_available=False)
-
-
-def superuser_id(config: NexusConfig) -> str:
-    return f"spiffe://{config.trust_domain}/spike/pilot/role/superuser"
 
 
 def default_node_name(config: NexusConfig) -> str:
@@ -91,11 +84,12 @@ def build_keys(config: NexusConfig, store: Store, *,
 
 
 def build_services(config: NexusConfig, store: Store, keys: KeyManager, audit: AuditLog, *,
+                   clock: Callable[[], float] = time.time,
                    sleep: Callable[[float], None] = time.sleep) -> NodeServices:
     """The node's services, built in the order their unseal listeners must run (the secrets'
     generation-cell check before the rotation engine resumes)."""
     counter = EncryptionCounter(store)
-    policies = PolicyEngine(store, keys, superuser_id(config), counter)
+    policies = PolicyEngine(store, keys, superuser_id(config.trust_domain), counter)
     secrets = SecretsService(store, keys, policies, counter,
                              max_versions=config.max_secret_versions,
                              max_value_bytes=config.max_value_bytes, audit=audit)
@@ -105,7 +99,7 @@ def build_services(config: NexusConfig, store: Store, keys: KeyManager, audit: A
                               node_name=config.node_name or default_node_name(config),
                               stale_node_grace=STALE_NODE_GRACE if shared else 0.0,
                               sleep=sleep)
-    scheduler = Scheduler(store, keys, rotation, counter,
+    scheduler = Scheduler(store, keys, rotation, counter, clock=clock,
                           check_every=max(config.scheduler_check_seconds, 1.0))
     return NodeServices(counter, policies, secrets, rotation, scheduler)
 
@@ -183,11 +177,12 @@ def build(
     The gRPC server (and the metrics, when ``config.metrics_listen`` is set) is built only with
     an ``identity`` to serve as. ``store`` and ``audit`` default to the configured ones (a test
     may pass its own, e.g. a store that injects failures); ``clock`` is the key manager's
-    (password backoff), ``sleep`` the rotation engine's (throttling pauses)."""
+    (password backoff) and the scheduler's, ``sleep`` the rotation engine's (throttling
+    pauses)."""
     store = store if store is not None else open_configured_store(config)
     audit = audit if audit is not None else AuditLog(config.audit_target)
     keys = build_keys(config, store, clock=clock)
-    services = build_services(config, store, keys, audit, sleep=sleep)
+    services = build_services(config, store, keys, audit, clock=clock, sleep=sleep)
     node = Node(store, config.store, keys, audit, hardening, str(config.backup_path),
                 services, backup_verify_interval=config.backup_verify_interval_seconds,
                 scheduler_enabled=config.scheduler_check_seconds > 0)

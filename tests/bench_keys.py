@@ -34,10 +34,10 @@ from typing import Any
 import structlog
 from argon2.low_level import Type, hash_secret_raw
 
-from nexus.core.keymanager import KeyManager
+from nexus.app import build_keys
 from nexus.crypto.kdf import KdfParams
 from nexus.store import open_store
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, short_tmpdir
+from tests.harness import TEST_PASSWORD, DevAgent, Nexus, nexus_config, pilot, short_tmpdir
 
 TARGET_RATIO = 1.2
 
@@ -67,14 +67,17 @@ def bench_in_process(params: KdfParams, n: int) -> tuple[list[float], list[float
     inits, recovers = [], []
     for _ in range(n):
         directory = short_tmpdir("bk-")
+        config = nexus_config(directory, insecure_test_kdf=False,
+                              kdf_time_cost=params.time_cost, kdf_memory_kib=params.memory_kib,
+                              kdf_parallelism=params.parallelism)
         try:
             store = open_store("sqlite", path=directory / "spike.db")
-            km = KeyManager(store, directory / "root-key.backup", params)
+            km = build_keys(config, store)
             inits.append(timed(lambda km=km: km.init(TEST_PASSWORD.encode())))  # type: ignore[misc]
             km.seal()
             store.close()
             store = open_store("sqlite", path=directory / "spike.db")
-            km = KeyManager(store, directory / "root-key.backup", params)
+            km = build_keys(config, store)
             recovers.append(timed(lambda km=km: km.recover(TEST_PASSWORD.encode())))  # type: ignore[misc]
             km.seal()
             store.close()

@@ -53,19 +53,17 @@ from typing import Any
 
 import structlog
 
-from nexus.audit import AuditLog
+from nexus.app import build, build_keys
 from nexus.core import rotation as rotation_module
-from nexus.core.counter import EncryptionCounter
-from nexus.core.keymanager import KeyManager
-from nexus.core.rotation import REENCRYPT, VALIDATE, RotationEngine, RotationState
+from nexus.core.rotation import RotationEngine, RotationState
 from nexus.core.secrets import encode_data
 from nexus.crypto.envelope import record_identity
-from nexus.crypto.kdf import KdfParams
 from nexus.crypto.keyring import Keyring
 from nexus.crypto.keys import Purpose
 from nexus.store import open_store
 from nexus.store.base import KIND_SECRET
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, short_tmpdir
+from spike.states import RotationPhase
+from tests.harness import TEST_PASSWORD, DevAgent, Nexus, nexus_config, pilot, short_tmpdir
 
 TARGET_THROUGHPUT_RATIO = 0.5
 TARGET_RSS_MB = 150.0
@@ -267,7 +265,7 @@ def nexus_pass(engine: RotationEngine, recorder: PhaseMarks, expected_rows: int,
     first_at: dict[str, float] = {}
     for at, phase, _ in marks:
         first_at.setdefault(phase, at)
-    reencrypt = first_at.get(VALIDATE, t1) - first_at.get(REENCRYPT, t0)
+    reencrypt = first_at.get(RotationPhase.VALIDATE, t1) - first_at.get(RotationPhase.REENCRYPT, t0)
     phases: dict[str, float] = {}
     order = [p for p in ("precheck", "new_key", "reencrypt", "validate", "finalize",
                          "completed") if p in first_at]
@@ -314,11 +312,9 @@ def bench_in_process(n: int, rounds: int, batches: list[int]) -> dict[str, Any]:
     """Populate once; then per round and per batch size: a raw pass, then a Nexus rotation."""
     directory = short_tmpdir("brot-")
     db = directory / "spike.db"
-    store = open_store("sqlite", path=db)
+    app = build(nexus_config(directory))
+    store, keys = app.store, app.keys
     conn = raw_connection(db)  # closed after the store (see test_tamper's WAL note)
-    keys = KeyManager(store, directory / "root-key.backup", KdfParams.insecure_for_tests(),
-                      allow_insecure_kdf=True)
-    audit = AuditLog(str(directory / "audit.jsonl"))
     raw_rates: dict[int, list[float]] = {b: [] for b in batches}
     runs: dict[int, list[NexusRun]] = {b: [] for b in batches}
     try:
@@ -330,8 +326,7 @@ def bench_in_process(n: int, rounds: int, batches: list[int]) -> dict[str, Any]:
         print(f"populated {rows:,} secrets in {populate_s:.1f} s "
               f"(plaintext avg {plain_bytes / rows:.0f} B, envelope avg {blob_len:.0f} B, "
               f"db {db.stat().st_size / 2**20:.0f} MiB)", flush=True)
-        counter = EncryptionCounter(store)
-        engine = RotationEngine(store, keys, counter, audit, data_dir=directory)
+        counter, engine = app.counter, app.rotation
         recorder = PhaseMarks()
         engine.add_listener(recorder)
         for r in range(rounds):
@@ -355,10 +350,8 @@ def bench_in_process(n: int, rounds: int, batches: list[int]) -> dict[str, Any]:
                              record_identity(KIND_SECRET, sample.path, sample.version))
         counter.flush()
     finally:
-        keys.seal()
-        store.close()
+        app.close()
         conn.close()
-        audit.close()
         shutil.rmtree(directory, ignore_errors=True)
     return {
         "rows": n,
@@ -380,8 +373,7 @@ def populate_stopped_nexus(data_dir: Path, n: int) -> float:
     db = data_dir / "spike.db"
     store = open_store("sqlite", path=db)
     conn = raw_connection(db)
-    keys = KeyManager(store, data_dir / "root-key.backup", KdfParams.insecure_for_tests(),
-                      allow_insecure_kdf=True)
+    keys = build_keys(nexus_config(data_dir), store)
     try:
         keys.recover(TEST_PASSWORD.encode())
         bulk_populate(conn, keys.keyring, n, seed=2)

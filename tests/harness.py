@@ -29,6 +29,8 @@ from nexus.core.keymanager import KeyManager
 from nexus.core.rotation import RotationState
 from nexus.store import open_store
 from nexus.store.base import BlobUpdate, Store, StoreUnavailable
+from spike.roles import superuser_id
+from spike.tls import DEFAULT_TRUST_DOMAIN
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -181,12 +183,89 @@ def pilot(
 def pilot_json(*args: Any, **kwargs: Any) -> dict[str, Any]:
     result = pilot(*args, **kwargs)
     assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    return json.loads(result.stdout.splitlines()[-1])
+    out: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
+    return out
+
+
+def start_unsealed(agent: DevAgent, data_dir: Path, args: list[str] | tuple[str, ...] = ()
+                   ) -> Nexus:
+    """A Nexus on ``data_dir``, initialised with TEST_PASSWORD through Pilot."""
+    running = Nexus(data_dir, agent.env("nexus"), args=list(args))
+    result = pilot(["init", "--password-stdin"], agent.env("pilot"), running,
+                   stdin=TEST_PASSWORD + "\n")
+    assert result.returncode == 0, result.stderr
+    return running
+
+
+class RestartableNexus:
+    """A Nexus on one data directory that a test can stop, tamper with and restart."""
+
+    def __init__(self, agent: DevAgent) -> None:
+        self.agent = agent
+        self.data_dir = short_tmpdir("nxt-")
+        self.nexus = start_unsealed(agent, self.data_dir)
+
+    def restart(self) -> Nexus:
+        """Start Nexus again on the same data and recover it from the backup."""
+        self.nexus = Nexus(self.data_dir, self.agent.env("nexus"))
+        result = pilot(["recover", "--password-stdin"], self.agent.env("pilot"), self.nexus,
+                       stdin=TEST_PASSWORD + "\n")
+        assert result.returncode == 0, result.stderr
+        return self.nexus
+
+
+def put(agent: DevAgent, server: Nexus, path: str, *pairs: str) -> int:
+    """`spike secret put`; the new version."""
+    out = pilot_json(["secret", "put", path, *pairs, "--output", "json"], agent.env("pilot"),
+                     server)
+    return int(out["version"])
+
+
+def get_data(agent: DevAgent, server: Nexus, path: str, version: int = 0) -> dict[str, str]:
+    """`spike secret get`; the secret's data."""
+    args = ["secret", "get", path, "--output", "json"]
+    if version:
+        args += ["--version", str(version)]
+    return pilot_json(args, agent.env("pilot"), server)["data"]  # type: ignore[no-any-return]
+
+
+def writer(data_dir: Path) -> sqlite3.Connection:
+    """A second writer on a Nexus's SQLite file (autocommit, waits for locks)."""
+    conn = sqlite3.connect(data_dir / "spike.db", timeout=10, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    return conn
+
+
+def pem_env(tmp: Path, chain: bytes, key: bytes, bundle: bytes) -> dict[str, str]:
+    """An environment that gives Nexus or Pilot its SVID as PEM files written to ``tmp``."""
+    (tmp / "c.pem").write_bytes(chain)
+    (tmp / "k.pem").write_bytes(key)
+    (tmp / "b.pem").write_bytes(bundle)
+    env = base_env()
+    env.update(SPIKE_SVID_CERT=str(tmp / "c.pem"), SPIKE_SVID_KEY=str(tmp / "k.pem"),
+               SPIKE_TRUST_BUNDLE=str(tmp / "b.pem"))
+    return env
+
+
+def audit_events(data_dir: Path) -> list[dict[str, object]]:
+    """The audit trail of the Nexus on ``data_dir``."""
+    path = data_dir / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; whether it held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return bool(predicate())
 
 
 # ---------------------------------------------------------------- Nexus in process
 
-SUPERUSER = "spiffe://spike.internal/spike/pilot/role/superuser"
+SUPERUSER = superuser_id(DEFAULT_TRUST_DOMAIN)
 # How long a test waits for a state it expects (generous: a loaded machine is slow).
 HOLD = 300.0
 

@@ -10,11 +10,10 @@ code (9) and no gRPC code name; "already initialized" / "already unsealed" exit 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +22,21 @@ import pytest
 
 from nexus.core import errors
 from nexus.core.keymanager import KeyManager
-from nexus.crypto.kdf import KdfParams
-from nexus.store import open_store
 from pilot.client import translate
-from tests.harness import PY, TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
+from spike.errors import ErrorKind
+from tests.harness import (
+    PY,
+    TEST_PASSWORD,
+    DevAgent,
+    Nexus,
+    open_keys,
+    pilot,
+    pilot_json,
+)
 
 PASSWORD = TEST_PASSWORD.encode()
 WRONG = "tangerine glacier ladder ninety"
 CODE_NAMES = [c.name for c in grpc.StatusCode]
-
-
-@pytest.fixture()
-def tmp() -> Iterator[Path]:
-    path = short_tmpdir("bo-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
@@ -141,9 +140,7 @@ def test_a_concurrent_guess_is_refused_with_exit_9_and_plain_words(
 
 
 def manager(tmp: Path, backoff: float) -> KeyManager:
-    store = open_store("sqlite", path=tmp / "spike.db")
-    return KeyManager(store, tmp / "root-key.backup", KdfParams.insecure_for_tests(),
-                      allow_insecure_kdf=True, backoff_base=backoff)
+    return open_keys(tmp, backoff=backoff)
 
 
 def test_the_held_back_answer_does_not_hold_the_lifecycle_lock(tmp_path: Path) -> None:
@@ -192,10 +189,8 @@ class FakeRpcError(grpc.RpcError):
         return (("spike-error-kind", self._kind),) if self._kind else ()
 
 
-KINDS = ["", "sealed", "uninitialized", "stale", "already_initialized", "already_unsealed",
-         "invalid_argument", "password_rejected", "not_found", "conflict", "permission_denied",
-         "wrong_password", "backup_invalid", "backoff", "unavailable", "integrity", "internal",
-         "error", "unauthenticated"]
+# No kind, every kind Nexus names, and one a newer Nexus might send.
+KINDS = ["", *(kind.value for kind in ErrorKind), "a_kind_from_a_newer_nexus"]
 
 
 @pytest.mark.parametrize("code", list(grpc.StatusCode), ids=lambda c: c.name)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nexus.app import build_keys
+from nexus.backup.format import Backup, BackupCorrupt, create_backup
 from nexus.core import errors
-from nexus.core.keymanager import KeyManager
-from nexus.crypto.backup_format import Backup, BackupCorrupt, create_backup
 from nexus.crypto.kdf import KdfParams
 from nexus.crypto.secret_buffer import SecretKey
 from nexus.store import open_store
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
+from tests.harness import (
+    TEST_PASSWORD,
+    DevAgent,
+    Nexus,
+    nexus_config,
+    pilot,
+    pilot_json,
+)
 
 PASSWORD = b"a long and boring test password"
 HUGE = "9" * 4300  # int_max_str_digits is 4300: one digit more than that is refused by int()
@@ -83,8 +89,7 @@ def test_a_4300_digit_integer_is_a_corrupt_backup(field: str) -> None:
 
 def test_recover_with_a_4300_digit_integer_is_invalid_backup(tmp_path: Path) -> None:
     store = open_store("sqlite", path=tmp_path / "spike.db")
-    keys = KeyManager(store, tmp_path / "root-key.backup", KdfParams.insecure_for_tests(),
-                      allow_insecure_kdf=True, backoff_base=30.0)
+    keys = build_keys(nexus_config(tmp_path, recover_backoff_seconds=30.0), store)
     keys.init(PASSWORD + b" orbit")
     keys.seal()
     bad = (tmp_path / "root-key.backup").read_text().replace('"version": 1',
@@ -188,13 +193,6 @@ def test_fuzz_hostile_json_literals(path: tuple[Any, ...], literal: str) -> None
 
 
 # ---------------------------------------------------------------- a real Nexus
-
-
-@pytest.fixture()
-def tmp() -> Iterator[Path]:
-    path = short_tmpdir("bf-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:

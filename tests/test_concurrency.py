@@ -15,8 +15,7 @@ import pytest
 from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import secrets_pb2, secrets_pb2_grpc
-from tests.harness import DevAgent, Nexus, short_tmpdir
-from tests.test_secrets_api import start_unsealed
+from tests.harness import DevAgent, Nexus, short_tmpdir, start_unsealed
 
 WRITERS = 8
 WRITES = 200

@@ -22,34 +22,20 @@ from nexus.api.server import SERVICE_NAMES
 from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import operator_pb2, policies_pb2, secrets_pb2, secrets_pb2_grpc
-from tests.harness import ROOT, DevAgent, Nexus, base_env, pilot, short_tmpdir
+from tests.harness import (
+    ROOT,
+    DevAgent,
+    Nexus,
+    audit_events,
+    base_env,
+    pem_env,
+    pilot,
+    short_tmpdir,
+    wait_for,
+)
 
 TD = "spike.internal"
 SUPERUSER = f"spiffe://{TD}/spike/pilot/role/superuser"
-
-
-def pem_env(tmp: Path, chain: bytes, key: bytes, bundle: bytes) -> dict[str, str]:
-    (tmp / "c.pem").write_bytes(chain)
-    (tmp / "k.pem").write_bytes(key)
-    (tmp / "b.pem").write_bytes(bundle)
-    env = base_env()
-    env.update(SPIKE_SVID_CERT=str(tmp / "c.pem"), SPIKE_SVID_KEY=str(tmp / "k.pem"),
-               SPIKE_TRUST_BUNDLE=str(tmp / "b.pem"))
-    return env
-
-
-def audit_events(data_dir: Path) -> list[dict[str, object]]:
-    path = data_dir / "audit.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 # ---------------------------------------------------------------- pure table checks

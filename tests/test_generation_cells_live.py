@@ -6,24 +6,21 @@ now sets wrong cells right (from the ciphertext header) before it re-encrypts.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from nexus.core.rotation import COMPLETED
 from nexus.store.base import BlobUpdate
-from tests.harness import World, short_tmpdir
+from spike.states import RotationPhase
+from tests.harness import World
 
 
 @pytest.fixture()
-def world() -> Iterator[World]:
-    directory = short_tmpdir("gcl-")
-    running = World(Path(directory))
+def world(tmp: Path) -> Iterator[World]:
+    running = World(tmp)
     yield running
     running.close()
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_rotation_completes_over_a_cell_naming_its_target(world: World) -> None:
@@ -36,7 +33,7 @@ def test_rotation_completes_over_a_cell_naming_its_target(world: World) -> None:
                                            row.blob)]) == 1
     world.engine.start(caller="test", batch_size=5)
     state = world.wait()
-    assert state.phase == COMPLETED, (state.phase, state.message)
+    assert state.phase == RotationPhase.COMPLETED, (state.phase, state.message)
     world.read_all(expected)
     for (path, version) in expected:
         got = inner.get_secret(path, version)

@@ -15,25 +15,23 @@ import pytest
 
 from nexus.core import errors
 from nexus.core.keymanager import KeyManager
-from nexus.crypto.kdf import KdfParams
 from nexus.store import open_store
-from tests.harness import DevAgent, Nexus, pilot, short_tmpdir
-from tests.test_secrets_api import start_unsealed
+from tests.harness import (
+    DevAgent,
+    Nexus,
+    close_keys,
+    open_keys,
+    pilot,
+    short_tmpdir,
+    start_unsealed,
+)
 
 PASSWORD = b"correct horse battery staple orbit"
 BACKUP = "root-key.backup"
 
 
 def manager(tmp: Path, *, upgrade: bool = False) -> KeyManager:
-    store = open_store("sqlite", path=tmp / "spike.db")
-    return KeyManager(store, tmp / BACKUP, KdfParams.insecure_for_tests(),
-                      allow_insecure_kdf=True, backoff_base=0.0,
-                      authenticate_legacy_records=upgrade)
-
-
-def stop(keys: KeyManager) -> None:
-    keys.seal()
-    keys._store.close()
+    return open_keys(tmp, upgrade=upgrade)
 
 
 def strip_tags(db: Path) -> None:
@@ -62,7 +60,7 @@ def legacy_store(tmp: Path) -> dict[int, bytes]:
     keys.init(PASSWORD)
     keys.add_generation()  # a rotation's new key: two live records
     fingerprints = keys.keyring.fingerprints()
-    stop(keys)
+    close_keys(keys)
     strip_tags(tmp / "spike.db")
     return fingerprints
 
@@ -73,7 +71,7 @@ def test_a_legacy_store_is_refused_with_the_way_out(tmp_path: Path) -> None:
     with pytest.raises(errors.BackupInvalid, match="--authenticate-legacy-records"):
         keys.recover(PASSWORD)
     assert not keys.is_unsealed()
-    stop(keys)
+    close_keys(keys)
 
 
 def test_the_upgrade_recovers_and_tags_the_records_once(tmp_path: Path) -> None:
@@ -82,18 +80,18 @@ def test_the_upgrade_recovers_and_tags_the_records_once(tmp_path: Path) -> None:
     recovery = keys.recover_detailed(PASSWORD)
     assert recovery.legacy_records_authenticated
     assert recovery.keyring.fingerprints() == fingerprints
-    stop(keys)
+    close_keys(keys)
     assert all(tags_of(tmp_path / "spike.db").values())
     # Upgraded: the next start needs no flag.
     keys = manager(tmp_path)
     assert not keys.recover_detailed(PASSWORD).legacy_records_authenticated
-    stop(keys)
+    close_keys(keys)
     # Stripping the tags again is refused again (without the flag).
     strip_tags(tmp_path / "spike.db")
     keys = manager(tmp_path)
     with pytest.raises(errors.BackupInvalid):
         keys.recover(PASSWORD)
-    stop(keys)
+    close_keys(keys)
 
 
 def test_the_upgrade_needs_the_right_password(tmp_path: Path) -> None:
@@ -101,7 +99,7 @@ def test_the_upgrade_needs_the_right_password(tmp_path: Path) -> None:
     keys = manager(tmp_path, upgrade=True)
     with pytest.raises(errors.WrongPassword):
         keys.recover(b"not the password at all, really")
-    stop(keys)
+    close_keys(keys)
 
 
 def test_the_upgrade_through_a_real_nexus_is_audited(agent: DevAgent) -> None:

@@ -13,11 +13,10 @@ import json
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from spike.identity import fetch_svid
@@ -32,14 +31,6 @@ WRONG_PASSWORD_MSG = "password does not open"  # noqa: S105 - a message
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@pytest.fixture()
-def tmp() -> Iterator[Path]:
-    """A private directory for password files and exported copies (outside the data dir)."""
-    path = short_tmpdir("lc-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def password_file(directory: Path, password: str, name: str = "") -> Path:
@@ -110,7 +101,7 @@ def audit_events(data_dir: Path) -> list[dict[str, Any]]:
 
 
 def checksum(doc: dict[str, Any]) -> str:
-    """The backup checksum as documented in nexus/crypto/backup_format.py."""
+    """The backup checksum as documented in nexus/backup/format.py."""
     body = {k: v for k, v in doc.items() if k != "checksum"}
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()

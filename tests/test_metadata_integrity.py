@@ -23,13 +23,22 @@ import pytest
 from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import secrets_pb2, secrets_pb2_grpc
-from tests.harness import DevAgent, Nexus, pilot, pilot_json
-from tests.test_tamper import Node, get_data, put, writer
+from tests.harness import (
+    DevAgent,
+    Nexus,
+    RestartableNexus,
+    get_data,
+    pilot,
+    pilot_json,
+    put,
+    start_unsealed,
+    writer,
+)
 
 
 @pytest.fixture()
-def node(agent: DevAgent) -> Iterator[Node]:
-    running = Node(agent)
+def node(agent: DevAgent) -> Iterator[RestartableNexus]:
+    running = RestartableNexus(agent)
     yield running
     running.nexus.stop()
     shutil.rmtree(running.data_dir, ignore_errors=True)
@@ -86,7 +95,7 @@ def refused(agent: DevAgent, server: Nexus, path: str) -> str:
 
 
 def test_oldest_above_current_is_refused_and_deletes_nothing(agent: DevAgent,
-                                                             node: Node) -> None:
+                                                             node: RestartableNexus) -> None:
     server = node.nexus
     for i in (1, 2, 3):
         put(agent, server, "m/oldest", f"k=v{i}")
@@ -123,7 +132,8 @@ def test_oldest_above_current_is_refused_and_deletes_nothing(agent: DevAgent,
         time.sleep(0.05)
 
 
-def test_missing_metadata_row_is_refused_not_internal(agent: DevAgent, node: Node) -> None:
+def test_missing_metadata_row_is_refused_not_internal(agent: DevAgent,
+                                                      node: RestartableNexus) -> None:
     server = node.nexus
     put(agent, server, "m/lost", "k=v1")
     put(agent, server, "m/lost", "k=v2")
@@ -141,7 +151,8 @@ def test_missing_metadata_row_is_refused_not_internal(agent: DevAgent, node: Nod
     assert get_data(agent, server, "m/lost", 2) == {"k": "v2"}
 
 
-def test_current_below_stored_versions_is_refused(agent: DevAgent, node: Node) -> None:
+def test_current_below_stored_versions_is_refused(agent: DevAgent,
+                                                  node: RestartableNexus) -> None:
     server = node.nexus
     for i in (1, 2, 3):
         put(agent, server, "m/behind", f"k=v{i}")
@@ -157,7 +168,8 @@ def test_current_below_stored_versions_is_refused(agent: DevAgent, node: Node) -
     assert stored_versions(node.data_dir, "m/behind") == [1, 2, 3]
 
 
-def test_impossible_timestamps_are_left_out_not_internal(agent: DevAgent, node: Node) -> None:
+def test_impossible_timestamps_are_left_out_not_internal(agent: DevAgent,
+                                                         node: RestartableNexus) -> None:
     server = node.nexus
     put(agent, server, "m/time", "k=v1")
     assert server.stop() == 0
@@ -178,7 +190,8 @@ def test_impossible_timestamps_are_left_out_not_internal(agent: DevAgent, node: 
                for e in server.log_events())
 
 
-def test_wrong_generation_cells_recover_and_rotate(agent: DevAgent, node: Node) -> None:
+def test_wrong_generation_cells_recover_and_rotate(agent: DevAgent,
+                                                   node: RestartableNexus) -> None:
     server = node.nexus
     pilot_json(["policy", "put", "gp", "--spiffe-id-pattern",
                 "spiffe://spike\\.internal/workload/demo", "--path-pattern", "g/.*",
@@ -228,7 +241,7 @@ def test_wrong_generation_cells_recover_and_rotate(agent: DevAgent, node: Node) 
 
 
 def test_a_wrong_cell_naming_a_foreign_header_is_reported(agent: DevAgent,
-                                                          node: Node) -> None:
+                                                          node: RestartableNexus) -> None:
     """A record whose *header* was rewritten to a generation that never existed cannot be
     decrypted by any key: recovery reports it instead of requiring it, and it reads as an
     integrity failure while the rest is served."""
@@ -258,7 +271,6 @@ def test_postgres_tampered_metadata_and_generation_cell(agent: DevAgent, pg_dsn:
     import psycopg
 
     from tests.harness import TEST_PASSWORD, short_tmpdir
-    from tests.test_secrets_api import start_unsealed
 
     data_dir = short_tmpdir("nxpg-")
     args = ["--store", "postgres", "--dsn", pg_dsn]

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from nexus.core import errors
 from nexus.core.keymanager import KeyManager
-from nexus.crypto.kdf import KdfParams
-from nexus.store import open_store
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
+from tests.harness import (
+    TEST_PASSWORD,
+    DevAgent,
+    Nexus,
+    close_keys,
+    open_keys,
+    pilot,
+    pilot_json,
+)
 
 OLD = TEST_PASSWORD.encode()
 NEW = b"violet anchor drizzle quantum ferry"
@@ -28,14 +33,7 @@ EARLIER = "earlier administrator password"
 
 
 def manager(tmp: Path) -> KeyManager:
-    store = open_store("sqlite", path=tmp / "spike.db")
-    return KeyManager(store, tmp / "root-key.backup", KdfParams.insecure_for_tests(),
-                      allow_insecure_kdf=True, backoff_base=30.0)
-
-
-def stop(keys: KeyManager) -> None:
-    keys.seal()
-    keys._store.close()
+    return open_keys(tmp, backoff=30.0)
 
 
 def changed_password(tmp: Path) -> bytes:
@@ -44,7 +42,7 @@ def changed_password(tmp: Path) -> bytes:
     keys.init(OLD)
     before = (tmp / "root-key.backup").read_bytes()
     keys.change_password(OLD, NEW)
-    stop(keys)
+    close_keys(keys)
     return before
 
 
@@ -57,7 +55,7 @@ def test_an_export_from_before_a_password_change_is_refused(tmp_path: Path) -> N
     assert keys.recover_failures == 0  # the password was right: not a failed attempt
     # The current backup opens with the new password at once (no backoff).
     keys.recover(NEW)
-    stop(keys)
+    close_keys(keys)
 
 
 def test_the_server_file_replaced_by_its_prev_copy_is_refused(tmp_path: Path) -> None:
@@ -67,7 +65,7 @@ def test_the_server_file_replaced_by_its_prev_copy_is_refused(tmp_path: Path) ->
     keys = manager(tmp_path)
     with pytest.raises(errors.BackupInvalid, match=EARLIER):
         keys.recover(OLD)
-    stop(keys)
+    close_keys(keys)
 
 
 def test_with_consent_it_recovers_and_reports_it(tmp_path: Path) -> None:
@@ -76,16 +74,16 @@ def test_with_consent_it_recovers_and_reports_it(tmp_path: Path) -> None:
     recovery = keys.recover_detailed(OLD, before, accept_old_password=True)
     assert recovery.old_password_accepted
     assert recovery.keyring.active_generation == 1
-    stop(keys)
+    close_keys(keys)
     # The server's backup is under OLD again, and that is now the recorded state: a plain
     # recover with OLD needs no consent; NEW no longer opens it.
     again = manager(tmp_path)
     with pytest.raises(errors.WrongPassword):
         again.recover(NEW)
-    stop(again)
+    close_keys(again)
     third = manager(tmp_path)
     assert not third.recover_detailed(OLD).old_password_accepted
-    stop(third)
+    close_keys(third)
 
 
 def test_a_normal_restart_and_a_current_export_need_no_consent(tmp_path: Path) -> None:
@@ -93,11 +91,11 @@ def test_a_normal_restart_and_a_current_export_need_no_consent(tmp_path: Path) -
     current = (tmp_path / "root-key.backup").read_bytes()
     keys = manager(tmp_path)
     assert not keys.recover_detailed(NEW).old_password_accepted
-    stop(keys)
+    close_keys(keys)
     (tmp_path / "root-key.backup").unlink()
     keys = manager(tmp_path)
     assert not keys.recover_detailed(NEW, current).old_password_accepted
-    stop(keys)
+    close_keys(keys)
 
 
 def test_a_crash_between_writing_and_recording_a_password_change(tmp_path: Path) -> None:
@@ -111,21 +109,14 @@ def test_a_crash_between_writing_and_recording_a_password_change(tmp_path: Path)
     # What the store holds if Nexus died right after the file was written:
     keys._store.put_state("backup_public_key",
                           json.dumps({"current": old_key, "pending": new_key}))
-    stop(keys)
+    close_keys(keys)
     again = manager(tmp_path)
     assert not again.recover_detailed(NEW).old_password_accepted
     assert json.loads(again._store.get_state("backup_public_key")) == {"current": new_key}
-    stop(again)
+    close_keys(again)
 
 
 # ---------------------------------------------------------------- through Pilot
-
-
-@pytest.fixture()
-def tmp() -> Iterator[Path]:
-    path = short_tmpdir("op-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_pilot_refuses_then_recovers_with_accept_old_password_and_audits_it(

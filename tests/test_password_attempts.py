@@ -5,12 +5,12 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from nexus.app import build_keys
 from nexus.core import errors
-from nexus.core.keymanager import KeyManager
-from nexus.crypto.kdf import KdfParams
 from nexus.store import open_store
 from pilot.commands.secrets import parse_pairs
 from pilot.errors import UsageError
+from tests.harness import nexus_config
 
 PASSWORD = b"correct horse battery staple orbit"
 
@@ -18,8 +18,8 @@ PASSWORD = b"correct horse battery staple orbit"
 def test_concurrent_wrong_passwords_count_once_then_back_off(tmp_path: Path) -> None:
     store = open_store("sqlite", path=tmp_path / "spike.db")
     # The held-back wrong answer is not what this test is about: answer at once.
-    keys = KeyManager(store, tmp_path / "root-key.backup", KdfParams.insecure_for_tests(),
-                      allow_insecure_kdf=True, backoff_base=30.0, wrong_password_delay_cap=0.0)
+    keys = build_keys(nexus_config(tmp_path, recover_backoff_seconds=30.0), store,
+                      wrong_password_delay_cap=0.0)
     keys.init(PASSWORD)
     outcomes: list[str] = []
     barrier = threading.Barrier(8)

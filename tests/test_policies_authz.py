@@ -37,9 +37,17 @@ from spike.v1 import (
     secrets_pb2,
     secrets_pb2_grpc,
 )
-from tests.harness import DevAgent, Nexus, pilot, pilot_json, short_tmpdir
-from tests.test_foundation import audit_events, pem_env, wait_for
-from tests.test_secrets_api import start_unsealed
+from tests.harness import (
+    DevAgent,
+    Nexus,
+    audit_events,
+    pem_env,
+    pilot,
+    pilot_json,
+    short_tmpdir,
+    start_unsealed,
+    wait_for,
+)
 
 TD = "spike.internal"
 TLS_NAME = "nexus.spike.internal"

@@ -17,8 +17,15 @@ import pytest
 from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import secrets_pb2, secrets_pb2_grpc
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
-from tests.test_secrets_api import start_unsealed
+from tests.harness import (
+    TEST_PASSWORD,
+    DevAgent,
+    Nexus,
+    pilot,
+    pilot_json,
+    short_tmpdir,
+    start_unsealed,
+)
 
 TLS_NAME = "nexus.spike.internal"
 LIMIT = 64 * 1024

@@ -35,8 +35,7 @@ from spike.v1 import (
     secrets_pb2,
     secrets_pb2_grpc,
 )
-from tests.harness import DevAgent, Nexus, pilot_json, short_tmpdir
-from tests.test_secrets_api import start_unsealed
+from tests.harness import DevAgent, Nexus, pilot_json, short_tmpdir, start_unsealed
 
 FORBIDDEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 # Values shorter than this can appear in any message by chance ("a", "1").

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from nexus.core.errors import InvalidInput
-from nexus.core.rotation import COMPLETED, FAILED
 from nexus.core.schedule import (
     DEFAULT_INTERVAL,
     DEFAULT_MAX_ENCRYPTIONS,
@@ -29,6 +28,7 @@ from nexus.core.schedule import (
 )
 from pilot.commands.rotation import parse_duration
 from pilot.errors import UsageError
+from spike.states import RotationPhase
 from tests.harness import (
     SUPERUSER,
     TEST_PASSWORD,
@@ -71,8 +71,8 @@ def world(tmp: Path, clock: Clock) -> Iterator[World]:
 
 
 def scheduler(world: World, clock: Clock) -> Scheduler:
-    return Scheduler(world.store, world.keys, world.engine, world.counter,  # type: ignore[arg-type]
-                     clock=clock)
+    assert world.clock is clock  # the world's scheduler runs on the pinned clock
+    return world.app.scheduler
 
 
 # ---------------------------------------------------------------- parsing
@@ -166,7 +166,7 @@ def test_encryption_count_trigger_ignores_interval_and_window(world: World,
     assert reason is not None and "encryptions" in reason
     assert sched.tick(at(0, "12:00"))
     state = world.wait()
-    assert state.phase == COMPLETED and state.caller == "(scheduler)"
+    assert state.phase == RotationPhase.COMPLETED and state.caller == "(scheduler)"
     assert "encryptions" in state.reason
     # The rotation's own encryptions count for the new generation.
     assert world.counter.counts().get(2, 0) == 10
@@ -180,7 +180,7 @@ def test_counter_limit_below_record_count_does_not_rotate_forever(world: World,
     sched.set(max_encryptions=50)
     world.fill(paths=50, versions=1)
     assert sched.tick(at(0, "12:00"))
-    assert world.wait().phase == COMPLETED
+    assert world.wait().phase == RotationPhase.COMPLETED
     assert sched.due(at(0, "12:00")) is None
 
 
@@ -191,7 +191,7 @@ def test_tick_starts_a_rotation_and_the_new_key_resets_the_interval(world: World
     clock.now = at(91, "00:00")
     assert sched.tick()
     state = world.wait()
-    assert state.phase == COMPLETED and "interval" in state.reason
+    assert state.phase == RotationPhase.COMPLETED and "interval" in state.reason
     world.read_all(expected)
     assert sched.next_rotation() == at(91, "00:00") + 90 * DAY  # created at the clock's time
     assert sched.due(at(180, "00:00")) is None
@@ -227,7 +227,7 @@ def test_not_while_a_rotation_runs(tmp: Path, clock: Clock) -> None:
         assert sched.due(at(365, "00:00")) is None
         assert not sched.tick(at(365, "00:00"))
         gate.set()
-        assert world.wait().phase == COMPLETED
+        assert world.wait().phase == RotationPhase.COMPLETED
     finally:
         gate.set()
         world.close()
@@ -239,12 +239,12 @@ def test_not_after_a_failed_rotation(world: World, clock: Clock) -> None:
     sched = scheduler(world, clock)
     sched.set(max_encryptions=1)
     world.engine.start(caller="test", batch_size=5)
-    assert world.wait().phase == FAILED
+    assert world.wait().phase == RotationPhase.FAILED
     assert sched.due(at(365, "00:00")) is None  # an operator must decide
     assert not sched.tick(at(365, "00:00"))
     world.secrets.destroy(SUPERUSER, "app/s003", [1])
     world.engine.resume("test")
-    assert world.wait().phase == COMPLETED
+    assert world.wait().phase == RotationPhase.COMPLETED
     assert sched.due(at(365, "00:00")) is not None  # the counter trigger is live again
 
 

@@ -13,19 +13,10 @@ from typing import Any
 
 import pytest
 
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
+from tests.harness import DevAgent, Nexus, pilot, pilot_json, short_tmpdir, start_unsealed
 
 MAX_VERSIONS = 3
 VALUE_LIMIT = 64 * 1024
-
-
-def start_unsealed(agent: DevAgent, data_dir: Path, args: list[str] | tuple[str, ...] = ()
-                   ) -> Nexus:
-    running = Nexus(data_dir, agent.env("nexus"), args=list(args))
-    result = pilot(["init", "--password-stdin"], agent.env("pilot"), running,
-                   stdin=TEST_PASSWORD + "\n")
-    assert result.returncode == 0, result.stderr
-    return running
 
 
 @pytest.fixture(scope="module")

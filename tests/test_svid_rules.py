@@ -33,8 +33,7 @@ from spike.svid import (
     parse_spiffe_id,
 )
 from spike.v1 import operator_pb2, operator_pb2_grpc
-from tests.harness import DevAgent, Nexus
-from tests.test_foundation import audit_events
+from tests.harness import DevAgent, Nexus, audit_events
 
 TD = "spike.internal"
 SUPERUSER = f"spiffe://{TD}/spike/pilot/role/superuser"

@@ -19,7 +19,6 @@ import signal
 import sqlite3
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -27,41 +26,26 @@ import pytest
 from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import secrets_pb2, secrets_pb2_grpc
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
-from tests.test_secrets_api import start_unsealed
+from tests.harness import (
+    DevAgent,
+    Nexus,
+    RestartableNexus,
+    get_data,
+    pilot,
+    pilot_json,
+    put,
+    writer,
+)
 
 OPAQUE = "failed its integrity check"
 
 
-class Node:
-    """A Nexus on one data directory that the test can stop, tamper with and restart."""
-
-    def __init__(self, agent: DevAgent) -> None:
-        self.agent = agent
-        self.data_dir = short_tmpdir("nxt-")
-        self.nexus = start_unsealed(agent, self.data_dir)
-
-    def restart(self) -> Nexus:
-        """Start Nexus again on the same data and recover it from the backup."""
-        self.nexus = Nexus(self.data_dir, self.agent.env("nexus"))
-        result = pilot(["recover", "--password-stdin"], self.agent.env("pilot"), self.nexus,
-                       stdin=TEST_PASSWORD + "\n")
-        assert result.returncode == 0, result.stderr
-        return self.nexus
-
-
 @pytest.fixture()
-def node(agent: DevAgent) -> Iterator[Node]:
-    running = Node(agent)
+def node(agent: DevAgent) -> Iterator[RestartableNexus]:
+    running = RestartableNexus(agent)
     yield running
     running.nexus.stop()
     shutil.rmtree(running.data_dir, ignore_errors=True)
-
-
-def writer(data_dir: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(data_dir / "spike.db", timeout=10, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout = 10000")
-    return conn
 
 
 def blob_of(conn: sqlite3.Connection, kind: str, path: str, version: int) -> bytes:
@@ -84,19 +68,6 @@ def set_blob(conn: sqlite3.Connection, kind: str, path: str, version: int, blob:
     assert cur.rowcount == 1
 
 
-def put(agent: DevAgent, server: Nexus, path: str, *pairs: str) -> int:
-    out = pilot_json(["secret", "put", path, *pairs, "--output", "json"], agent.env("pilot"),
-                     server)
-    return int(out["version"])
-
-
-def get_data(agent: DevAgent, server: Nexus, path: str, version: int = 0) -> dict[str, str]:
-    args = ["secret", "get", path, "--output", "json"]
-    if version:
-        args += ["--version", str(version)]
-    return pilot_json(args, agent.env("pilot"), server)["data"]  # type: ignore[no-any-return]
-
-
 def integrity_failure(agent: DevAgent, server: Nexus, path: str, version: int = 0) -> str:
     args = ["secret", "get", path] + (["--version", str(version)] if version else [])
     result = pilot(args, agent.env("pilot"), server)
@@ -108,7 +79,7 @@ def integrity_failure(agent: DevAgent, server: Nexus, path: str, version: int = 
 
 
 def test_tampered_secrets_fail_opaquely_and_the_rest_is_served(agent: DevAgent,
-                                                               node: Node) -> None:
+                                                               node: RestartableNexus) -> None:
     server = node.nexus
     put(agent, server, "t/flip", "k=flip-me")
     put(agent, server, "t/tag", "k=tag")
@@ -184,7 +155,8 @@ def test_tampered_secrets_fail_opaquely_and_the_rest_is_served(agent: DevAgent,
     assert not any("flip-me" in line or "destination" in line for line in server.lines)
 
 
-def test_tampered_policy_is_ignored_deny_safe(agent: DevAgent, node: Node) -> None:
+def test_tampered_policy_is_ignored_deny_safe(agent: DevAgent,
+                                              node: RestartableNexus) -> None:
     server = node.nexus
     su = agent.env("pilot")
     workload = agent.env("workload")
@@ -232,7 +204,8 @@ def test_tampered_policy_is_ignored_deny_safe(agent: DevAgent, node: Node) -> No
     assert names == ["good"], listing.stdout
 
 
-def test_outside_connection_does_not_lose_later_writes(agent: DevAgent, node: Node) -> None:
+def test_outside_connection_does_not_lose_later_writes(agent: DevAgent,
+                                                       node: RestartableNexus) -> None:
     server = node.nexus
     put(agent, server, "live/before", "k=1")
     # Any outside reader (sqlite3 shell, a backup script, this test) opening and closing.
