@@ -10,7 +10,8 @@ half-built one. It leans on two parts:
   of generations in the store, against which every recovered key is checked, so a foreign
   backup, a wrong key or a planted one is never installed.
 
-Every password attempt runs under the lifecycle lock, one at a time, behind a growing backoff.
+Every password attempt runs under the lifecycle lock, one at a time, behind a growing backoff
+(:class:`nexus.core.attempts.PasswordAttempts`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import structlog
 from nexus.backup.format import Backup, create_backup_with_record_key
 from nexus.backup.keeper import BackupHealth, BackupKeeper
 from nexus.core import errors, testpoints
+from nexus.core.attempts import WRONG_PASSWORD_DELAY_CAP, PasswordAttempts
 from nexus.core.ledger import GenerationInfo, GenerationLedger, held_fingerprints
 from nexus.core.password_policy import PasswordRejected, check_password
 from nexus.crypto.kdf import KdfParams
@@ -51,39 +53,6 @@ class Recovery:
     # (only with the operator's --authenticate-legacy-records).
     legacy_records_authenticated: bool = False
 
-
-class Backoff:
-    """A growing delay after failed password attempts (per Nexus)."""
-
-    def __init__(self, base: float, cap: float, clock: Callable[[], float]) -> None:
-        self._base = base
-        self._cap = cap
-        self._clock = clock
-        self.failures = 0
-        self._not_before = 0.0
-
-    def check(self) -> None:
-        remaining = self._not_before - self._clock()
-        if remaining > 0:
-            raise errors.TooManyAttempts(remaining)
-
-    def failed(self) -> float:
-        self.failures += 1
-        delay = float(min(self._cap, self._base * (2 ** (self.failures - 1))))
-        self._not_before = self._clock() + delay
-        return delay
-
-    def remaining(self) -> float:
-        return max(0.0, self._not_before - self._clock())
-
-    def succeeded(self) -> None:
-        self.failures = 0
-        self._not_before = 0.0
-
-
-# How long a wrong-password answer may be held back (the backoff is served in the answer, see
-# KeyManager._wait_out_backoff). Below Pilot's 120 s deadline for password calls.
-WRONG_PASSWORD_DELAY_CAP = 30.0
 
 _EARLIER_KEY_REFUSED = (
     "this backup is sealed under an earlier administrator password (it was made before a "
@@ -116,10 +85,8 @@ class KeyManager:
                                     allow_insecure_kdf=allow_insecure_kdf, clock=clock)
         self._ledger = GenerationLedger(store, clock,
                                         authenticate_legacy_records=authenticate_legacy_records)
-        self._backoff = Backoff(backoff_base, backoff_cap, time.monotonic)
-        self._wrong_password_delay_cap = wrong_password_delay_cap
-        self._closing = threading.Event()  # wakes a held-back answer at shutdown
-        self.recover_failures = 0
+        self._attempts = PasswordAttempts(backoff_base, backoff_cap,
+                                          delay_cap=wrong_password_delay_cap)
         self._unseal_listeners: list[Callable[[], None]] = []
         self._pending_generation = 0
 
@@ -129,6 +96,11 @@ class KeyManager:
     def keyring(self) -> Keyring:
         """The current keyring value (immutable; grab it once per operation)."""
         return self._keyring
+
+    @property
+    def recover_failures(self) -> int:
+        """Wrong passwords since start-up (recover, verify and password change alike)."""
+        return self._attempts.wrong_passwords
 
     @property
     def backup_path(self) -> Path:
@@ -240,27 +212,7 @@ class KeyManager:
               subject: str) -> tuple[dict[int, SecretKey], SecretBuffer]:
         """Open ``backup`` with ``password``; a wrong one counts against the backoff."""
         return self._backup.open(backup, password, subject=subject,
-                                 on_wrong_password=self._failed_attempt)
-
-    def _failed_attempt(self) -> None:
-        self.recover_failures += 1
-        delay = self._backoff.failed()
-        log.warning("wrong password", failures=self._backoff.failures, next_attempt_in=delay)
-
-    def _wait_out_backoff(self) -> None:
-        """Serve the backoff in the wrong-password answer, outside the lifecycle lock.
-
-        The answer comes once the delay has passed (at most ``wrong_password_delay_cap``), so
-        the next attempt - the right password right after a typo - is accepted at once, while
-        concurrent guesses meanwhile are still refused (:class:`errors.TooManyAttempts`).
-        """
-        deadline = time.monotonic() + min(self._backoff.remaining(),
-                                          self._wrong_password_delay_cap)
-        while not self._closing.is_set():
-            left = min(self._backoff.remaining(), deadline - time.monotonic())
-            if left <= 0:
-                return
-            self._closing.wait(left)
+                                 on_wrong_password=self._attempts.failed)
 
     # ------------------------------------------------------------------ recover
 
@@ -280,7 +232,7 @@ class KeyManager:
         try:
             return self._recover(password, exported, accept_old_password)
         except errors.WrongPassword:
-            self._wait_out_backoff()
+            self._attempts.wait_out()
             raise
 
     def _recover(self, password: bytes, exported: bytes, accept_old_password: bool) -> Recovery:
@@ -291,7 +243,7 @@ class KeyManager:
         with self._lock:
             if self.is_unsealed():
                 raise errors.AlreadyUnsealed("Nexus is already unsealed: nothing to do")
-            self._backoff.check()
+            self._attempts.check()
             if early is not None:
                 backup, raw = early, exported
             else:
@@ -306,7 +258,7 @@ class KeyManager:
                     key.wipe()
                 record_key.wipe()
                 raise
-            self._backoff.succeeded()
+            self._attempts.succeeded()
             self._install(backup, keys, record_key, recovery,
                           restore=bool(exported) and self._backup.file_bytes() != raw)
             recovery = replace(recovery, keyring=self._keyring)
@@ -390,12 +342,12 @@ class KeyManager:
             with self._lock:
                 return self._verify_with_password(password)
         except errors.WrongPassword:
-            self._wait_out_backoff()
+            self._attempts.wait_out()
             raise
 
     def _verify_with_password(self, password: bytes) -> tuple[int, ...]:
         keyring = self.require_unsealed()
-        self._backoff.check()
+        self._attempts.check()
         backup, _ = self._backup.load_server_file(
             f"the backup file {self._backup.path} is missing")
         keys, record_key = self._open(backup, password, "the backup")
@@ -405,7 +357,7 @@ class KeyManager:
         finally:
             for key in keys.values():
                 key.wipe()
-        self._backoff.succeeded()
+        self._attempts.succeeded()
         self._backup.confirm_matches(fps, keyring)
         return tuple(sorted(fps))
 
@@ -417,7 +369,7 @@ class KeyManager:
         try:
             return self._change_password(old, new)
         except errors.WrongPassword:
-            self._wait_out_backoff()
+            self._attempts.wait_out()
             raise
 
     def _change_password(self, old: bytes, new: bytes) -> tuple[int, ...]:
@@ -542,7 +494,7 @@ class KeyManager:
 
     def seal(self) -> None:
         """Wipe every root key from memory (shutdown)."""
-        self._closing.set()
+        self._attempts.close()
         with self._lock:
             keyring = self._keyring
             self._keyring = Keyring.empty()
