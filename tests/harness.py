@@ -361,8 +361,7 @@ class World:
         self._hook: Callable[[str], None] | None = None
         if between is not None:
             def hook(name: str) -> None:
-                if name == "rotation_between_batches" \
-                        and threading.current_thread() is self.engine._thread:
+                if name == testpoints.Point.ROTATION_BETWEEN_BATCHES and self.engine.in_worker():
                     between()
 
             self._hook = hook
@@ -393,9 +392,7 @@ class World:
     def wait(self, timeout: float = HOLD) -> RotationState:
         for _ in self.engine.watch(timeout=0.2):
             pass
-        thread = self.engine._thread
-        if thread is not None:
-            thread.join(timeout)
+        self.engine.join(timeout)  # the worker writes the audit after its terminal state
         state = self.engine.current
         assert state is not None
         return state
