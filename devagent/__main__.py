@@ -33,6 +33,7 @@ from devagent.ca import (
     validate_trust_domain,
 )
 from devagent.workload_api import AgentServers, Identity, SocketInUseError, SvidStore
+from spike.roles import nexus_id, recover_id, superuser_id
 
 DEFAULT_TRUST_DOMAIN = "spike.internal"
 DEFAULT_NEXUS_DNS = "nexus.spike.internal"
@@ -122,9 +123,9 @@ def parse_identity(spec: str, trust_domain: str) -> Identity:
 def default_identities(trust_domain: str, nexus_dns: Sequence[str]) -> list[Identity]:
     td = trust_domain
     return [
-        Identity("nexus", f"spiffe://{td}/spike/nexus", tuple(nexus_dns)),
-        Identity("pilot", f"spiffe://{td}/spike/pilot/role/superuser"),
-        Identity("recover", f"spiffe://{td}/spike/pilot/role/recover"),
+        Identity("nexus", nexus_id(td), tuple(nexus_dns)),
+        Identity("pilot", superuser_id(td)),
+        Identity("recover", recover_id(td)),
         Identity("workload", f"spiffe://{td}/workload/demo"),
     ]
 

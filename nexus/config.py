@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from spike.errors import ConfigError
+from spike.roles import nexus_id
 from spike.tls import DEFAULT_TLS_NAME, DEFAULT_TRUST_DOMAIN
 
 ENV_PREFIX = "SPIKE_NEXUS_"
@@ -74,7 +75,7 @@ class NexusConfig:
 
     @property
     def nexus_spiffe_id(self) -> str:
-        return f"spiffe://{self.trust_domain}/spike/nexus"
+        return nexus_id(self.trust_domain)
 
 
 _TYPES = {f.name: f for f in fields(NexusConfig)}

@@ -92,6 +92,7 @@ def check_server_svid(address: str, bundle_pem: bytes, tls_name: str, trust_doma
 
     from cryptography import x509
 
+    from spike.roles import nexus_id
     from spike.svid import SvidRuleError, check_svid_chain
 
     host, _, port = address.rpartition(":")
@@ -109,7 +110,7 @@ def check_server_svid(address: str, bundle_pem: bytes, tls_name: str, trust_doma
         spiffe_id = check_svid_chain(chain, trust_domain)
     except (ValueError, SvidRuleError) as exc:
         raise ServerSvidError(f"Nexus's certificate breaks the X509-SVID rules: {exc}") from None
-    expected = f"spiffe://{trust_domain}/spike/nexus"
+    expected = nexus_id(trust_domain)
     if str(spiffe_id) != expected:
         raise ServerSvidError(f"the server is not Nexus: its SPIFFE ID is {spiffe_id}, "
                               f"not {expected}")

@@ -1,11 +1,11 @@
-"""Message helpers of the servicers."""
+"""Message helpers of the servicers (nexus/api/convert.py)."""
 
 from __future__ import annotations
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from nexus.api.operator import timestamp
+from nexus.api.convert import timestamp
 
 
 @pytest.mark.parametrize("seconds", [1795910569.718649344, 1700000000.000001, 0.5, 1e-9,

@@ -24,6 +24,8 @@ from cryptography import x509
 
 from nexus.api.errors import abort
 from nexus.api.handlers import wrap_handler
+from spike.errors import ErrorKind
+from spike.roles import recover_id, superuser_id
 from spike.svid import SvidRuleError, check_intermediates, leaf_spiffe_id
 
 if TYPE_CHECKING:
@@ -40,14 +42,6 @@ Predicate = Callable[[str], bool]
 class Rule:
     description: str
     allows: Predicate
-
-
-def superuser_id(td: str) -> str:
-    return f"spiffe://{td}/spike/pilot/role/superuser"
-
-
-def recover_id(td: str) -> str:
-    return f"spiffe://{td}/spike/pilot/role/recover"
 
 
 def exactly(*ids: str) -> Predicate:
@@ -196,11 +190,12 @@ class Gate:
         self._is_unsealed = is_unsealed
         self._sealed_message = sealed_message
 
-    def check(self, method: str) -> tuple[str, str] | None:
+    def check(self, method: str) -> tuple[ErrorKind, str] | None:
         """None when allowed; else (kind, message) for FAILED_PRECONDITION."""
         if method in SERVED_WHILE_SEALED or self._is_unsealed():
             return None
-        return self._sealed_message()
+        kind, message = self._sealed_message()
+        return ErrorKind(kind), message
 
 
 class AuthorizationInterceptor(_Interceptor):
@@ -240,17 +235,17 @@ class AuthorizationInterceptor(_Interceptor):
                 peer = verify_peer(context)
                 if not isinstance(peer, VerifiedPeer):
                     on_denied(method, "", peer)
-                    abort(context, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
+                    abort(context, grpc.StatusCode.UNAUTHENTICATED, ErrorKind.UNAUTHENTICATED,
                           f"client certificate is not a valid X509-SVID: {peer}")
                 caller = peer.spiffe_id
                 if peer.chain_trust_domains - {trust_domain}:
                     # Not a verified identity: the audit names no caller.
                     on_denied(method, "", "the chain names another trust domain")
-                    abort(context, grpc.StatusCode.UNAUTHENTICATED, "unauthenticated",
+                    abort(context, grpc.StatusCode.UNAUTHENTICATED, ErrorKind.UNAUTHENTICATED,
                           "client certificate chain names another trust domain")
                 if rule is None or not rule.allows(caller):
                     on_denied(method, caller, "not allowed by the RPC table")
-                    abort(context, grpc.StatusCode.PERMISSION_DENIED, "permission_denied",
+                    abort(context, grpc.StatusCode.PERMISSION_DENIED, ErrorKind.PERMISSION_DENIED,
                           f"{caller} may not call {method}")
                 blocked = gate.check(method)
                 if blocked is not None:

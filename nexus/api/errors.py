@@ -13,7 +13,7 @@ import grpc
 import structlog
 
 from nexus.core import errors
-from spike.errors import ERROR_KIND_KEY
+from spike.errors import ERROR_KIND_KEY, ErrorKind
 
 # Most specific class first.
 _STATUS: list[tuple[type[errors.NexusError], grpc.StatusCode]] = [
@@ -42,9 +42,9 @@ def status_for(exc: errors.NexusError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def abort(context: grpc.ServicerContext, code: grpc.StatusCode, kind: str,
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, kind: ErrorKind,
           message: str) -> NoReturn:
-    context.set_trailing_metadata(((ERROR_KIND_KEY, kind),))
+    context.set_trailing_metadata(((ERROR_KIND_KEY, kind.value),))
     context.abort(code, message)
 
 
@@ -60,4 +60,4 @@ def abort_for(context: grpc.ServicerContext, exc: Exception) -> None:
         tb = tb.tb_next
     where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
     _log.error("internal error", error_type=type(exc).__name__, where=where)
-    abort(context, grpc.StatusCode.INTERNAL, "internal", "internal error (see Nexus logs)")
+    abort(context, grpc.StatusCode.INTERNAL, ErrorKind.INTERNAL, "internal error (see Nexus logs)")

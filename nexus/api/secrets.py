@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import grpc
-import structlog
 
 from nexus.api.calls import rpc_call
-from nexus.api.operator import timestamp
+from nexus.api.convert import stored_time
 from nexus.audit import AuditLog
 from nexus.core.secrets import SecretsService
 from spike.v1 import secrets_pb2 as pb
 from spike.v1 import secrets_pb2_grpc as pb_grpc
-
-log = structlog.get_logger("nexus.secrets")
-
-_LAST_TIMESTAMP = 253402300799.0  # 9999-12-31T23:59:59Z, the protobuf Timestamp maximum
-
-
-def _time(seconds: float | None, path: str) -> Any:
-    """A stored time as a Timestamp; a value no clock could have written (an edited
-    database) is left out and logged rather than failing the call."""
-    if seconds is None or (math.isfinite(seconds) and 0 <= seconds <= _LAST_TIMESTAMP):
-        return timestamp(seconds)
-    log.error("stored timestamp out of range; left out", path=path)
-    return None
 
 
 class SecretsServicer(pb_grpc.SecretsServicer):
@@ -34,56 +17,61 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         self._secrets = secrets
         self._audit = audit
 
-    def Put(self, request: pb.PutSecretRequest, context: grpc.ServicerContext) -> Any:
+    def Put(self, request: pb.PutSecretRequest,
+            context: grpc.ServicerContext) -> pb.PutSecretResponse:
         cas = request.cas if request.HasField("cas") else None
         with rpc_call(context, self._audit, "secret.put", request.path) as caller:
             version = self._secrets.put(caller, request.path, dict(request.data), cas)
             return pb.PutSecretResponse(path=request.path, version=version)
 
-    def Get(self, request: pb.GetSecretRequest, context: grpc.ServicerContext) -> Any:
+    def Get(self, request: pb.GetSecretRequest,
+            context: grpc.ServicerContext) -> pb.GetSecretResponse:
         with rpc_call(context, self._audit, "secret.get", request.path) as caller:
             found = self._secrets.get(caller, request.path, request.version or None)
-            return pb.GetSecretResponse(path=found.path, version=found.version,
-                                        data=found.data, created=_time(found.created, found.path))
+            return pb.GetSecretResponse(path=found.path, version=found.version, data=found.data,
+                                        created=stored_time(found.created, found.path))
 
-    def List(self, request: pb.ListSecretsRequest, context: grpc.ServicerContext) -> Any:
+    def List(self, request: pb.ListSecretsRequest,
+             context: grpc.ServicerContext) -> pb.ListSecretsResponse:
         with rpc_call(context, self._audit, "secret.list", request.prefix) as caller:
             page = self._secrets.list_page(caller, request.prefix, request.page_size,
                                            request.page_token)
             return pb.ListSecretsResponse(paths=page.paths, next_page_token=page.next_token)
 
-    def Delete(self, request: pb.DeleteSecretRequest, context: grpc.ServicerContext) -> Any:
+    def Delete(self, request: pb.DeleteSecretRequest,
+               context: grpc.ServicerContext) -> pb.DeleteSecretResponse:
         with rpc_call(context, self._audit, "secret.delete", request.path,
                       versions=list(request.versions)) as caller:
             self._secrets.delete(caller, request.path, list(request.versions))
             return pb.DeleteSecretResponse()
 
     def Undelete(self, request: pb.UndeleteSecretRequest,
-                 context: grpc.ServicerContext) -> Any:
+                 context: grpc.ServicerContext) -> pb.UndeleteSecretResponse:
         with rpc_call(context, self._audit, "secret.undelete", request.path,
                       versions=list(request.versions)) as caller:
             self._secrets.undelete(caller, request.path, list(request.versions))
             return pb.UndeleteSecretResponse()
 
-    def Destroy(self, request: pb.DestroySecretRequest, context: grpc.ServicerContext) -> Any:
+    def Destroy(self, request: pb.DestroySecretRequest,
+                context: grpc.ServicerContext) -> pb.DestroySecretResponse:
         with rpc_call(context, self._audit, "secret.destroy", request.path,
                       versions=list(request.versions)) as caller:
             self._secrets.destroy(caller, request.path, list(request.versions))
             return pb.DestroySecretResponse()
 
     def Metadata(self, request: pb.SecretMetadataRequest,
-                 context: grpc.ServicerContext) -> Any:
+                 context: grpc.ServicerContext) -> pb.SecretMetadataResponse:
         with rpc_call(context, self._audit, "secret.metadata", request.path) as caller:
             meta = self._secrets.metadata(caller, request.path)
             return pb.SecretMetadataResponse(
                 path=meta.path,
                 current_version=meta.current_version,
                 oldest_version=meta.oldest_version,
-                created=_time(meta.created_at, meta.path),
-                updated=_time(meta.updated_at, meta.path),
+                created=stored_time(meta.created_at, meta.path),
+                updated=stored_time(meta.updated_at, meta.path),
                 versions=[pb.SecretVersionInfo(version=v.version,
-                                               created=_time(v.created_at, meta.path),
-                                               deleted=_time(v.deleted_at, meta.path),
+                                               created=stored_time(v.created_at, meta.path),
+                                               deleted=stored_time(v.deleted_at, meta.path),
                                                destroyed=v.destroyed)
                           for v in meta.versions],
             )
