@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             code: int = args.func(args, None)
             return code
         except PilotError as exc:
-            return report(exc, args.output)
+            return report(exc, args)
     from pilot.client import NexusClient
 
     client = NexusClient(getattr(args, "nexus", None))
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.func(args, client)
         return result
     except PilotError as exc:
-        return report(exc, args.output)
+        return report(exc, args)
     except KeyboardInterrupt:
         print("spike: interrupted", file=sys.stderr)
         return 130
@@ -77,18 +77,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         client.close()
 
 
-def report(exc: PilotError, output: str) -> int:
+def report(exc: PilotError, args: argparse.Namespace) -> int:
+    """The error on stderr; with --output json also as a JSON line on stdout."""
+    from pilot.output import render
+
     message = f"spike: {exc}"
     if exc.hint:
         message += f"\n  hint: {exc.hint}"
     print(message, file=sys.stderr)
-    if output == "json":
-        from pilot.output import emit_json
-
-        payload: dict[str, Any] = {"error": str(exc), "exit_code": exc.exit_code}
-        if exc.hint:
-            payload["hint"] = exc.hint
-        emit_json(payload)
+    payload: dict[str, Any] = {"error": str(exc), "exit_code": exc.exit_code}
+    if exc.hint:
+        payload["hint"] = exc.hint
+    render(args, payload)
     return exc.exit_code
 
 

@@ -1,17 +1,19 @@
-"""A typed client for Nexus: one channel per invocation, gRPC errors -> PilotError."""
+"""A typed client for Nexus: one channel per invocation, one stub per service, gRPC errors ->
+PilotError."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import grpc
 
 from pilot import errors
-from spike.errors import ERROR_KIND_KEY, IdentityError
+from spike.errors import ERROR_KIND_KEY, ErrorKind, IdentityError
 from spike.identity import SvidMaterial, fetch_svid, load_pem_files
 from spike.tls import (
     DEFAULT_NEXUS_ADDR,
@@ -21,7 +23,13 @@ from spike.tls import (
     client_channel,
 )
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from spike.v1.operator_pb2_grpc import OperatorStub
+    from spike.v1.policies_pb2_grpc import PoliciesStub
+    from spike.v1.secrets_pb2_grpc import SecretsStub
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -47,7 +55,7 @@ def load_identity() -> SvidMaterial:
 
 
 def _kind(err: grpc.RpcError) -> str:
-    call: Any = err
+    call = cast("grpc.Call", err)  # what a stub raises is also a Call: trailers are pairs
     try:
         for key, value in call.trailing_metadata() or ():
             if key == ERROR_KIND_KEY:
@@ -58,11 +66,23 @@ def _kind(err: grpc.RpcError) -> str:
 
 
 def translate(err: grpc.RpcError, address: str) -> errors.PilotError:
-    call: Any = err
-    code = call.code()
-    detail = call.details() or ""
+    """The PilotError (hence the exit code) for a failed call: by the kind Nexus named
+    (``errors.KIND_ANSWERS``), else by the status code."""
+    code = err.code()
+    detail = err.details() or ""
     kind = _kind(err)
-    if code == grpc.StatusCode.UNAVAILABLE and not kind:
+    if kind:
+        try:
+            known = ErrorKind(kind)
+        except ValueError:  # a kind from a newer Nexus: its message says what went wrong
+            return _by_status(code, detail, address, nexus_message=True)
+        return errors.from_kind(known, code.name, detail)
+    return _by_status(code, detail, address)
+
+
+def _by_status(code: grpc.StatusCode, detail: str, address: str,
+               nexus_message: bool = False) -> errors.PilotError:
+    if code == grpc.StatusCode.UNAVAILABLE and not nexus_message:
         lowered = detail.lower()
         tls_words = ("ssl", "handshake", "certificate", "verification", "tls")
         if any(word in lowered for word in tls_words):
@@ -77,25 +97,17 @@ def translate(err: grpc.RpcError, address: str) -> errors.PilotError:
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return errors.Unreachable(f"Nexus at {address} did not answer in time", "")
-    if code in (grpc.StatusCode.PERMISSION_DENIED,) or kind in ("permission_denied",
-                                                                 "unauthenticated"):
-        return errors.PermissionDenied(
-            f"permission denied: {detail}",
-            "use an identity allowed for this command (superuser Pilot, or a policy)",
-        )
-    if kind in ("sealed", "uninitialized", "stale"):
-        return errors.NotReady(detail)  # Nexus's message already says what to run
-    if kind in ("wrong_password", "backup_invalid"):
-        return errors.PasswordOrBackup(detail)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return errors.PermissionDenied(f"permission denied: {detail}", errors.PERMISSION_HINT)
     if code == grpc.StatusCode.NOT_FOUND:
         return errors.NotFound(detail)
-    if kind == "conflict" or code == grpc.StatusCode.ABORTED:
+    if code == grpc.StatusCode.ABORTED:
         return errors.Conflict(detail)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return errors.UsageError(detail)
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return errors.PilotError(f"this Nexus does not implement that call yet: {detail}")
-    return errors.from_status(code.name, kind, detail)
+    return errors.from_status(code.name, detail, nexus_message)
 
 
 class NexusClient:
@@ -133,8 +145,25 @@ class NexusClient:
                 f"Nexus at {self.address} is unreachable: {exc}",
                 "is spike-nexus running? check --nexus / SPIKE_NEXUS_ADDR") from None
 
-    def stub(self, factory: Callable[[grpc.Channel], T]) -> T:
-        return factory(self.channel)
+    # One accessor per service; the first use opens the channel.
+
+    @cached_property
+    def operator(self) -> OperatorStub:
+        from spike.v1.operator_pb2_grpc import OperatorStub
+
+        return OperatorStub(self.channel)
+
+    @cached_property
+    def secrets(self) -> SecretsStub:
+        from spike.v1.secrets_pb2_grpc import SecretsStub
+
+        return SecretsStub(self.channel)
+
+    @cached_property
+    def policies(self) -> PoliciesStub:
+        from spike.v1.policies_pb2_grpc import PoliciesStub
+
+        return PoliciesStub(self.channel)
 
     @contextmanager
     def errors(self) -> Iterator[None]:
@@ -143,7 +172,8 @@ class NexusClient:
         except grpc.RpcError as err:
             raise translate(err, self.address) from None
 
-    def call(self, method: Callable[..., T], request: Any, timeout: float = DEFAULT_TIMEOUT) -> T:
+    def call(self, method: grpc.UnaryUnaryMultiCallable[Request, Response], request: Request,
+             timeout: float = DEFAULT_TIMEOUT) -> Response:
         with self.errors():
             return method(request, timeout=timeout, wait_for_ready=False)
 

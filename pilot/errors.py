@@ -1,6 +1,24 @@
-"""Pilot's errors, each with its exit code (README, "Exit codes") and a hint for the operator."""
+"""Pilot's errors, each with its exit code (README, "Exit codes") and a hint for the operator.
+
+Every exit code Pilot gives lives here: the error classes, the two codes a command returns
+rather than raises (``EXIT_ROTATION_FAILED``, ``AuditTailTorn``), and ``KIND_ANSWERS``, the
+error for each kind Nexus names (:class:`spike.errors.ErrorKind`; a test checks that every
+kind has one).
+
+    0 ok                          7 conflict
+    1 other error                 8 wrong password or invalid backup
+    2 usage or invalid input      9 too many failed password attempts
+    3 unreachable, TLS, no SVID  10 nothing to do
+    4 permission denied          11 the rotation failed
+    5 not ready                  12 the audit trail has a torn last line
+    6 not found
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spike.errors import ErrorKind
 
 
 class PilotError(Exception):
@@ -38,7 +56,7 @@ class PermissionDenied(PilotError):
 
 
 class NotReady(PilotError):
-    """Nexus is sealed or uninitialized."""
+    """Nexus is sealed or uninitialized, this node is stale, or its store is not writable."""
 
     exit_code = 5
     default_message = "Nexus is sealed or uninitialized"
@@ -75,6 +93,24 @@ class AlreadyDone(PilotError):
     default_message = "nothing to do"
 
 
+class AuditChainBroken(PilotError):
+    """An audit line was edited, deleted, inserted or reordered (`audit verify`)."""
+
+    exit_code = 1
+
+
+class AuditTailTorn(PilotError):
+    """Every complete line is chained; the last one lacks its line break (a write cut short
+    by a full disk or a crash). Nexus moves those bytes aside to FILE.torn at its next start."""
+
+    exit_code = 12
+
+
+# `spike rotate` / `rotation watch` / `rotation resume` when the rotation ended FAILED
+# (both keys kept, resumable); 1 stays "aborted" or another error.
+EXIT_ROTATION_FAILED = 11
+
+
 # What each gRPC status means to an operator, for the statuses Pilot has no more precise
 # error for. No raw code name (RESOURCE_EXHAUSTED, ...) is ever shown.
 _STATUS_WORDS = {
@@ -99,21 +135,71 @@ _STATUS_WORDS = {
 
 BACKOFF_HINT = ("each wrong password doubles the delay (up to 300 s): wait the time shown, "
                 "then try again")
+PERMISSION_HINT = "use an identity allowed for this command (superuser Pilot, or a policy)"
 
 
-def from_status(code_name: str, kind: str, detail: str) -> PilotError:
-    """The error for a status Pilot's client has no more specific mapping for."""
-    if kind == "backoff":
-        return TooManyAttempts(detail or "too many failed attempts", BACKOFF_HINT)
-    if kind == "old_password_backup":
-        return PasswordOrBackup(detail or "the backup is sealed under an earlier password",
-                                "use a newer copy, or pass --accept-old-password and then "
-                                "run `spike password change`")
-    if kind in ("already_initialized", "already_unsealed"):
-        return AlreadyDone(detail or "nothing to do")
-    words = _STATUS_WORDS.get(code_name, "Nexus refused the call")
+@dataclass(frozen=True)
+class KindAnswer:
+    """How Pilot answers one kind: the error (hence the exit code), the message when Nexus
+    sent none (else the error's default, or for a plain PilotError the status's words), a
+    hint, and a prefix before Nexus's message."""
+
+    error: type[PilotError]
+    fallback: str = ""
+    hint: str = ""
+    prefix: str = ""
+
+
+_DENIED = KindAnswer(PermissionDenied, hint=PERMISSION_HINT, prefix="permission denied: ")
+_OTHER = KindAnswer(PilotError)  # exit 1: Nexus's message says what went wrong
+
+KIND_ANSWERS: dict[ErrorKind, KindAnswer] = {
+    ErrorKind.ERROR: _OTHER,
+    ErrorKind.INTERNAL: _OTHER,
+    ErrorKind.UNAVAILABLE: _OTHER,  # the store refused an operation: retry once it is fixed
+    ErrorKind.INTEGRITY: _OTHER,  # a record failed its integrity check
+    ErrorKind.METADATA_INTEGRITY: _OTHER,
+    # Nexus's message already says what to run.
+    ErrorKind.UNINITIALIZED: KindAnswer(NotReady),
+    ErrorKind.SEALED: KindAnswer(NotReady),
+    ErrorKind.STALE: KindAnswer(NotReady),
+    ErrorKind.STORE: KindAnswer(NotReady),  # not writable: a rotation is refused
+    ErrorKind.ALREADY_INITIALIZED: KindAnswer(AlreadyDone, "nothing to do"),
+    ErrorKind.ALREADY_UNSEALED: KindAnswer(AlreadyDone, "nothing to do"),
+    ErrorKind.INVALID_ARGUMENT: KindAnswer(UsageError),
+    ErrorKind.PASSWORD_REJECTED: KindAnswer(UsageError),
+    ErrorKind.NOT_FOUND: KindAnswer(NotFound),
+    ErrorKind.CONFLICT: KindAnswer(Conflict),
+    ErrorKind.PERMISSION_DENIED: _DENIED,
+    ErrorKind.UNAUTHENTICATED: _DENIED,
+    ErrorKind.WRONG_PASSWORD: KindAnswer(PasswordOrBackup),
+    ErrorKind.BACKUP_INVALID: KindAnswer(PasswordOrBackup),
+    ErrorKind.OLD_PASSWORD_BACKUP: KindAnswer(
+        PasswordOrBackup, "the backup is sealed under an earlier password",
+        "use a newer copy, or pass --accept-old-password and then run `spike password change`"),
+    ErrorKind.BACKOFF: KindAnswer(TooManyAttempts, "too many failed attempts", BACKOFF_HINT),
+}
+
+
+def status_words(code_name: str) -> str:
+    return _STATUS_WORDS.get(code_name, "Nexus refused the call")
+
+
+def from_kind(kind: ErrorKind, code_name: str, detail: str) -> PilotError:
+    """The error for a refusal Nexus named the kind of."""
+    answer = KIND_ANSWERS[kind]
+    message = answer.prefix + detail if answer.prefix else detail or answer.fallback
+    if not message and answer.error is PilotError:
+        message = status_words(code_name)
+    return answer.error(message, answer.hint)
+
+
+def from_status(code_name: str, detail: str, nexus_message: bool = False) -> PilotError:
+    """The error for a status Pilot has no kind or more specific mapping for; with
+    ``nexus_message`` (a kind this Pilot does not know) the detail is shown as it is."""
+    words = status_words(code_name)
     if not detail:
         return PilotError(words)
-    if kind:  # Nexus's own message: it already says what went wrong
+    if nexus_message:
         return PilotError(detail)
     return PilotError(f"{words}: {detail}")

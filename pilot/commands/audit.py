@@ -6,13 +6,16 @@ import argparse
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pilot.errors import PilotError, UsageError
-from pilot.output import emit_json
+from pilot.errors import AuditChainBroken, AuditTailTorn, PilotError, UsageError
+from pilot.output import json_mode, render
+
+if TYPE_CHECKING:
+    from pilot.commands import Subcommands
 
 
-def register(sub: Any, parent: argparse.ArgumentParser) -> None:
+def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
     audit = sub.add_parser("audit", parents=[parent], help="the audit trail")
     asub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
     p = asub.add_parser("verify", parents=[parent],
@@ -21,18 +24,7 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_verify, offline=True)
 
 
-class AuditChainBroken(PilotError):
-    exit_code = 1
-
-
-class AuditTailTorn(PilotError):
-    """Every complete line is chained; the last one lacks its line break (a write cut short
-    by a full disk or a crash). Nexus moves those bytes aside to FILE.torn at its next start."""
-
-    exit_code = 12  # README exit codes: 11 is a failed rotation
-
-
-def run_verify(args: argparse.Namespace, client: Any) -> int:
+def run_verify(args: argparse.Namespace, client: None) -> int:
     from spike.audit_chain import verify_file
 
     try:
@@ -54,18 +46,16 @@ def run_verify(args: argparse.Namespace, client: Any) -> int:
             hint=f"Nexus moves these bytes aside to {args.file}.torn when it next starts")
     else:
         error = AuditChainBroken(f"{args.file}: line {report.bad_line}: {report.error}")
-    if args.output == "json":
-        emit_json(data)
-        if not report.ok:
-            hint = f"\n  hint: {error.hint}" if error.hint else ""
-            print(f"spike: {error}{hint}", file=sys.stderr)
-        return 0 if report.ok else error.exit_code
-    if not report.ok:
+    if not report.ok and not json_mode(args):
         raise error
-    print(f"{args.file}: {report.lines} event(s), hash chain intact")
-    for moved in moved_tails:
-        print(f"  line {moved['line']}: a torn tail of {moved['bytes']} bytes was moved aside "
-              f"to {moved['file']} ({moved['state']})")
+    lines = [f"{args.file}: {report.lines} event(s), hash chain intact"]
+    lines += [f"  line {moved['line']}: a torn tail of {moved['bytes']} bytes was moved aside "
+              f"to {moved['file']} ({moved['state']})" for moved in moved_tails]
+    render(args, data, "\n".join(lines))
+    if not report.ok:  # JSON output: the report is on stdout, the error on stderr
+        hint = f"\n  hint: {error.hint}" if error.hint else ""
+        print(f"spike: {error}{hint}", file=sys.stderr)
+        return error.exit_code
     return 0
 
 

@@ -6,15 +6,19 @@ import argparse
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pilot.errors import UsageError
-from pilot.output import emit_json, info
+from pilot.errors import PasswordOrBackup, UsageError
+from pilot.output import info, render
 from pilot.passwords import add_password_options, read_new_password, read_password
 from spike.memory import wipe_bytearray as wipe
 
+if TYPE_CHECKING:
+    from pilot.client import NexusClient
+    from pilot.commands import Subcommands
 
-def register(sub: Any, parent: argparse.ArgumentParser) -> None:
+
+def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("init", parents=[parent],
                        help="first start: set the admin password; Nexus generates the root key")
     add_password_options(p)
@@ -52,40 +56,39 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_password_change)
 
 
-def _operator(client: Any) -> tuple[Any, Any]:
-    from spike.v1 import operator_pb2 as pb
-    from spike.v1 import operator_pb2_grpc as pb_grpc
-
-    return pb, client.stub(pb_grpc.OperatorStub)
-
-
 # Argon2id with production parameters takes a while on the server.
 SLOW = 120.0
 
 
-def run_init(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _operator(client)
+def run_init(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import operator_pb2 as pb
+
+    stub = client.operator
     password = read_password(args, "New administrator password", confirm=True)
     try:
-        resp = client.call(stub.Init, pb.InitRequest(password=bytes(password)), timeout=SLOW)
+        resp = client.call(stub.Init, pb.InitRequest(password=bytes(password)),
+                           timeout=SLOW)
     finally:
         wipe(password)
     data = {"root_key_generation": resp.root_key_generation,
             "root_key_fingerprint": resp.root_key_fingerprint,
             "backup_path": resp.backup_path, "state": "unsealed"}
-    if args.output == "json":
-        emit_json(data)
-    else:
+
+    def text() -> None:
         print(f"initialized: root key generation {resp.root_key_generation}, "
               f"fingerprint {resp.root_key_fingerprint}")
         print(f"encrypted backup written to {resp.backup_path} on the Nexus host")
         info("keep the password safe: without it the backup cannot be opened, and "
              "`spike backup export --out F` gives you an off-host copy")
+
+    render(args, data, text)
     return 0
 
 
-def run_recover(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _operator(client)
+def run_recover(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import operator_pb2 as pb
+
+    stub = client.operator
     exported = b""
     if args.backup_file:
         try:
@@ -106,11 +109,9 @@ def run_recover(args: argparse.Namespace, client: Any) -> int:
             "generations": list(resp.generations),
             "old_password_accepted": resp.old_password_accepted,
             "retired_generations": list(resp.retired_generations)}
-    if args.output == "json":
-        emit_json(data)
-    else:
-        print(f"unsealed: root key generation {resp.root_key_generation}, fingerprint "
-              f"{resp.root_key_fingerprint}, generations in memory {list(resp.generations)}")
+    render(args, data, f"unsealed: root key generation {resp.root_key_generation}, fingerprint "
+                       f"{resp.root_key_fingerprint}, generations in memory "
+                       f"{list(resp.generations)}")
     # On stderr in both output modes: what the operator should know or do next.
     if resp.retired_generations:
         info(f"ignored retired generation(s) {list(resp.retired_generations)} held by this "
@@ -121,39 +122,40 @@ def run_recover(args: argparse.Namespace, client: Any) -> int:
     return 0
 
 
-def run_backup_status(args: argparse.Namespace, client: Any) -> int:
+def run_backup_status(args: argparse.Namespace, client: NexusClient) -> int:
     from pilot.commands.status import status_dict
+    from spike.v1 import operator_pb2 as pb
 
-    pb, stub = _operator(client)
+    stub = client.operator
     resp = client.call(stub.BackupStatus, pb.BackupStatusRequest())
     wrapper = pb.StatusResponse(backup=resp.backup)
-    data = status_dict(wrapper)["backup"]
-    if args.output == "json":
-        emit_json(data)
-    else:
+    data: dict[str, Any] = status_dict(wrapper)["backup"]
+    render(args, data, "\n".join(
+        f"{key:14} {data[key] if data[key] not in (None, '', []) else '-'}"
         for key in ("status", "path", "detail", "generations", "kdf", "last_written",
-                    "last_verified"):
-            print(f"{key:14} {data[key] if data[key] not in (None, '', []) else '-'}")
+                    "last_verified")))
     return 0 if data["status"] == "ok" else 1
 
 
-def run_backup_verify(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _operator(client)
+def run_backup_verify(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import operator_pb2 as pb
+
+    stub = client.operator
     password = read_password(args, "Administrator password")
     try:
-        resp = client.call(stub.BackupVerify, pb.BackupVerifyRequest(password=bytes(password)),
-                           timeout=SLOW)
+        resp = client.call(stub.BackupVerify,
+                           pb.BackupVerifyRequest(password=bytes(password)), timeout=SLOW)
     finally:
         wipe(password)
-    if args.output == "json":
-        emit_json({"ok": resp.ok, "generations": list(resp.generations), "detail": resp.detail})
-    else:
-        print(f"backup verified: {resp.detail} (generations {list(resp.generations)})")
-    return 0 if resp.ok else 8
+    render(args, {"ok": resp.ok, "generations": list(resp.generations), "detail": resp.detail},
+           f"backup verified: {resp.detail} (generations {list(resp.generations)})")
+    return 0 if resp.ok else PasswordOrBackup.exit_code
 
 
-def run_backup_export(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _operator(client)
+def run_backup_export(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import operator_pb2 as pb
+
+    stub = client.operator
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} exists: choose another file or pass --force")
     resp = client.call(stub.BackupExport, pb.BackupExportRequest())
@@ -170,17 +172,17 @@ def run_backup_export(args: argparse.Namespace, client: Any) -> int:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if args.output == "json":
-        emit_json({"out": str(args.out), "bytes": len(resp.backup),
-                   "generations": list(resp.generations)})
-    else:
-        print(f"encrypted backup ({len(resp.backup)} bytes, generations "
-              f"{list(resp.generations)}) written to {args.out}")
+    render(args, {"out": str(args.out), "bytes": len(resp.backup),
+                  "generations": list(resp.generations)},
+           f"encrypted backup ({len(resp.backup)} bytes, generations "
+           f"{list(resp.generations)}) written to {args.out}")
     return 0
 
 
-def run_password_change(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _operator(client)
+def run_password_change(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import operator_pb2 as pb
+
+    stub = client.operator
     old = read_password(args, "Current password")
     new = bytearray()
     try:
@@ -190,8 +192,6 @@ def run_password_change(args: argparse.Namespace, client: Any) -> int:
     finally:
         wipe(old)
         wipe(new)
-    if args.output == "json":
-        emit_json({"ok": True, "generations": list(resp.generations)})
-    else:
-        print(f"password changed; backup re-sealed (generations {list(resp.generations)})")
+    render(args, {"ok": True, "generations": list(resp.generations)},
+           f"password changed; backup re-sealed (generations {list(resp.generations)})")
     return 0

@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pilot.errors import UsageError
-from pilot.output import emit_json, info
+from pilot.output import enum_word, info, render
+from spike.permissions import PERMISSION_PREFIX, PERMISSIONS, Permission
+from spike.states import proto_name
 
-PERMISSIONS = ("read", "write", "list", "super")
+if TYPE_CHECKING:
+    from pilot.client import NexusClient
+    from pilot.commands import Subcommands
+    from spike.v1.policies_pb2 import Policy
 
 
-def register(sub: Any, parent: argparse.ArgumentParser) -> None:
+def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
     policy = sub.add_parser("policy", parents=[parent], help="manage access policies")
     psub = policy.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
 
@@ -44,13 +49,6 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_apply)
 
 
-def _stub(client: Any) -> tuple[Any, Any]:
-    from spike.v1 import policies_pb2 as pb
-    from spike.v1 import policies_pb2_grpc as pb_grpc
-
-    return pb, client.stub(pb_grpc.PoliciesStub)
-
-
 def parse_permissions(text: str | list[str]) -> list[str]:
     items = text if isinstance(text, list) else [p.strip() for p in text.split(",")]
     items = [p for p in items if p]
@@ -60,66 +58,79 @@ def parse_permissions(text: str | list[str]) -> list[str]:
     return items
 
 
-def _message(pb: Any, name: str, spiffe: str, path: str, perms: list[str]) -> Any:
+def _message(name: str, spiffe: str, path: str, perms: list[str]) -> Policy:
+    from spike.v1 import policies_pb2 as pb
+
     return pb.Policy(name=name, spiffe_id_pattern=spiffe, path_pattern=path,
-                     permissions=[pb.Permission.Value("PERMISSION_" + p.upper())
+                     permissions=[pb.Permission.Value(proto_name(Permission(p),
+                                                                 PERMISSION_PREFIX))
                                   for p in perms])
 
 
-def to_dict(pb: Any, msg: Any) -> dict[str, Any]:
+def to_dict(msg: Policy) -> dict[str, Any]:
+    from spike.v1 import policies_pb2 as pb
+
     return {
         "name": msg.name,
         "spiffe_id_pattern": msg.spiffe_id_pattern,
         "path_pattern": msg.path_pattern,
-        "permissions": [pb.Permission.Name(p).removeprefix("PERMISSION_").lower()
+        "permissions": [enum_word(Permission, pb.Permission.Name(p), PERMISSION_PREFIX)
                         for p in msg.permissions],
     }
 
 
+def _text(data: dict[str, Any]) -> str:
+    return (f"{data['name']}: {','.join(data['permissions'])}  "
+            f"spiffe_id=~{data['spiffe_id_pattern']}"
+            f"  path=~{data['path_pattern']}")
+
+
 def _show(args: argparse.Namespace, data: dict[str, Any]) -> None:
-    if args.output == "json":
-        emit_json(data)
-    else:
-        print(f"{data['name']}: {','.join(data['permissions'])}  "
-              f"spiffe_id=~{data['spiffe_id_pattern']}"
-              f"  path=~{data['path_pattern']}")
+    render(args, data, _text(data))
 
 
-def run_put(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _stub(client)
-    msg = _message(pb, args.name, args.spiffe_id_pattern, args.path_pattern,
+def run_put(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import policies_pb2 as pb
+
+    stub = client.policies
+    msg = _message(args.name, args.spiffe_id_pattern, args.path_pattern,
                    parse_permissions(args.permissions))
     resp = client.call(stub.Put, pb.PutPolicyRequest(policy=msg))
-    _show(args, to_dict(pb, resp.policy))
+    _show(args, to_dict(resp.policy))
     return 0
 
 
-def run_get(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _stub(client)
-    _show(args, to_dict(pb, client.call(stub.Get, pb.GetPolicyRequest(name=args.name))))
+def run_get(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import policies_pb2 as pb
+
+    stub = client.policies
+    _show(args, to_dict(client.call(stub.Get, pb.GetPolicyRequest(name=args.name))))
     return 0
 
 
-def run_list(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _stub(client)
+def run_list(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import policies_pb2 as pb
+
+    stub = client.policies
     resp = client.call(stub.List, pb.ListPoliciesRequest())
-    if args.output == "json":
-        emit_json({"policies": [to_dict(pb, policy) for policy in resp.policies]})
-        return 0
-    for policy in resp.policies:
-        _show(args, to_dict(pb, policy))
-    if not resp.policies:
-        info("no policies")
+    policies = [to_dict(policy) for policy in resp.policies]
+
+    def text() -> None:  # one line per policy
+        for data in policies:
+            print(_text(data))
+        if not policies:
+            info("no policies")
+
+    render(args, {"policies": policies}, text)
     return 0
 
 
-def run_delete(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _stub(client)
+def run_delete(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import policies_pb2 as pb
+
+    stub = client.policies
     client.call(stub.Delete, pb.DeletePolicyRequest(name=args.name))
-    if args.output == "json":
-        emit_json({"name": args.name, "deleted": True})
-    else:
-        print(f"deleted policy {args.name}")
+    render(args, {"name": args.name, "deleted": True}, f"deleted policy {args.name}")
     return 0
 
 
@@ -143,13 +154,15 @@ def _load(path: Path) -> list[dict[str, Any]]:
     return list(docs)
 
 
-def run_apply(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _stub(client)
+def run_apply(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import policies_pb2 as pb
+
+    stub = client.policies
     docs = _load(args.file)
     for doc in docs:
-        msg = _message(pb, doc["name"], doc["spiffe_id_pattern"], doc["path_pattern"],
+        msg = _message(doc["name"], doc["spiffe_id_pattern"], doc["path_pattern"],
                        parse_permissions(doc["permissions"]))
         resp = client.call(stub.Put, pb.PutPolicyRequest(policy=msg))
-        _show(args, to_dict(pb, resp.policy))
+        _show(args, to_dict(resp.policy))
     info(f"applied {len(docs)} polic{'y' if len(docs) == 1 else 'ies'}")
     return 0

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from pilot.errors import PilotError, UsageError
-from pilot.output import emit_json, info, text_table
+from pilot.errors import EXIT_ROTATION_FAILED, PilotError, UsageError
+from pilot.output import emit_json, enum_word, info, json_mode, render, text_table
+from spike.states import ROTATION_PHASE_PREFIX, RotationPhase
+
+if TYPE_CHECKING:
+    from pilot.client import NexusClient
+    from pilot.commands import Subcommands
+    from spike.v1.operator_pb2 import RotationEvent
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -15,9 +22,6 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 MAX_INTERVAL_DAYS = 3650
 MAX_INTERVAL = MAX_INTERVAL_DAYS * 86400
 _MAX_DURATION_TEXT = 64
-# `spike rotate` / `rotation watch` / `rotation resume` when the rotation ended FAILED
-# (both keys kept, resumable); 1 stays "aborted" or another error.
-EXIT_ROTATION_FAILED = 11
 
 
 def parse_duration(text: str) -> int:
@@ -38,7 +42,7 @@ def parse_duration(text: str) -> int:
     return total
 
 
-def register(sub: Any, parent: argparse.ArgumentParser) -> None:
+def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("rotate", parents=[parent],
                        help="rotate the root key: re-encrypt every secret under a new key")
     p.add_argument("--emergency", action="store_true",
@@ -72,17 +76,13 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_schedule)
 
 
-def _stub(client: Any) -> tuple[Any, Any]:
+def event_dict(event: RotationEvent) -> dict[str, Any]:
     from spike.v1 import operator_pb2 as pb
-    from spike.v1 import operator_pb2_grpc as pb_grpc
 
-    return pb, client.stub(pb_grpc.OperatorStub)
-
-
-def event_dict(pb: Any, event: Any) -> dict[str, Any]:
     return {
         "rotation_id": event.rotation_id,
-        "phase": pb.RotationPhase.Name(event.phase).removeprefix("ROTATION_PHASE_").lower(),
+        "phase": enum_word(RotationPhase, pb.RotationPhase.Name(event.phase),
+                           ROTATION_PHASE_PREFIX),
         "from_generation": event.from_generation,
         "to_generation": event.to_generation,
         "total": event.total,
@@ -102,42 +102,32 @@ def event_dict(pb: Any, event: Any) -> dict[str, Any]:
     }
 
 
-def watch(args: argparse.Namespace, client: Any, rotation_id: str = "") -> int:
+def watch(args: argparse.Namespace, client: NexusClient, rotation_id: str = "") -> int:
     """Follow the rotation to its terminal event; exit 0 only when it completed."""
-    import grpc
+    from spike.v1 import operator_pb2 as pb
 
-    pb, stub = _stub(client)
-    last: dict[str, Any] | None = None
+    stub = client.operator
     stream = stub.WatchRotation(pb.WatchRotationRequest(rotation_id=rotation_id))
     try:
         with client.errors():
-            if args.output == "json":
-                for event in stream:
-                    if last is not None and event.sequence == last["sequence"]:
-                        continue  # a keep-alive repeat of the last event
-                    last = event_dict(pb, event)
-                    emit_json(last)
-            else:
-                last = _draw(pb, stream)
+            last = _follow_json(stream) if json_mode(args) else _draw(stream)
     except KeyboardInterrupt:
-        stream.cancel()
+        stream.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
         info("stopped watching; the rotation goes on in Nexus (`spike rotation watch`)")
         return 130
-    except grpc.RpcError:  # pragma: no cover - translated by client.errors()
-        raise
     if last is None:
         raise PilotError("no rotation events received")
-    if last["phase"] == "idle":
+    if last["phase"] == RotationPhase.IDLE:
         info("no rotation has run yet")
         return 1
     if not last["terminal"]:
         raise PilotError("the stream ended before the rotation did (Nexus stopping?); "
                          "run `spike rotation watch` again")
-    if last["phase"] == "completed":
+    if last["phase"] == RotationPhase.COMPLETED:
         info(f"rotation {last['rotation_id']} completed: generation {last['to_generation']} "
              f"active ({last['reencrypted']} re-encrypted, {last['skipped']} skipped)")
         return 0
-    if last["phase"] == "failed":
+    if last["phase"] == RotationPhase.FAILED:
         report_failure(last)
         return EXIT_ROTATION_FAILED
     info(f"rotation {last['rotation_id']} {last['phase']}: {last['message']}")
@@ -158,7 +148,18 @@ def report_failure(event: dict[str, Any]) -> None:
          "`spike rotation abort`")
 
 
-def _draw(pb: Any, stream: Any) -> dict[str, Any] | None:
+def _follow_json(stream: Iterable[RotationEvent]) -> dict[str, Any] | None:
+    """One JSON line per event (keep-alive repeats left out); the last event."""
+    last: dict[str, Any] | None = None
+    for event in stream:
+        if last is not None and event.sequence == last["sequence"]:
+            continue  # a keep-alive repeat of the last event
+        last = event_dict(event)
+        emit_json(last)
+    return last
+
+
+def _draw(stream: Iterable[RotationEvent]) -> dict[str, Any] | None:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -182,7 +183,7 @@ def _draw(pb: Any, stream: Any) -> dict[str, Any] | None:
     ) as progress:
         task = progress.add_task("rotation", total=None, phase="", rate=0.0, gens="")
         for event in stream:
-            last = event_dict(pb, event)
+            last = event_dict(event)
             progress.update(
                 task,
                 total=last["total"] or None,
@@ -194,53 +195,55 @@ def _draw(pb: Any, stream: Any) -> dict[str, Any] | None:
     return last
 
 
-def run_rotate(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _stub(client)
+def run_rotate(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import operator_pb2 as pb
+
+    stub = client.operator
     resp = client.call(stub.StartRotation, pb.StartRotationRequest(
         emergency=args.emergency, batch_size=args.batch_size, max_rate=args.max_rate,
         reason=args.reason))
     if args.detach:
         data = {"rotation_id": resp.rotation_id, "from_generation": resp.from_generation,
                 "to_generation": resp.to_generation, "detached": True}
-        if args.output == "json":
-            emit_json(data)
-        else:
-            print(f"rotation {resp.rotation_id} started: generation {resp.from_generation} -> "
-                  f"{resp.to_generation}; follow it with `spike rotation watch`")
+        render(args, data, f"rotation {resp.rotation_id} started: generation "
+                           f"{resp.from_generation} -> {resp.to_generation}; follow it with "
+                           "`spike rotation watch`")
         return 0
     info(f"rotation {resp.rotation_id} started: generation {resp.from_generation} -> "
          f"{resp.to_generation}")
     return watch(args, client, resp.rotation_id)
 
 
-def run_status(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _stub(client)
-    data = event_dict(pb, client.call(stub.RotationStatus, pb.RotationStatusRequest()))
-    if args.output == "json":
-        emit_json(data)
-    else:
-        print(text_table([(k, str(v)) for k, v in data.items()]))
+def run_status(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import operator_pb2 as pb
+
+    stub = client.operator
+    data = event_dict(client.call(stub.RotationStatus, pb.RotationStatusRequest()))
+    render(args, data, lambda: print(text_table([(k, str(v)) for k, v in data.items()])))
     return 0
 
 
-def run_watch(args: argparse.Namespace, client: Any) -> int:
+def run_watch(args: argparse.Namespace, client: NexusClient) -> int:
     return watch(args, client)
 
 
-def run_abort(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _stub(client)
+def run_abort(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import operator_pb2 as pb
+
+    stub = client.operator
     resp = client.call(stub.AbortRotation, pb.AbortRotationRequest(reason=args.reason))
     info(f"abort requested for rotation {resp.rotation_id}")
     if args.detach:
-        if args.output == "json":
-            emit_json({"rotation_id": resp.rotation_id, "abort_requested": True})
+        render(args, {"rotation_id": resp.rotation_id, "abort_requested": True})
         return 0
     code = watch(args, client)
     return 0 if code == 1 else code  # a completed rollback ends in "aborted"
 
 
-def run_resume(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _stub(client)
+def run_resume(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import operator_pb2 as pb
+
+    stub = client.operator
     resp = client.call(stub.ResumeRotation, pb.ResumeRotationRequest())
     info(f"rotation {resp.rotation_id} resumed")
     if args.detach:
@@ -248,10 +251,12 @@ def run_resume(args: argparse.Namespace, client: Any) -> int:
     return watch(args, client)
 
 
-def run_schedule(args: argparse.Namespace, client: Any) -> int:
+def run_schedule(args: argparse.Namespace, client: NexusClient) -> int:
     from google.protobuf.duration_pb2 import Duration
 
-    pb, stub = _stub(client)
+    from spike.v1 import operator_pb2 as pb
+
+    stub = client.operator
     fields: list[str] = []
     schedule = pb.RotationSchedule()
     if args.interval is not None:
@@ -276,22 +281,15 @@ def run_schedule(args: argparse.Namespace, client: Any) -> int:
                             "max_encryptions": resp.max_encryptions}
     if resp.problem:
         data["problem"] = resp.problem
-    if args.output == "json":
-        emit_json(data)
-    else:
-        interval = resp.interval.seconds
-        rows = [
-            ("interval", f"{interval // 86400}d {interval % 86400 // 3600}h" if interval
-             else "off"),
-            ("window", resp.window or "any time (UTC)"),
-            ("max encryptions", str(resp.max_encryptions)),
-        ]
-        if resp.problem:
-            rows.append(("problem", resp.problem))
-        print(text_table(rows))
+    shown = resp.interval.seconds
+    rows = [
+        ("interval", f"{shown // 86400}d {shown % 86400 // 3600}h" if shown else "off"),
+        ("window", resp.window or "any time (UTC)"),
+        ("max encryptions", str(resp.max_encryptions)),
+    ]
+    if resp.problem:
+        rows.append(("problem", resp.problem))
+    render(args, data, text_table(rows))
     if resp.problem:
         info(f"warning: {resp.problem}")
     return 0
-
-
-

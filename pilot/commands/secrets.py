@@ -7,13 +7,17 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pilot.errors import PilotError, UsageError
-from pilot.output import emit_json, info, iso_time
+from pilot.errors import PilotError, Unreachable, UsageError
+from pilot.output import info, iso_time, render
+
+if TYPE_CHECKING:
+    from pilot.client import NexusClient
+    from pilot.commands import Subcommands
 
 
-def register(sub: Any, parent: argparse.ArgumentParser) -> None:
+def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
     secret = sub.add_parser("secret", parents=[parent], help="read and write secrets")
     ssub = secret.add_subparsers(dest="secret_command", metavar="COMMAND", required=True)
 
@@ -58,13 +62,6 @@ def register(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_import)
 
 
-def _stub(client: Any) -> tuple[Any, Any]:
-    from spike.v1 import secrets_pb2 as pb
-    from spike.v1 import secrets_pb2_grpc as pb_grpc
-
-    return pb, client.stub(pb_grpc.SecretsStub)
-
-
 def parse_pairs(pairs: list[str]) -> dict[str, str]:
     data: dict[str, str] = {}
     stdin_used = False
@@ -89,51 +86,56 @@ def parse_pairs(pairs: list[str]) -> dict[str, str]:
     return data
 
 
-def run_put(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _stub(client)
+def run_put(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import secrets_pb2 as pb
+
+    stub = client.secrets
     request = pb.PutSecretRequest(path=args.path, data=parse_pairs(args.pairs))
     if args.cas is not None:
         if args.cas < 0:
             raise UsageError("--cas must be >= 0")
         request.cas = args.cas
     resp = client.call(stub.Put, request)
-    if args.output == "json":
-        emit_json({"path": resp.path, "version": resp.version})
-    else:
-        print(f"wrote {resp.path} version {resp.version}")
+    render(args, {"path": resp.path, "version": resp.version},
+           f"wrote {resp.path} version {resp.version}")
     return 0
 
 
-def run_get(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _stub(client)
-    resp = client.call(stub.Get, pb.GetSecretRequest(path=args.path, version=args.version))
+def run_get(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import secrets_pb2 as pb
+
+    stub = client.secrets
+    resp = client.call(stub.Get,
+                       pb.GetSecretRequest(path=args.path, version=args.version))
     data = dict(resp.data)
     if args.field is not None:
         if args.field not in data:
             raise PilotError(f"{resp.path} version {resp.version} has no key {args.field!r}")
-        if args.output == "json":
-            emit_json({"path": resp.path, "version": resp.version,
-                       "data": {args.field: data[args.field]}})
-        else:
-            # The exact value, newline only for a human at a terminal.
-            sys.stdout.write(data[args.field] + ("\n" if sys.stdout.isatty() else ""))
+        value = data[args.field]
+        # The exact value, newline only for a human at a terminal.
+        render(args, {"path": resp.path, "version": resp.version, "data": {args.field: value}},
+               lambda: sys.stdout.write(value + ("\n" if sys.stdout.isatty() else "")))
         return 0
-    if args.output == "json":
-        emit_json({"path": resp.path, "version": resp.version, "data": data})
-    else:
+
+    def text() -> None:
         info(f"{resp.path} (version {resp.version})")
         for key in sorted(data):
             print(f"{key}={data[key]}")
+
+    render(args, {"path": resp.path, "version": resp.version, "data": data}, text)
     return 0
 
 
-def list_paths(client: Any, prefix: str) -> Iterator[str]:
+def list_paths(client: NexusClient, prefix: str) -> Iterator[str]:
     """Every path under ``prefix`` the caller may list, in order, following the pages."""
-    pb, stub = _stub(client)
+    from spike.v1 import secrets_pb2 as pb
+
+    stub = client.secrets
     token = ""
     last: bytes | None = None
     while True:
-        resp = client.call(stub.List, pb.ListSecretsRequest(prefix=prefix, page_token=token))
+        resp = client.call(stub.List,
+                           pb.ListSecretsRequest(prefix=prefix, page_token=token))
         for path in resp.paths:
             key = path.encode()
             if last is not None and key <= last:
@@ -147,18 +149,20 @@ def list_paths(client: Any, prefix: str) -> Iterator[str]:
             return
 
 
-def run_list(args: argparse.Namespace, client: Any) -> int:
-    if args.output == "json":
-        emit_json({"paths": list(list_paths(client, args.prefix))})
-    else:
+def run_list(args: argparse.Namespace, client: NexusClient) -> int:
+    def text() -> None:  # as the pages come
         for path in list_paths(client, args.prefix):
             print(path)
+
+    render(args, lambda: {"paths": list(list_paths(client, args.prefix))}, text)
     return 0
 
 
-def run_versions(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _stub(client)
+def run_versions(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import secrets_pb2 as pb
+
     versions = args.versions or []
+    stub = client.secrets
     if args.action == "delete":
         client.call(stub.Delete, pb.DeleteSecretRequest(path=args.path, versions=versions))
     elif args.action == "undelete":
@@ -166,18 +170,17 @@ def run_versions(args: argparse.Namespace, client: Any) -> int:
     else:
         client.call(stub.Destroy, pb.DestroySecretRequest(path=args.path, versions=versions))
     label = {"delete": "deleted", "undelete": "undeleted", "destroy": "destroyed"}[args.action]
-    if args.output == "json":
-        emit_json({"path": args.path, "versions": versions, "result": label})
-    else:
-        print(f"{label} {args.path} " + (f"versions {versions}" if versions else
-                                         "current version"))
+    render(args, {"path": args.path, "versions": versions, "result": label},
+           f"{label} {args.path} " + (f"versions {versions}" if versions else "current version"))
     return 0
 
 
-def run_metadata(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _stub(client)
+def run_metadata(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import secrets_pb2 as pb
+
+    stub = client.secrets
     resp = client.call(stub.Metadata, pb.SecretMetadataRequest(path=args.path))
-    data = {
+    data: dict[str, Any] = {
         "path": resp.path,
         "current_version": resp.current_version,
         "oldest_version": resp.oldest_version,
@@ -187,19 +190,19 @@ def run_metadata(args: argparse.Namespace, client: Any) -> int:
                       "deleted": iso_time(v, "deleted"), "destroyed": v.destroyed}
                      for v in resp.versions],
     }
-    if args.output == "json":
-        emit_json(data)
-    else:
-        print(f"{data['path']}: current version {data['current_version']}, oldest "
-              f"{data['oldest_version']}, updated {data['updated']}")
-        for v in data["versions"]:
-            state = "destroyed" if v["destroyed"] else ("deleted" if v["deleted"] else "live")
-            print(f"  v{v['version']}  {v['created']}  {state}")
+    lines = [f"{data['path']}: current version {data['current_version']}, oldest "
+             f"{data['oldest_version']}, updated {data['updated']}"]
+    for v in data["versions"]:
+        state = "destroyed" if v["destroyed"] else ("deleted" if v["deleted"] else "live")
+        lines.append(f"  v{v['version']}  {v['created']}  {state}")
+    render(args, data, "\n".join(lines))
     return 0
 
 
-def run_import(args: argparse.Namespace, client: Any) -> int:
-    pb, stub = _stub(client)
+def run_import(args: argparse.Namespace, client: NexusClient) -> int:
+    from spike.v1 import secrets_pb2 as pb
+
+    stub = client.secrets
     try:
         stream = sys.stdin if str(args.file) == "-" else args.file.open(encoding="utf-8")
     except OSError as exc:
@@ -224,13 +227,10 @@ def run_import(args: argparse.Namespace, client: Any) -> int:
                 client.call(stub.Put, pb.PutSecretRequest(path=path, data=data))
                 ok += 1
             except PilotError as exc:
-                if exc.exit_code == 3:
+                if exc.exit_code == Unreachable.exit_code:
                     raise
                 failed += 1
                 info(f"line {number}: {path}: {exc}")
-    summary = {"imported": ok, "failed": failed}
-    if args.output == "json":
-        emit_json(summary)
-    else:
-        info(f"imported {ok} secret(s), {failed} failed")
+    render(args, {"imported": ok, "failed": failed},
+           lambda: info(f"imported {ok} secret(s), {failed} failed"))
     return 0 if failed == 0 else 1

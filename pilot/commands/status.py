@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pilot.output import emit_json, iso_time, text_table
+from pilot.output import enum_word, iso_time, render, text_table
+from spike.states import ROTATION_PHASE_PREFIX, STATE_PREFIX, LifecycleState, RotationPhase
+
+if TYPE_CHECKING:
+    from pilot.client import NexusClient
+    from pilot.commands import Subcommands
+    from spike.v1.operator_pb2 import StatusResponse
 
 
-def register(sub: Any, parent: argparse.ArgumentParser) -> None:
+def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("status", parents=[parent], help="show Nexus state, key, backup, rotation")
     p.set_defaults(func=run)
 
 
-def status_dict(resp: Any) -> dict[str, Any]:
+def status_dict(resp: StatusResponse) -> dict[str, Any]:
     from spike.v1 import operator_pb2 as pb
 
-    state = pb.State.Name(resp.state).removeprefix("STATE_").lower()
+    state = enum_word(LifecycleState, pb.State.Name(resp.state), STATE_PREFIX)
     backup = resp.backup
     rotation = resp.rotation
     return {
@@ -41,7 +47,8 @@ def status_dict(resp: Any) -> dict[str, Any]:
         },
         "rotation": {
             "id": rotation.rotation_id,
-            "phase": pb.RotationPhase.Name(rotation.phase).removeprefix("ROTATION_PHASE_").lower(),
+            "phase": enum_word(RotationPhase, pb.RotationPhase.Name(rotation.phase),
+                               ROTATION_PHASE_PREFIX),
             "from_generation": rotation.from_generation,
             "to_generation": rotation.to_generation,
             "total": rotation.total,
@@ -57,15 +64,16 @@ def status_dict(resp: Any) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace, client: Any) -> int:
+def run(args: argparse.Namespace, client: NexusClient) -> int:
     from spike.v1 import operator_pb2 as pb
-    from spike.v1 import operator_pb2_grpc as pb_grpc
 
-    stub = client.stub(pb_grpc.OperatorStub)
+    stub = client.operator
     data = status_dict(client.call(stub.Status, pb.StatusRequest()))
-    if args.output == "json":
-        emit_json(data)
-        return 0
+    render(args, data, lambda: print(status_text(data)))
+    return 0
+
+
+def status_text(data: dict[str, Any]) -> str:
     h = data["hardening"]
     b = data["backup"]
     rows = [
@@ -91,5 +99,4 @@ def run(args: argparse.Namespace, client: Any) -> int:
         rows.append(("next rotation", data["next_rotation"]))
     if data["schedule_problem"]:
         rows.append(("schedule", data["schedule_problem"]))
-    print(text_table(rows))
-    return 0
+    return text_table(rows)
