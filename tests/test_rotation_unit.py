@@ -508,3 +508,26 @@ def test_an_unknown_test_point_fails_at_start_up(variable: str) -> None:
                         timeout=HOLD, check=False,
                         env={**os.environ, variable: Point.ROTATION_BETWEEN_BATCHES.value})
     assert ok.returncode == 0, ok.stderr
+
+
+def test_a_watcher_that_falls_behind_gets_every_state_in_order(tmp: Path) -> None:
+    """A watcher that reads nothing while the rotation runs then gets every state published
+    after its snapshot, in order, each once, the terminal one last (not only the newest)."""
+    snapped = threading.Event()
+    world = World(tmp, between=lambda: snapped.wait(HOLD))
+    published: list[RotationState] = []
+    world.engine.add_listener(published.append)
+    try:
+        world.fill(paths=20, versions=1)
+        world.engine.start(caller="test", batch_size=5, max_rate=1000)
+        stream = world.engine.watch(timeout=HOLD)
+        first = next(stream)  # the worker cannot pass its first batch before this
+        snapped.set()
+        assert not first.terminal
+        assert world.wait().phase == RotationPhase.COMPLETED
+        rest = list(stream)
+        assert rest == [s for s in published if s.sequence > first.sequence]
+        assert len(rest) >= 5 and [s.terminal for s in rest] == [False] * (len(rest) - 1) + [True]
+    finally:
+        snapped.set()
+        world.close()

@@ -34,6 +34,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -76,6 +77,8 @@ STALE_NODE_GRACE = 2.0
 # (doubling from the first) until it is saved or superseded.
 FAILURE_SAVE_FIRST_RETRY = 0.5
 FAILURE_SAVE_MAX_RETRY = 10.0
+# States kept for watchers that fall behind: far more than are published between two wakes.
+WATCH_HISTORY = 256
 
 # The phases an abort request no longer applies to: a rollback is what it asks for, and
 # finalize is past the point of no return.
@@ -231,6 +234,8 @@ class RotationEngine:
         self._thread: threading.Thread | None = None
         self._stop = _Stop()
         self._listeners: list[Callable[[RotationState], None]] = []
+        # The states announced last, for watchers that wake after several of them.
+        self._history: deque[RotationState] = deque(maxlen=WATCH_HISTORY)
         self._saver: threading.Thread | None = None
         self._closing = threading.Event()
 
@@ -301,7 +306,9 @@ class RotationEngine:
         self._listeners.append(listener)
 
     def watch(self, timeout: float = 15.0) -> Iterator[RotationState]:
-        """A snapshot first, then each new state, until a terminal one.
+        """A snapshot first, then every state published after it, in sequence order, until
+        a terminal one. A watcher that wakes after several publications gets each of them
+        (up to WATCH_HISTORY states back), not only the newest.
 
         Yields the unchanged state again every ``timeout`` seconds as a keep-alive,
         so a caller can notice its client has gone.
@@ -320,14 +327,18 @@ class RotationEngine:
                     timeout=timeout,
                 )
                 state = self._state
-            assert state is not None
+                assert state is not None
+                missed = [s for s in self._history if last < s.sequence < state.sequence]
             if state.sequence == last and not state.terminal:
                 if not self.running() and self._stop.shutdown.is_set():
                     return  # Nexus is stopping: the watcher reconnects later
                 yield state  # keep-alive
                 continue
+            for event in (*missed, state):
+                yield event
+                if event.terminal:
+                    return
             last = state.sequence
-            yield state
 
     # ------------------------------------------------------------------ commands
 
@@ -868,6 +879,7 @@ class RotationEngine:
         with self._lock:
             previous = self._state
             self._state = state
+            self._history.append(state)
             # Only a FAILED state the store refused stands in for the stored one; any
             # other state announced reached the store.
             self._unsaved = state if state.failure_unsaved else None
