@@ -29,6 +29,8 @@ from spike.roles import recover_id, superuser_id
 from spike.svid import SvidRuleError, check_intermediates, leaf_spiffe_id
 
 if TYPE_CHECKING:
+    from nexus.api.handlers import Continuation, Handler
+
     _Interceptor = grpc.ServerInterceptor[Any, Any]
 else:
     _Interceptor = grpc.ServerInterceptor
@@ -210,21 +212,23 @@ class AuthorizationInterceptor(_Interceptor):
         self._trust_domain = trust_domain
         self._gate = gate
         self._on_denied = on_denied
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
-    def intercept_service(self, continuation: Any, details: Any) -> Any:
+    def intercept_service(self, continuation: Continuation,
+                          details: grpc.HandlerCallDetails) -> Handler | None:
         handler = continuation(details)
+        if handler is None:
+            return None  # gRPC answers UNIMPLEMENTED; nothing of ours runs
         method: str = details.method
         # The registered handler for a method never changes: wrap it once, not per call.
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = self._wrap(method, handler)
-        if handler is not None:
-            self._wrapped[method] = (handler, wrapped)
+        self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, method: str, handler: Any) -> Any:
+    def _wrap(self, method: str, handler: Handler) -> Handler:
         rule = self._rules.get(method)
         gate = self._gate
         on_denied = self._on_denied
@@ -259,6 +263,4 @@ class AuthorizationInterceptor(_Interceptor):
 
             return guarded
 
-        if handler is None:
-            return None
         return wrap_handler(wrap, handler)

@@ -11,13 +11,20 @@ a handful of callers could then starve the pool.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grpc import experimental as _experimental
 
+if TYPE_CHECKING:
+    import grpc
+
+    # Interceptors see every RPC: requests and responses of any message type.
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Continuation = Callable[[grpc.HandlerCallDetails], Handler | None]
+
 _GRPC_ATTRIBUTES = ("experimental_non_blocking", "experimental_thread_pool")
 
-_wrap_server_method_handler: Callable[[Callable[..., Any], Any], Any] = (
+_wrap_server_method_handler: Callable[[Callable[..., Any], Handler], Handler] = (
     _experimental.wrap_server_method_handler
 )
 
@@ -30,7 +37,8 @@ def keep_grpc_attributes(wrapper: Callable[..., Any],
     return wrapper
 
 
-def wrap_handler(wrap: Callable[[Callable[..., Any]], Callable[..., Any]], handler: Any) -> Any:
+def wrap_handler(wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
+                 handler: Handler) -> Handler:
     """``grpc.experimental.wrap_server_method_handler`` that keeps grpcio's attributes."""
 
     def preserving(behavior: Callable[..., Any]) -> Callable[..., Any]:

@@ -17,6 +17,8 @@ import grpc
 from nexus.api.handlers import wrap_handler
 
 if TYPE_CHECKING:
+    from nexus.api.handlers import Continuation, Handler
+
     _Interceptor = grpc.ServerInterceptor[Any, Any]
 else:
     _Interceptor = grpc.ServerInterceptor
@@ -36,9 +38,10 @@ def status_name(context: grpc.ServicerContext, failed: bool) -> str:
 class RpcMetricsInterceptor(_Interceptor):
     def __init__(self, observe: Observe) -> None:
         self._observe = observe
-        self._wrapped: dict[str, tuple[Any, Any]] = {}
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
-    def intercept_service(self, continuation: Any, details: Any) -> Any:
+    def intercept_service(self, continuation: Continuation,
+                          details: grpc.HandlerCallDetails) -> Handler | None:
         handler = continuation(details)
         if handler is None:
             return None  # gRPC answers UNIMPLEMENTED; nothing of ours ran
@@ -51,7 +54,7 @@ class RpcMetricsInterceptor(_Interceptor):
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, method: str, handler: Any) -> Any:
+    def _wrap(self, method: str, handler: Handler) -> Handler:
         observe = self._observe
         streaming = bool(handler.response_streaming)
 
