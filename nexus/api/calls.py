@@ -52,7 +52,7 @@ class rpc_call:
             if exc is None:
                 outcome = "ok"
             elif isinstance(exc, NexusError):
-                outcome = exc.kind
+                outcome = exc.kind.value  # a plain str: the audit line's fast path
             else:
                 outcome = "internal_error"
             try:
