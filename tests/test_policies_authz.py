@@ -12,8 +12,9 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -94,7 +95,7 @@ def code_of(call: Callable[[], Any]) -> grpc.StatusCode:
     try:
         call()
     except grpc.RpcError as err:
-        return err.code()  # type: ignore[no-any-return]
+        return err.code()
     return grpc.StatusCode.OK
 
 
@@ -103,7 +104,8 @@ def authz_denied(call: Callable[[], Any]) -> tuple[bool, grpc.StatusCode, str]:
     try:
         call()
     except grpc.RpcError as err:
-        kind = dict(err.trailing_metadata() or ()).get("spike-error-kind", "")
+        trailers = cast(grpc.Call, err).trailing_metadata() or ()  # a stub's error is a Call
+        kind = str(dict(trailers).get("spike-error-kind", ""))
         return kind in ("permission_denied", "unauthenticated"), err.code(), kind
     return False, grpc.StatusCode.OK, ""
 
@@ -373,11 +375,12 @@ def test_invalid_policy_names_and_permissions(agent: DevAgent, server: Nexus) ->
     channel = client_channel(server.address, fetch_svid(agent.socket("pilot")), TLS_NAME)
     try:
         stub = policies_pb2_grpc.PoliciesStub(channel)
-        for perms in ([], [policies_pb2.PERMISSION_UNSPECIFIED], [99]):
+        unknown = policies_pb2.Permission.ValueType(99)
+        for perms in ([], [policies_pb2.PERMISSION_UNSPECIFIED], [unknown]):
             policy = policies_pb2.Policy(name="raw", spiffe_id_pattern="a", path_pattern="b",
                                          permissions=perms)
-            code = code_of(lambda p=policy: stub.Put(policies_pb2.PutPolicyRequest(policy=p),
-                                                      timeout=10))
+            code = code_of(partial(stub.Put, policies_pb2.PutPolicyRequest(policy=policy),
+                                   timeout=10))
             assert code == grpc.StatusCode.INVALID_ARGUMENT, (perms, code)
     finally:
         channel.close()

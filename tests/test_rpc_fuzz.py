@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -230,7 +230,7 @@ def test_fuzz_rpc(fuzz_target: tuple[Nexus, grpc.Channel], service: str, method:
 
     @settings(max_examples=FEW.get(method, DEFAULT_EXAMPLES), deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck), database=None)
-    @given(message_values(cls.DESCRIPTOR))
+    @given(message_values(cast(_d.Descriptor, cls.DESCRIPTOR)))
     def one(values: dict[str, Any]) -> None:
         request = build(cls, values)
         if request is None:

@@ -268,7 +268,8 @@ def rogue_server(ca: CertificateAuthority, leaf: IssuedCertificate) -> tuple[grp
     from concurrent import futures
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    operator_pb2_grpc.add_OperatorServicer_to_server(_AnswersStatus(), server)
+    # Only Status is served (the stubs call the base class abstract; grpcio does not).
+    operator_pb2_grpc.add_OperatorServicer_to_server(_AnswersStatus(), server)  # type: ignore[abstract]
     creds = grpc.ssl_server_credentials([(leaf.key_pem(), leaf.cert_chain_pem())],
                                         root_certificates=ca.bundle_pem(),
                                         require_client_auth=True)
