@@ -1,5 +1,7 @@
-"""A typed client for Nexus: one channel per invocation, one stub per service, gRPC errors ->
-PilotError."""
+"""A typed client for Nexus: one channel per invocation, one stub per service.
+
+gRPC errors become PilotErrors (:func:`translate`), hence exit codes (``pilot/errors.py``).
+"""
 
 from __future__ import annotations
 
