@@ -182,56 +182,76 @@ OPERATOR_ALLOWED = {
 }
 
 
+Table = list[tuple[str, str, str, bool]]
+
+
+def _matrix_secrets(who: str, channel: grpc.Channel, table: Table) -> int:
+    """Secrets: on a path of its own under app/, and on ops/ (no workload policy).
+    Returns the number of denials."""
+    denials = 0
+    secrets = secrets_pb2_grpc.SecretsStub(channel)
+    if who == "reader":
+        plan = {"app/seed": {"Get", "Metadata"}, "ops/seed": set()}
+    else:
+        own, ops = SECRETS_EXPECTED[who]
+        plan = {f"app/{who}": set(secrets_calls(None, "")) if own else set(),
+                f"ops/{who}": set(secrets_calls(None, "")) if ops else set()}
+    for path, allowed in plan.items():
+        if not allowed and path.startswith(("app/", "ops/")) and path.count("/") == 1:
+            path = "app/seed" if path.startswith("app/") else "ops/seed"
+        for rpc, call in secrets_calls(secrets, path).items():
+            code = code_of(call)
+            expect = rpc in allowed
+            table.append((who, f"Secrets/{rpc} {path}", code.name, expect))
+            if expect:
+                assert code == grpc.StatusCode.OK, (who, rpc, path, code)
+            else:
+                assert code == grpc.StatusCode.PERMISSION_DENIED, (who, rpc, path, code)
+                denials += 1
+    return denials
+
+
+def _matrix_policies(who: str, channel: grpc.Channel, table: Table) -> int:
+    denials = 0
+    policies = policies_pb2_grpc.PoliciesStub(channel)
+    for rpc, call in policies_calls(policies, f"tmp-{who}").items():
+        code = code_of(call)
+        expect = who == "superuser"
+        table.append((who, f"Policies/{rpc}", code.name, expect))
+        if expect:
+            assert code == grpc.StatusCode.OK, (who, rpc, code)
+        else:
+            assert code in DENIED, (who, rpc, code)
+            denials += 1
+    return denials
+
+
+def _matrix_operator(who: str, channel: grpc.Channel, table: Table) -> int:
+    denials = 0
+    operator = operator_pb2_grpc.OperatorStub(channel)
+    for rpc, call in operator_calls(operator).items():
+        denied, code, kind = authz_denied(call)
+        expect = rpc in OPERATOR_ALLOWED[who]
+        table.append((who, f"Operator/{rpc}", f"{code.name}/{kind}", expect))
+        if expect:
+            # Reaches the servicer (which may refuse for its own reasons, such as
+            # a wrong password or "already initialized").
+            assert not denied, (who, rpc, code, kind)
+        else:
+            assert denied and code == grpc.StatusCode.PERMISSION_DENIED, (who, rpc, code)
+            denials += 1
+    return denials
+
+
 def test_authorization_matrix(server: Nexus, identities: dict[str, SvidMaterial]) -> None:
     denials = 0
-    table: list[tuple[str, str, str, bool]] = []
+    table: Table = []
     for who, material in identities.items():
         channel = client_channel(server.address, material, TLS_NAME)
         try:
-            secrets = secrets_pb2_grpc.SecretsStub(channel)
-            # Secrets: on a path of its own under app/, and on ops/ (no workload policy).
-            if who == "reader":
-                plan = {"app/seed": {"Get", "Metadata"}, "ops/seed": set()}
-            else:
-                own, ops = SECRETS_EXPECTED[who]
-                plan = {f"app/{who}": set(secrets_calls(None, "")) if own else set(),
-                        f"ops/{who}": set(secrets_calls(None, "")) if ops else set()}
-            for path, allowed in plan.items():
-                if not allowed and path.startswith(("app/", "ops/")) and path.count("/") == 1:
-                    path = "app/seed" if path.startswith("app/") else "ops/seed"
-                for rpc, call in secrets_calls(secrets, path).items():
-                    code = code_of(call)
-                    expect = rpc in allowed
-                    table.append((who, f"Secrets/{rpc} {path}", code.name, expect))
-                    if expect:
-                        assert code == grpc.StatusCode.OK, (who, rpc, path, code)
-                    else:
-                        assert code == grpc.StatusCode.PERMISSION_DENIED, (who, rpc, path, code)
-                        denials += 1
-
-            policies = policies_pb2_grpc.PoliciesStub(channel)
-            for rpc, call in policies_calls(policies, f"tmp-{who}").items():
-                code = code_of(call)
-                expect = who == "superuser"
-                table.append((who, f"Policies/{rpc}", code.name, expect))
-                if expect:
-                    assert code == grpc.StatusCode.OK, (who, rpc, code)
-                else:
-                    assert code in DENIED, (who, rpc, code)
-                    denials += 1
-
-            operator = operator_pb2_grpc.OperatorStub(channel)
-            for rpc, call in operator_calls(operator).items():
-                denied, code, kind = authz_denied(call)
-                expect = rpc in OPERATOR_ALLOWED[who]
-                table.append((who, f"Operator/{rpc}", f"{code.name}/{kind}", expect))
-                if expect:
-                    # Reaches the servicer (which may refuse for its own reasons, such as
-                    # a wrong password or "already initialized").
-                    assert not denied, (who, rpc, code, kind)
-                else:
-                    assert denied and code == grpc.StatusCode.PERMISSION_DENIED, (who, rpc, code)
-                    denials += 1
+            denials += _matrix_secrets(who, channel, table)
+            denials += _matrix_policies(who, channel, table)
+            denials += _matrix_operator(who, channel, table)
         finally:
             channel.close()
 
