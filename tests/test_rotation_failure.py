@@ -177,12 +177,9 @@ def read_all(agent: DevAgent, nexus: Nexus) -> dict[str, list[dict[str, str]]]:
         channel.close()
 
 
-def test_disk_full_mid_rotation_fails_visibly_then_resumes_without_loss(
-        agent: DevAgent, data_dir: Path, gated: tuple[Nexus, Path]) -> None:
-    nexus, gate = gated
-    env = agent.env("pilot")
-    metrics = next(str(e["address"]) for e in nexus.log_events()
-                   if e.get("event") == "metrics listening")
+def import_secrets(env: dict[str, str], nexus: Nexus, data_dir: Path) -> int:
+    """Init, then every version of ``expected()`` through `spike secret import`; the number
+    of records."""
     pilot_json(["init", "--password-stdin", "--output", "json"], env, nexus,
                stdin=TEST_PASSWORD + "\n")
     lines = data_dir / "import.jsonl"
@@ -193,9 +190,14 @@ def test_disk_full_mid_rotation_fails_visibly_then_resumes_without_loss(
     assert pilot_json(["secret", "import", "--file", str(lines), "--output", "json"],
                       env, nexus)["failed"] == 0
     lines.unlink()
-    records = sum(len(v) for v in want.values())
+    return sum(len(v) for v in want.values())
 
-    # The rotation runs, watched by `spike rotate` itself and by a `rotation watch`.
+
+def fail_the_third_batch(agent: DevAgent, nexus: Nexus, gate: Path, data_dir: Path
+                         ) -> tuple[dict[str, Any], str]:
+    """The rotation runs, watched by `spike rotate` itself and by a `rotation watch`; the
+    disk is "full" for the third batch. (The saved state before it, everything the watchers
+    printed.)"""
     rotate = Watcher(["rotate", "--batch-size", str(BATCH), "--output", "json"], agent, nexus)
     wait_for("gate 1 (one batch written)", lambda: gate_reached(nexus, 1), nexus)
     (gate / "1").touch()
@@ -221,8 +223,13 @@ def test_disk_full_mid_rotation_fails_visibly_then_resumes_without_loss(
     wcode, wevents, werr = watch.finish()
     assert wcode == FAILED_EXIT and wevents[-1] == last, (wcode, werr)
     assert [e for e in events if e["terminal"]] == [last]
+    return saved_before, err + werr + json.dumps(events)
 
-    # Status and metrics tell the truth, although the store still says "reencrypt".
+
+def check_failed_and_refusing(env: dict[str, str], nexus: Nexus, data_dir: Path,
+                              metrics: str) -> None:
+    """Status and metrics tell the truth, although the store still says "reencrypt"; resume
+    and a new rotation are refused while the disk is full."""
     status = pilot_json(["rotation", "status", "--output", "json"], env, nexus)
     assert status["phase"] == "failed" and status["failure_unsaved"] is True, status
     assert stored_rotation(data_dir)["phase"] == "reencrypt"
@@ -245,6 +252,17 @@ def test_disk_full_mid_rotation_fails_visibly_then_resumes_without_loss(
     again = pilot(["rotate", "--detach"], env, nexus)
     assert again.returncode == 7, again.stderr
 
+
+def test_disk_full_mid_rotation_fails_visibly_then_resumes_without_loss(
+        agent: DevAgent, data_dir: Path, gated: tuple[Nexus, Path]) -> None:
+    nexus, gate = gated
+    env = agent.env("pilot")
+    metrics = next(str(e["address"]) for e in nexus.log_events()
+                   if e.get("event") == "metrics listening")
+    records = import_secrets(env, nexus, data_dir)
+    saved_before, printed = fail_the_third_batch(agent, nexus, gate, data_dir)
+    check_failed_and_refusing(env, nexus, data_dir, metrics)
+
     # The cause is fixed: Nexus saves the failure by itself.
     fsize_limit(nexus.proc.pid, resource.RLIM_INFINITY)
     saved = wait_for("the failure saved in the store",
@@ -261,7 +279,7 @@ def test_disk_full_mid_rotation_fails_visibly_then_resumes_without_loss(
     final = [json.loads(x) for x in resumed.stdout.splitlines() if x.strip()][-1]
     assert final["phase"] == "completed" and final["to_generation"] == 2, final
     assert generations_in_db(data_dir) == {2: records}
-    assert read_all(agent, nexus) == want
+    assert read_all(agent, nexus) == expected()
     samples = scrape(metrics)
     assert metric(samples, "spike_nexus_rotation_phase", phase="completed") == 1
     assert metric(samples, "spike_nexus_rotation_failure", kind="store") == 0
@@ -271,4 +289,4 @@ def test_disk_full_mid_rotation_fails_visibly_then_resumes_without_loss(
     assert '"rotation.failed"' in audit and '"rotation.completed"' in audit
     assert SECRET_WORD not in audit
     assert not any(SECRET_WORD in line for line in nexus.lines)
-    assert SECRET_WORD not in err + werr + json.dumps(events)
+    assert SECRET_WORD not in printed

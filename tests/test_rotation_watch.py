@@ -79,8 +79,6 @@ def gate_reached(nexus: Nexus, count: int) -> bool:
                for e in nexus.log_events())
 
 
-
-
 def check_stream(events: list[dict[str, Any]]) -> None:
     assert events
     sequences = [e["sequence"] for e in events]
@@ -91,6 +89,17 @@ def check_stream(events: list[dict[str, Any]]) -> None:
         assert a["rotation_id"] == b["rotation_id"]
     terminal = [e for e in events if e["terminal"]]
     assert terminal == [events[-1]] and events[-1]["phase"] == "completed"
+
+
+def check_same_events(results: dict[str, tuple[int, list[dict[str, Any]], str]]) -> None:
+    """Each watcher ended well with a sound stream, and every watcher saw the same state
+    under the same sequence number."""
+    by_sequence: dict[int, dict[str, Any]] = {}
+    for name, (code, events, err) in results.items():
+        assert code == 0, (name, err)
+        check_stream(events)
+        for event in events:
+            assert by_sequence.setdefault(event["sequence"], event) == event, name
 
 
 def phase_of(event: Any) -> str:
@@ -147,13 +156,7 @@ def test_two_watchers_a_late_one_and_leavers(agent: DevAgent, data_dir: Path,
 
     results = {name: watcher.finish() for name, watcher in
                (("first", first), ("second", second), ("late", late))}
-    by_sequence: dict[int, dict[str, Any]] = {}
-    for name, (code, events, err) in results.items():
-        assert code == 0, (name, err)
-        check_stream(events)
-        for event in events:
-            # Every watcher saw the same state under the same sequence number.
-            assert by_sequence.setdefault(event["sequence"], event) == event, name
+    check_same_events(results)
     assert results["late"][1][0]["sequence"] > results["first"][1][0]["sequence"]
     assert results["late"][1][0]["done"] > 0  # its snapshot shows progress made so far
     assert results["first"][1][-1]["done"] == RECORDS
