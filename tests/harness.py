@@ -247,7 +247,7 @@ def pem_env(tmp: Path, chain: bytes, key: bytes, bundle: bytes) -> dict[str, str
     return env
 
 
-def audit_events(data_dir: Path) -> list[dict[str, object]]:
+def audit_events(data_dir: Path) -> list[dict[str, Any]]:
     """The audit trail of the Nexus on ``data_dir``."""
     path = data_dir / "audit.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -261,6 +261,18 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.1)
     return bool(predicate())
+
+
+def eventually(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    """Poll ``check`` until it returns something true, and return that; fails the test
+    (naming ``what``) when ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- Nexus in process

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from tests.harness import (
     TEST_PASSWORD,
     DevAgent,
     Nexus,
+    eventually,
     open_keys,
     pilot,
     pilot_json,
@@ -37,16 +36,6 @@ from tests.harness import (
 PASSWORD = TEST_PASSWORD.encode()
 WRONG = "tangerine glacier ladder ninety"
 CODE_NAMES = [c.name for c in grpc.StatusCode]
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def files(tmp: Path) -> tuple[Path, Path]:
@@ -121,8 +110,8 @@ def test_a_concurrent_guess_is_refused_with_exit_9_and_plain_words(
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         try:
-            wait_for(lambda: any(e.get("event") == "wrong password"
-                                 for e in nexus.log_events()), "the first failure")
+            eventually(lambda: any(e.get("event") == "wrong password"
+                                   for e in nexus.log_events()), "the first failure")
             blocked = pilot(["recover", "--password-file", str(pw), "--output", "json"],
                             su, nexus)
             assert blocked.returncode == 9, blocked
@@ -159,7 +148,7 @@ def test_the_held_back_answer_does_not_hold_the_lifecycle_lock(tmp_path: Path) -
 
     worker = threading.Thread(target=wrong)
     worker.start()
-    wait_for(lambda: keys.recover_failures == 1, "the failure")
+    eventually(lambda: keys.recover_failures == 1, "the failure")
     assert not done.is_set()  # still held back (30 s of a 300 s delay)
     # The lock is free: a lifecycle call that needs it answers at once.
     acquired = keys._lock.acquire(timeout=30)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ from tests.harness import (
     TEST_PASSWORD,
     DevAgent,
     Nexus,
+    eventually,
     nexus_config,
     pilot,
     pilot_json,
@@ -195,16 +194,6 @@ def test_fuzz_hostile_json_literals(path: tuple[Any, ...], literal: str) -> None
 # ---------------------------------------------------------------- a real Nexus
 
 
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def audit_checks(data_dir: Path) -> list[str]:
     path = data_dir / "audit.jsonl"
     if not path.exists():
@@ -227,10 +216,10 @@ def test_the_verifier_survives_a_poisoned_file_and_status_tells_the_truth(
         good = path.read_bytes()
         path.write_text(good.decode().replace('"version": 1', f'"version": 1{HUGE}', 1))
         # The verifier (not status: nothing asks for it here) finds the poisoned file...
-        wait_for(lambda: "corrupt" in audit_checks(data_dir), "the verifier to see corruption")
+        eventually(lambda: "corrupt" in audit_checks(data_dir), "the verifier to see corruption")
         # ...and keeps running: it sees the repaired file too.
         path.write_bytes(good)
-        wait_for(lambda: audit_checks(data_dir)[-1:] == ["ok"], "the verifier to see the fix")
+        eventually(lambda: audit_checks(data_dir)[-1:] == ["ok"], "the verifier to see the fix")
         assert not [e for e in nexus.log_events() if e.get("level") == "error"]
         # Deleted: status says so at once, whatever the verifier's interval.
         path.unlink()

@@ -21,7 +21,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from spike.identity import fetch_svid
 from spike.tls import client_channel
-from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
+from tests.harness import (
+    TEST_PASSWORD,
+    DevAgent,
+    Nexus,
+    audit_events,
+    pilot,
+    pilot_json,
+    short_tmpdir,
+)
 
 NEW_PASSWORD = "violet anchor drizzle quantum ferry"  # noqa: S105 - a test fixture
 OTHER_PASSWORD = "marble lantern seventy crisp oboe"  # noqa: S105 - a test fixture
@@ -93,11 +101,6 @@ def snapshot(data_dir: Path) -> dict[str, bytes | None]:
         path = data_dir / name
         out[name] = path.read_bytes() if path.exists() else None
     return out
-
-
-def audit_events(data_dir: Path) -> list[dict[str, Any]]:
-    path = data_dir / "audit.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def checksum(doc: dict[str, Any]) -> str:
