@@ -465,6 +465,46 @@ def test_watch_and_abort_never_wait_on_a_listener_or_a_commit(tmp: Path, held_in
         world.close()
 
 
+def test_an_acknowledged_abort_is_durable_while_a_publication_holds_the_state(
+        tmp: Path) -> None:
+    """abort() answers without waiting for the worker (held inside a listener, so the state
+    row cannot carry the request yet), and the request is already on disk: a Nexus that
+    stops right then (the worker never saves a state again) rolls back after the restart."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(state: RotationState) -> None:
+        if state.phase == RotationPhase.REENCRYPT and state.done and not inside.is_set():
+            inside.set()
+            release.wait(HOLD)
+
+    world = World(tmp)
+    world.engine.add_listener(hold)
+    expected = world.fill(paths=20, versions=1)
+    world.engine.start(caller="test", batch_size=5, max_rate=1000)
+    assert inside.wait(HOLD)
+    rotation_id = world.engine.watch().__next__().rotation_id
+    done = threading.Event()
+    threading.Thread(target=lambda: (world.engine.abort("test"), done.set())).start()
+    assert done.wait(HOLD), "abort() waited for the worker"
+    stored = RotationState.from_json(world.store.get_state(STATE_KEY) or "")
+    assert not stored.abort_requested  # the state row does not carry it yet ...
+    assert world.store.get_state(rotation.ABORT_KEY) == rotation_id  # ... its own row does
+    # The process "dies" now: from here on, nothing it does reaches the store.
+    world.store.writes_fail = True
+    world.engine.request_shutdown()
+    release.set()
+    world.close()
+    again = World(tmp, init=False)
+    try:
+        again.keys.recover(TEST_PASSWORD.encode())
+        state = again.wait()
+        assert state.phase == RotationPhase.ABORTED and state.rotation_id == rotation_id
+        again.read_all(expected)
+        assert again.generations()["rows"] == {1}
+    finally:
+        again.close()
+
+
 def test_low_disk_space_is_a_failed_precondition(world: World,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Less than MIN_FREE_BYTES free in the data directory: the rotation is refused as a

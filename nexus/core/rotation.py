@@ -60,6 +60,9 @@ from spike.states import BackupStatus, FailureKind, RotationPhase
 log = structlog.get_logger("nexus.rotation")
 
 STATE_KEY = "rotation"
+# The id of a rotation an operator asked to abort, written by abort() on its own row before
+# it answers: the request is durable even while a publication holds the state's row.
+ABORT_KEY = "rotation_abort"
 
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_MAX_RATE = 2_000  # records/s when throttled (tests/bench_rotation.py: get p99)
@@ -243,7 +246,11 @@ class RotationEngine:
 
     def _load(self) -> RotationState | None:
         raw = self._store.get_state(STATE_KEY)
-        return self._overlay(RotationState.from_json(raw) if raw else None)
+        state = RotationState.from_json(raw) if raw else None
+        if state is not None and state.abortable and not state.abort_requested \
+                and self._store.get_state(ABORT_KEY) == state.rotation_id:
+            state = replace(state, abort_requested=True)  # acknowledged, not yet carried
+        return self._overlay(state)
 
     def _overlay(self, stored: RotationState | None) -> RotationState | None:
         """The stored state, unless this process holds a newer FAILED one of the same
@@ -420,9 +427,12 @@ class RotationEngine:
             self._audit.record("rotation.abort", caller=caller, target=state.rotation_id,
                                outcome="ok", durable=True, reason=reason)
         if self.running():
+            # Durable before it is acknowledged (a crash before the worker sees it must not
+            # lose it), on its own row: never behind the publication under way.
+            with _store_errors("abort the rotation"):
+                self._store.put_state(ABORT_KEY, state.rotation_id)
             self._stop.abort.set()
-            # Persist the request (a crash before the worker sees it must not lose it):
-            # now, or by the publication under way as soon as it is done; never waited for.
+            # The state itself carries it now, or after the publication under way.
             self._save_abort_request()
         else:
             with _store_errors("abort the rotation"):
