@@ -449,6 +449,7 @@ class RotationEngine:
             if self.running():
                 raise Conflict("the rotation is already running")
             if state.phase == RotationPhase.FAILED:
+                self._store.delete_state(ABORT_KEY)  # resuming overrules an earlier abort
                 self._publish_ordered(_resumed(state, caller, self._node_name))
             elif state.node != self._node_name:  # an operator moves the job here
                 self._publish_ordered(replace(state, node=self._node_name,
