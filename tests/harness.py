@@ -248,9 +248,14 @@ def pem_env(tmp: Path, chain: bytes, key: bytes, bundle: bytes) -> dict[str, str
 
 
 def audit_events(data_dir: Path) -> list[dict[str, Any]]:
-    """The audit trail of the Nexus on ``data_dir``."""
-    path = data_dir / "audit.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The audit trail of the Nexus on ``data_dir`` (a line still being written is left out)."""
+    events = []
+    for line in (data_dir / "audit.jsonl").read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
@@ -261,6 +266,24 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.1)
     return bool(predicate())
+
+
+def wait_for_nexus(what: str, check: Callable[[], Any], nexus: Nexus,
+                   timeout: float = 300) -> Any:
+    """Poll ``check`` until it returns something truthy, and return that (a generous deadline,
+    no sleeps that assume how fast anything is); fails with Nexus's last log lines when the
+    deadline passes or Nexus exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n" + "".join(nexus.lines[-40:]))
+        if nexus.proc.poll() is not None:
+            raise AssertionError(f"Nexus exited waiting for {what}:\n"
+                                 + "".join(nexus.lines[-40:]))
+        time.sleep(0.02)
 
 
 def eventually(check: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
@@ -353,7 +376,7 @@ class World:
 
     def __init__(self, directory: Path, *, clock: Callable[[], float] | None = None,
                  sleep: Callable[[float], None] | None = None, init: bool = True,
-                 between: Callable[[], None] | None = None) -> None:
+                 between: Callable[[], object] | None = None) -> None:
         self.dir = directory
         self.clock = clock
         self.store = RacingStore(open_store("sqlite", path=directory / "spike.db"))

@@ -10,7 +10,6 @@ truth: recovery and rotation work, and the wrong cell is logged and set right.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sqlite3
 import time
@@ -27,6 +26,7 @@ from tests.harness import (
     DevAgent,
     Nexus,
     RestartableNexus,
+    audit_events,
     get_data,
     pilot,
     pilot_json,
@@ -58,17 +58,6 @@ def cells_and_headers(data_dir: Path) -> list[tuple[str, int, int]]:
     return [(str(p), int(g), int.from_bytes(bytes(b)[1:5], "big")) for p, g, b in rows]
 
 
-def audit_events(data_dir: Path) -> list[dict[str, object]]:
-    trail = data_dir / "audit.jsonl"
-    events = []
-    for line in trail.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written
-    return events
-
-
 def raw_put(agent: DevAgent, server: Nexus, path: str) -> grpc.RpcError:
     channel = client_channel(server.address, fetch_svid(agent.socket("pilot")),
                              "nexus.spike.internal")
@@ -89,7 +78,7 @@ def refused(agent: DevAgent, server: Nexus, path: str) -> str:
     assert "INTERNAL" not in result.stderr and "Traceback" not in result.stderr
     err = raw_put(agent, server, path)
     assert err.code() == grpc.StatusCode.DATA_LOSS, (err.code(), err.details())
-    kinds = [v for k, v in (err.trailing_metadata() or ()) if k == "spike-error-kind"]
+    kinds = [str(m.value) for m in (err.trailing_metadata() or ()) if m.key == "spike-error-kind"]
     assert kinds == ["metadata_integrity"], kinds
     return result.stderr
 

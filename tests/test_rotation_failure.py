@@ -25,8 +25,7 @@ import resource
 import sqlite3
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import secrets_pb2, secrets_pb2_grpc
 from tests.harness import PY, TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
+from tests.harness import wait_for_nexus as wait_for
 
 PATHS = 240
 BATCH = 40
@@ -55,22 +55,6 @@ def expected() -> dict[str, list[dict[str, str]]]:
     for j, path in enumerate(sorted(out)[:15]):
         out[path].append({"k": f"{SECRET_WORD}-{path}-2", "pad": "x" * (50 * j)})
     return out
-
-
-def wait_for(what: str, check: Callable[[], Any], nexus: Nexus, timeout: float = 300) -> Any:
-    """Poll ``check`` until it returns something truthy (a generous deadline, no sleeps
-    that assume how fast anything is)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}:\n" + "".join(nexus.lines[-40:]))
-        if nexus.proc.poll() is not None:
-            raise AssertionError(f"Nexus exited waiting for {what}:\n"
-                                 + "".join(nexus.lines[-40:]))
-        time.sleep(0.05)
 
 
 def gate_reached(nexus: Nexus, count: int) -> bool:

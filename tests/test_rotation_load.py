@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -28,6 +27,7 @@ from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import operator_pb2, operator_pb2_grpc, secrets_pb2, secrets_pb2_grpc
 from tests.harness import TEST_PASSWORD, DevAgent, Nexus, pilot_json
+from tests.harness import wait_for_nexus as wait_for
 
 PREPOPULATED = 500
 WRITERS = 3
@@ -39,15 +39,6 @@ LOAD_STEP = 10  # calls the load must make while the rotation is held, and after
 # pytest-timeout guards against a hang, not a slow machine: these start real processes
 # and must pass under nice -n 19 beside a CPU hog.
 pytestmark = pytest.mark.timeout(900)
-
-
-def wait_for(what: str, check: Callable[[], Any], nexus: Nexus, timeout: float = 300) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (got := check()):
-        if time.monotonic() > deadline or nexus.proc.poll() is not None:
-            raise AssertionError(f"no {what}:\n" + "".join(nexus.lines[-40:]))
-        time.sleep(0.02)
-    return got
 
 
 def value(path: str, version: int) -> dict[str, str]:

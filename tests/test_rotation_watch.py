@@ -19,8 +19,6 @@ import json
 import signal
 import subprocess
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from spike.identity import fetch_svid
 from spike.tls import client_channel
 from spike.v1 import operator_pb2, operator_pb2_grpc
 from tests.harness import PY, TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json
+from tests.harness import wait_for_nexus as wait_for
 
 RECORDS = 400
 BATCH = 20
@@ -62,16 +61,6 @@ class Watcher:
         assert self.proc.stderr is not None
         err = self.proc.stderr.read()
         return code, [json.loads(line) for line in self.lines if line.strip()], err
-
-
-def wait_for(what: str, check: Callable[[], Any], nexus: Nexus, timeout: float = 180) -> Any:
-    """Poll a condition with a generous deadline (never a fixed sleep that asserts)."""
-    deadline = time.monotonic() + timeout
-    while not (got := check()):
-        if time.monotonic() > deadline or nexus.proc.poll() is not None:
-            raise AssertionError(f"no {what}:\n" + "".join(nexus.lines[-40:]))
-        time.sleep(0.02)
-    return got
 
 
 def gate_reached(nexus: Nexus, count: int) -> bool:
