@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from spike.identity import fetch_svid
+from spike.identity import SvidMaterial, fetch_svid
 from spike.tls import client_channel
 from spike.v1 import secrets_pb2, secrets_pb2_grpc
 from tests.harness import DevAgent, Nexus, short_tmpdir, start_unsealed
@@ -41,54 +41,40 @@ def current_version(stub: secrets_pb2_grpc.SecretsStub) -> int:
         raise
 
 
-def test_cas_writers_lose_no_update(agent: DevAgent, server: Nexus) -> None:
-    material = fetch_svid(agent.socket("pilot"))
-    start = threading.Barrier(WRITERS)
-    conflicts = [0] * WRITERS
+def cas_writes(address: str, material: SvidMaterial, index: int, start: threading.Barrier,
+               conflicts: list[int]) -> list[tuple[int, str]]:
+    """Writer ``index``: WRITES check-and-set puts, each retried until it wins; what it won."""
+    channel = client_channel(address, material, TLS_NAME)
+    stub = secrets_pb2_grpc.SecretsStub(channel)
+    won: list[tuple[int, str]] = []
+    try:
+        current_version(stub)  # connect before the race starts
+        start.wait()
+        for seq in range(WRITES):
+            value = f"w{index}-{seq}"
+            while True:
+                cas = current_version(stub)
+                request = secrets_pb2.PutSecretRequest(path=PATH, data={"v": value},
+                                                       cas=cas)
+                try:
+                    reply = stub.Put(request, timeout=30)
+                except grpc.RpcError as err:
+                    if err.code() == grpc.StatusCode.ABORTED:
+                        conflicts[index] += 1
+                        continue
+                    raise
+                assert reply.version == cas + 1, (cas, reply.version)
+                won.append((int(reply.version), value))
+                break
+    finally:
+        channel.close()
+    return won
 
-    def writer(index: int) -> list[tuple[int, str]]:
-        channel = client_channel(server.address, material, TLS_NAME)
-        stub = secrets_pb2_grpc.SecretsStub(channel)
-        won: list[tuple[int, str]] = []
-        try:
-            current_version(stub)  # connect before the race starts
-            start.wait()
-            for seq in range(WRITES):
-                value = f"w{index}-{seq}"
-                while True:
-                    cas = current_version(stub)
-                    request = secrets_pb2.PutSecretRequest(path=PATH, data={"v": value},
-                                                           cas=cas)
-                    try:
-                        reply = stub.Put(request, timeout=30)
-                    except grpc.RpcError as err:
-                        if err.code() == grpc.StatusCode.ABORTED:
-                            conflicts[index] += 1
-                            continue
-                        raise
-                    assert reply.version == cas + 1, (cas, reply.version)
-                    won.append((int(reply.version), value))
-                    break
-        finally:
-            channel.close()
-        return won
 
-    began = time.monotonic()
-    with ThreadPoolExecutor(WRITERS) as pool:
-        results = list(pool.map(writer, range(WRITERS)))
-    elapsed = time.monotonic() - began
-    total = WRITERS * WRITES
-    print(f"\n{WRITERS} writers x {WRITES} CAS writes: {elapsed:.1f} s, "
-          f"{total / elapsed:.0f} successful writes/s, {sum(conflicts)} conflicts retried")
-
-    versions = [v for won in results for v, _ in won]
-    assert len(versions) == total
-    assert len(set(versions)) == total, "a version was handed out twice"
-    assert sorted(versions) == list(range(1, total + 1))
-
-    # Every successful write is stored, under the version it was told, with its own value.
-    expected = {v: value for won in results for v, value in won}
-    channel = client_channel(server.address, material, TLS_NAME)
+def assert_all_stored(address: str, material: SvidMaterial, expected: dict[int, str],
+                      total: int) -> None:
+    """Every successful write is stored, under the version it was told, with its own value."""
+    channel = client_channel(address, material, TLS_NAME)
     try:
         stub = secrets_pb2_grpc.SecretsStub(channel)
         meta = stub.Metadata(secrets_pb2.SecretMetadataRequest(path=PATH), timeout=30)
@@ -103,4 +89,29 @@ def test_cas_writers_lose_no_update(agent: DevAgent, server: Nexus) -> None:
             list(pool.map(check, range(1, total + 1)))
     finally:
         channel.close()
+
+
+def test_cas_writers_lose_no_update(agent: DevAgent, server: Nexus) -> None:
+    material = fetch_svid(agent.socket("pilot"))
+    start = threading.Barrier(WRITERS)
+    conflicts = [0] * WRITERS
+
+    def writer(index: int) -> list[tuple[int, str]]:
+        return cas_writes(server.address, material, index, start, conflicts)
+
+    began = time.monotonic()
+    with ThreadPoolExecutor(WRITERS) as pool:
+        results = list(pool.map(writer, range(WRITERS)))
+    elapsed = time.monotonic() - began
+    total = WRITERS * WRITES
+    print(f"\n{WRITERS} writers x {WRITES} CAS writes: {elapsed:.1f} s, "
+          f"{total / elapsed:.0f} successful writes/s, {sum(conflicts)} conflicts retried")
+
+    versions = [v for won in results for v, _ in won]
+    assert len(versions) == total
+    assert len(set(versions)) == total, "a version was handed out twice"
+    assert sorted(versions) == list(range(1, total + 1))
+
+    assert_all_stored(server.address, material,
+                      {v: value for won in results for v, value in won}, total)
     assert elapsed < 90, f"took {elapsed:.1f} s"
