@@ -19,6 +19,7 @@ import signal
 import sqlite3
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -78,22 +79,9 @@ def integrity_failure(agent: DevAgent, server: Nexus, path: str, version: int = 
     return re.sub(r"version \d+", "version N", message)
 
 
-def test_tampered_secrets_fail_opaquely_and_the_rest_is_served(agent: DevAgent,
-                                                               node: RestartableNexus) -> None:
-    server = node.nexus
-    put(agent, server, "t/flip", "k=flip-me")
-    put(agent, server, "t/tag", "k=tag")
-    put(agent, server, "t/src", "k=source")
-    put(agent, server, "t/dst", "k=destination")
-    put(agent, server, "t/ver", "k=v1")
-    put(agent, server, "t/ver", "k=v2")
-    put(agent, server, "t/gen", "k=generation")
-    put(agent, server, "t/gen0", "k=generation0")
-    put(agent, server, "t/short", "k=short")
-    put(agent, server, "t/ok", "k=untouched", "u=ünïcødé")
-    assert server.stop() == 0
-
-    conn = writer(node.data_dir)
+def tamper_secrets(data_dir: Path) -> None:
+    """Every kind of tampering with a secret's row, with Nexus stopped."""
+    conn = writer(data_dir)
     try:
         # 1. One flipped bit in the ciphertext body, and one in the tag.
         blob = bytearray(blob_of(conn, "secret", "t/flip", 1))
@@ -119,6 +107,23 @@ def test_tampered_secrets_fail_opaquely_and_the_rest_is_served(agent: DevAgent,
         set_blob(conn, "secret", "t/short", 1, blob_of(conn, "secret", "t/short", 1)[:9])
     finally:
         conn.close()
+
+
+def test_tampered_secrets_fail_opaquely_and_the_rest_is_served(agent: DevAgent,
+                                                               node: RestartableNexus) -> None:
+    server = node.nexus
+    put(agent, server, "t/flip", "k=flip-me")
+    put(agent, server, "t/tag", "k=tag")
+    put(agent, server, "t/src", "k=source")
+    put(agent, server, "t/dst", "k=destination")
+    put(agent, server, "t/ver", "k=v1")
+    put(agent, server, "t/ver", "k=v2")
+    put(agent, server, "t/gen", "k=generation")
+    put(agent, server, "t/gen0", "k=generation0")
+    put(agent, server, "t/short", "k=short")
+    put(agent, server, "t/ok", "k=untouched", "u=ünïcødé")
+    assert server.stop() == 0
+    tamper_secrets(node.data_dir)
     server = node.restart()
 
     messages = {
