@@ -74,6 +74,34 @@ def root_key_from(exported: Path, password: str) -> bytes:
 # ---------------------------------------------------------------- real processes
 
 
+def assert_no_leaks(data_dir: Path, nexuses: Sequence[Nexus],
+                    runs: Sequence[tuple[str, subprocess.CompletedProcess[str]]],
+                    root_key: bytes) -> None:
+    """Neither the root key nor a password, in any form, in the data files, Nexus's logs,
+    Pilot's output or the audit trail."""
+    log_lines = [line for running in nexuses for line in running.lines]
+    assert any('"unsealed"' in line for line in log_lines)  # the logs were captured
+    logs = [(f"nexus log line {i}", line.encode()) for i, line in enumerate(log_lines)]
+    pilot_out = [(f"spike {name} {stream}", text.encode())
+                 for name, result in runs
+                 for stream, text in (("stdout", result.stdout), ("stderr", result.stderr))]
+    data_files = files_under(data_dir)
+    names = {Path(name).name for name, _ in data_files}
+    assert {"root-key.backup", "root-key.backup.prev", "audit.jsonl", "spike.db"} <= names
+    audit = (data_dir / "audit.jsonl").read_bytes()
+    assert b'"wrong_password"' in audit
+
+    # The detector itself works: each form of the key is found when planted.
+    for form in byte_forms(root_key):
+        assert find([("planted", b"x" + form + b"y")], byte_forms(root_key))
+    key_hits = find([*data_files, *logs, *pilot_out], byte_forms(root_key))
+    assert not key_hits, key_hits
+    for password in (TEST_PASSWORD, NEW_PASSWORD, WRONG_PASSWORD):
+        hits = find([*data_files, *logs, *pilot_out, ("audit", audit)],
+                    password_forms(password))
+        assert not hits, hits
+
+
 def test_full_scenario_leaks_neither_root_key_nor_password(
     agent: DevAgent, data_dir: Path, tmp: Path
 ) -> None:
@@ -128,27 +156,7 @@ def test_full_scenario_leaks_neither_root_key_nor_password(
     assert root_key_from(second_export, NEW_PASSWORD) == root_key
     assert len(root_key) == 32
 
-    log_lines = [line for running in nexuses for line in running.lines]
-    assert any('"unsealed"' in line for line in log_lines)  # the logs were captured
-    logs = [(f"nexus log line {i}", line.encode()) for i, line in enumerate(log_lines)]
-    pilot_out = [(f"spike {name} {stream}", text.encode())
-                 for name, result in runs
-                 for stream, text in (("stdout", result.stdout), ("stderr", result.stderr))]
-    data_files = files_under(data_dir)
-    names = {Path(name).name for name, _ in data_files}
-    assert {"root-key.backup", "root-key.backup.prev", "audit.jsonl", "spike.db"} <= names
-    audit = (data_dir / "audit.jsonl").read_bytes()
-    assert b'"wrong_password"' in audit
-
-    # The detector itself works: each form of the key is found when planted.
-    for form in byte_forms(root_key):
-        assert find([("planted", b"x" + form + b"y")], byte_forms(root_key))
-    key_hits = find([*data_files, *logs, *pilot_out], byte_forms(root_key))
-    assert not key_hits, key_hits
-    for password in (TEST_PASSWORD, NEW_PASSWORD, WRONG_PASSWORD):
-        hits = find([*data_files, *logs, *pilot_out, ("audit", audit)],
-                    password_forms(password))
-        assert not hits, hits
+    assert_no_leaks(data_dir, nexuses, runs, root_key)
 
 
 # ---------------------------------------------------------------- in-process, captured logs
