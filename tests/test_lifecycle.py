@@ -276,6 +276,89 @@ def _field_mutations() -> list[tuple[str, Callable[[dict[str, Any]], None], str]
     ]
 
 
+class Refusals:
+    """Recovers that must be refused, leaving the backup files as ``before`` holds them."""
+
+    def __init__(self, agent: DevAgent, nexus: Nexus, data_dir: Path) -> None:
+        self.agent, self.nexus, self.data_dir = agent, nexus, data_dir
+        self.before = snapshot(data_dir)
+
+    def refused(self, password: Path, backup_file: Path | None, code: int, label: str) -> str:
+        result = recover(self.agent, self.nexus, password, backup_file)
+        assert result.returncode == code, (label, result.returncode, result.stderr)
+        assert snapshot(self.data_dir) == self.before, f"{label}: the backup files changed"
+        return result.stderr
+
+
+def refuse_broken_files(r: Refusals, pw: Path, tmp: Path, raw: bytes) -> None:
+    """Truncated, empty, garbage and missing files."""
+    for label, data in [("half", raw[: len(raw) // 2]), ("100 bytes", raw[:100]),
+                        ("minus 10", raw[:-10]), ("not json", b"\x00\xff" * 64)]:
+        bad = tmp / "bad.backup"
+        bad.write_bytes(data)
+        err = r.refused(pw, bad, 8, f"truncated: {label}")
+        assert "corrupt" in err and WRONG_PASSWORD_MSG not in err, (label, err)
+    (tmp / "empty.backup").write_bytes(b"")
+    assert "empty" in r.refused(pw, tmp / "empty.backup", 2, "empty file")
+    r.refused(pw, tmp / "nope.backup", 2, "missing file")
+
+
+def refuse_altered_fields(r: Refusals, pw: Path, tmp: Path, doc: dict[str, Any]) -> None:
+    """One field altered at a time, with the checksum stale and recomputed; then the checksum
+    field itself."""
+    for name, mutate, expected in _field_mutations():
+        altered = copy.deepcopy(doc)
+        mutate(altered)
+        assert altered != doc, name
+        for recompute in (False, True):
+            if recompute:
+                altered["checksum"] = checksum(altered)
+            bad = tmp / "bad.backup"
+            bad.write_text(json.dumps(altered, indent=2))
+            label = f"{name} ({'recomputed' if recompute else 'stale'} checksum)"
+            err = r.refused(pw, bad, 8, label)
+            kind = "password" if WRONG_PASSWORD_MSG in err else "invalid"
+            if name.startswith(("format", "version")):
+                assert kind == "invalid", (label, err)  # checked before the checksum
+            elif not recompute:
+                assert "checksum" in err and kind == "invalid", (label, err)
+            elif expected != "either":
+                assert kind == expected, (label, err)
+            if name == "version+1":
+                assert "not supported" in err, err
+    for value in (flip_hex(doc["checksum"][7:]), "md5:00"):
+        altered = dict(doc, checksum="sha256:" + value if ":" not in value else value)
+        bad = tmp / "bad.backup"
+        bad.write_text(json.dumps(altered))
+        assert "checksum" in r.refused(pw, bad, 8, f"checksum {value[:8]}")
+
+
+def corrupt_server_file_then_prev(r: Refusals, pw: Path, old_pw: Path, fp: str) -> None:
+    """A corrupt server file: clear error, left in place, and the .prev copy still works."""
+    data_dir = r.data_dir
+    broken = r.before[BACKUP]
+    assert broken is not None
+    (data_dir / BACKUP).write_bytes(broken[: len(broken) // 3])
+    r.before = snapshot(data_dir)
+    err = r.refused(pw, None, 8, "corrupt server file")
+    assert "corrupt" in err and WRONG_PASSWORD_MSG not in err
+    # .prev was written before the password change: it opens with the OLD password, and
+    # recovering from it needs the operator's explicit consent (it would seal the
+    # server's backup under the old password again).
+    prev = data_dir / (BACKUP + ".prev")
+    good_prev = prev.read_bytes()
+    err = r.refused(old_pw, prev, 8, ".prev without consent")
+    assert "earlier administrator password" in err and "--accept-old-password" in err
+    result = recover(r.agent, r.nexus, old_pw, backup_file=prev,
+                     extra=("--accept-old-password",))
+    assert result.returncode == 0, result
+    assert json.loads(result.stdout.splitlines()[-1])["root_key_fingerprint"] == fp
+    assert (data_dir / BACKUP).read_bytes() == good_prev
+    # The last good copy is not pushed out of .prev by the corrupt file, which is set aside.
+    assert prev.read_bytes() == good_prev
+    assert (data_dir / (BACKUP + ".corrupt")).read_bytes() == broken[: len(broken) // 3]
+
+
 def test_bad_backups_and_passwords_are_refused_and_nothing_is_overwritten(
     agent: DevAgent, data_dir: Path, tmp: Path
 ) -> None:
@@ -293,85 +376,21 @@ def test_bad_backups_and_passwords_are_refused_and_nothing_is_overwritten(
         pilot_json(["backup", "export", "--out", str(good), "--output", "json"],
                    agent.env("pilot"), nexus)
         nexus = restart(agent, nexus, backoff=0.01)
-        before = snapshot(data_dir)
-        assert before[BACKUP] is not None and before[BACKUP + ".prev"] is not None
+        r = Refusals(agent, nexus, data_dir)
+        assert r.before[BACKUP] is not None and r.before[BACKUP + ".prev"] is not None
         doc = json.loads(good.read_bytes())
         assert checksum(doc) == doc["checksum"]  # our reading of the format is right
 
-        def refused(password: Path, backup_file: Path | None, code: int, label: str) -> str:
-            result = recover(agent, nexus, password, backup_file)
-            assert result.returncode == code, (label, result.returncode, result.stderr)
-            assert snapshot(data_dir) == before, f"{label}: the backup files changed"
-            return result.stderr
-
         # Wrong password: its own message, distinct from every corrupt-backup message.
-        assert WRONG_PASSWORD_MSG in refused(wrong, None, 8, "wrong password")
-        assert WRONG_PASSWORD_MSG in refused(wrong, good, 8, "wrong password, exported copy")
-        assert WRONG_PASSWORD_MSG in refused(old_pw, None, 8, "old password")
+        assert WRONG_PASSWORD_MSG in r.refused(wrong, None, 8, "wrong password")
+        assert WRONG_PASSWORD_MSG in r.refused(wrong, good, 8, "wrong password, exported copy")
+        assert WRONG_PASSWORD_MSG in r.refused(old_pw, None, 8, "old password")
 
-        # Truncated, empty, garbage and missing files.
-        raw = good.read_bytes()
-        for label, data in [("half", raw[: len(raw) // 2]), ("100 bytes", raw[:100]),
-                            ("minus 10", raw[:-10]), ("not json", b"\x00\xff" * 64)]:
-            bad = tmp / "bad.backup"
-            bad.write_bytes(data)
-            err = refused(pw, bad, 8, f"truncated: {label}")
-            assert "corrupt" in err and WRONG_PASSWORD_MSG not in err, (label, err)
-        (tmp / "empty.backup").write_bytes(b"")
-        assert "empty" in refused(pw, tmp / "empty.backup", 2, "empty file")
-        refused(pw, tmp / "nope.backup", 2, "missing file")
-
-        # One field altered at a time, with the checksum stale and recomputed.
-        for name, mutate, expected in _field_mutations():
-            altered = copy.deepcopy(doc)
-            mutate(altered)
-            assert altered != doc, name
-            for recompute in (False, True):
-                if recompute:
-                    altered["checksum"] = checksum(altered)
-                bad = tmp / "bad.backup"
-                bad.write_text(json.dumps(altered, indent=2))
-                label = f"{name} ({'recomputed' if recompute else 'stale'} checksum)"
-                err = refused(pw, bad, 8, label)
-                kind = "password" if WRONG_PASSWORD_MSG in err else "invalid"
-                if name.startswith(("format", "version")):
-                    assert kind == "invalid", (label, err)  # checked before the checksum
-                elif not recompute:
-                    assert "checksum" in err and kind == "invalid", (label, err)
-                elif expected != "either":
-                    assert kind == expected, (label, err)
-                if name == "version+1":
-                    assert "not supported" in err, err
-        # The checksum field itself.
-        for value in (flip_hex(doc["checksum"][7:]), "md5:00"):
-            altered = dict(doc, checksum="sha256:" + value if ":" not in value else value)
-            bad = tmp / "bad.backup"
-            bad.write_text(json.dumps(altered))
-            assert "checksum" in refused(pw, bad, 8, f"checksum {value[:8]}")
+        refuse_broken_files(r, pw, tmp, good.read_bytes())
+        refuse_altered_fields(r, pw, tmp, doc)
         assert status(agent, nexus)["state"] == "sealed"
 
-        # A corrupt server file: clear error, left in place, and the .prev copy still works.
-        broken = before[BACKUP]
-        assert broken is not None
-        (data_dir / BACKUP).write_bytes(broken[: len(broken) // 3])
-        before = snapshot(data_dir)
-        err = refused(pw, None, 8, "corrupt server file")
-        assert "corrupt" in err and WRONG_PASSWORD_MSG not in err
-        # .prev was written before the password change: it opens with the OLD password, and
-        # recovering from it needs the operator's explicit consent (it would seal the
-        # server's backup under the old password again).
-        prev = data_dir / (BACKUP + ".prev")
-        good_prev = prev.read_bytes()
-        err = refused(old_pw, prev, 8, ".prev without consent")
-        assert "earlier administrator password" in err and "--accept-old-password" in err
-        result = recover(agent, nexus, old_pw, backup_file=prev,
-                         extra=("--accept-old-password",))
-        assert result.returncode == 0, result
-        assert json.loads(result.stdout.splitlines()[-1])["root_key_fingerprint"] == fp
-        assert (data_dir / BACKUP).read_bytes() == good_prev
-        # The last good copy is not pushed out of .prev by the corrupt file, which is set aside.
-        assert prev.read_bytes() == good_prev
-        assert (data_dir / (BACKUP + ".corrupt")).read_bytes() == broken[: len(broken) // 3]
+        corrupt_server_file_then_prev(r, pw, old_pw, fp)
     finally:
         nexus.stop()
 
