@@ -129,14 +129,7 @@ def metered(agent: DevAgent, data_dir: Path) -> Iterator[list[Nexus]]:
     running[0].stop()
 
 
-def test_metrics_follow_init_denial_rotation_restart_and_recovery(
-    agent: DevAgent, data_dir: Path, metered: list[Nexus]
-) -> None:
-    nexus = metered[0]
-    address = metrics_address(nexus)
-    assert address.startswith("127.0.0.1:") and not address.endswith(":0")
-    su = agent.env("pilot")
-
+def check_uninitialized(address: str) -> None:
     # ---- uninitialized
     _, s = scrape(address)
     assert value(s, "spike_nexus_state", state="uninitialized") == 1
@@ -145,6 +138,8 @@ def test_metrics_follow_init_denial_rotation_restart_and_recovery(
     assert value(s, "spike_nexus_root_key_generation") == 0
     assert value(s, "spike_nexus_rotation_phase", phase="idle") == 1
 
+
+def check_init(su: dict[str, str], nexus: Nexus, address: str) -> Samples:
     # ---- init
     started = time.time()
     result = pilot(["init", "--password-stdin"], su, nexus, stdin=TEST_PASSWORD + "\n")
@@ -179,7 +174,10 @@ def test_metrics_follow_init_denial_rotation_restart_and_recovery(
     assert next_rotation is not None and next_rotation > time.time()
     assert rpc_count(s, "/spike.v1.Operator/Init", "OK") == 1
     assert rpc_count(s, "/spike.v1.Secrets/Put", "OK") == 1
+    return s
 
+
+def check_denial(agent: DevAgent, nexus: Nexus, address: str, s: Samples) -> None:
     # ---- a denied call: a workload may not call Status
     denied_before = value(s, "spike_nexus_denied_calls_total", method=STATUS,
                           reason="forbidden") or 0
@@ -190,6 +188,8 @@ def test_metrics_follow_init_denial_rotation_restart_and_recovery(
                  reason="forbidden") == denied_before + 1
     assert rpc_count(s, STATUS, "PERMISSION_DENIED") == 1
 
+
+def check_rotation(su: dict[str, str], nexus: Nexus, address: str) -> float:
     # ---- a rotation
     rotation_started = time.time()
     result = pilot(["rotate", "--output", "json"], su, nexus)
@@ -214,11 +214,11 @@ def test_metrics_follow_init_denial_rotation_restart_and_recovery(
     assert value(s, "spike_nexus_encryptions_total", generation="1") is None
     assert (value(s, "spike_nexus_encryptions_total", generation="2") or 0) >= total
     assert rpc_count(s, "/spike.v1.Operator/StartRotation", "OK") == 1
+    return last_success
 
-    # ---- kill -9 and restart: sealed with data
-    nexus.kill()
-    nexus = metered[0] = start(agent, data_dir)
-    address = metrics_address(nexus)
+
+def check_restarted_sealed(address: str, last_success: float) -> None:
+    """After kill -9 and a restart: sealed with data."""
     _, s = scrape(address)
     assert value(s, "spike_nexus_root_key_present") == 0
     assert value(s, "spike_nexus_sealed_with_data") == 1
@@ -231,6 +231,8 @@ def test_metrics_follow_init_denial_rotation_restart_and_recovery(
     assert value(s, "spike_nexus_rotation_last_success_timestamp_seconds") == last_success
     assert value(s, "spike_nexus_rotation_next_timestamp_seconds") is None
 
+
+def check_recoveries(su: dict[str, str], nexus: Nexus, address: str) -> Samples:
     # ---- a failed recovery
     result = pilot(["recover", "--password-stdin"], su, nexus, stdin=WRONG_PASSWORD + "\n")
     assert result.returncode == 8, (result.returncode, result.stderr)
@@ -254,7 +256,11 @@ def test_metrics_follow_init_denial_rotation_restart_and_recovery(
     assert value(s, "spike_nexus_root_key_generation") == 2
     assert value(s, "spike_nexus_recover_failures_total") == 1
     assert rpc_count(s, RECOVER, "OK") == 1
+    return s
 
+
+def check_histogram_and_privacy(su: dict[str, str], nexus: Nexus, address: str, s: Samples,
+                                data_dir: Path) -> None:
     # ---- RPC latency histogram counts increase, buckets are consistent
     before = rpc_count(s, STATUS, "OK")
     for _ in range(3):
@@ -272,6 +278,27 @@ def test_metrics_follow_init_denial_rotation_restart_and_recovery(
         assert needle not in body, needle
     methods = {v for (_, labels) in s for k, v in labels if k == "method"}
     assert methods and all(m.startswith(("/spike.v1.", "/grpc.")) for m in methods)
+
+
+def test_metrics_follow_init_denial_rotation_restart_and_recovery(
+    agent: DevAgent, data_dir: Path, metered: list[Nexus]
+) -> None:
+    nexus = metered[0]
+    address = metrics_address(nexus)
+    assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+    su = agent.env("pilot")
+
+    check_uninitialized(address)
+    s = check_init(su, nexus, address)
+    check_denial(agent, nexus, address, s)
+    last_success = check_rotation(su, nexus, address)
+    # ---- kill -9 and restart: sealed with data
+    nexus.kill()
+    nexus = metered[0] = start(agent, data_dir)
+    address = metrics_address(nexus)
+    check_restarted_sealed(address, last_success)
+    s = check_recoveries(su, nexus, address)
+    check_histogram_and_privacy(su, nexus, address, s, data_dir)
 
 
 def test_metrics_are_off_by_default(nexus: Nexus) -> None:
