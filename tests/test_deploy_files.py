@@ -295,18 +295,24 @@ def syscall_numbers() -> dict[str, int]:
     return numbers
 
 
+def allowed_calls(filters: list[str]) -> set[str]:
+    """The system calls that SystemCallFilter= lines allow, applied in order."""
+    allowed: set[str] = set()
+    for value in filters:
+        deny = value.startswith("~")
+        for word in value.lstrip("~").split():
+            names = expand_group(word) if word.startswith("@") else {word}
+            allowed = allowed - names if deny else allowed | names
+    return allowed
+
+
 def unit_filter(text: str) -> bytes:
     """The seccomp program systemd 252 installs for the unit's settings (see seccomp-util.c)."""
     machine = platform.machine()
     if machine not in AUDIT_ARCH:
         pytest.skip(f"system call numbers are wired for {sorted(AUDIT_ARCH)}, not {machine}")
     unit = parse_unit(text)
-    allowed: set[str] = set()
-    for value in unit["SystemCallFilter"]:
-        deny = value.startswith("~")
-        for word in value.lstrip("~").split():
-            names = expand_group(word) if word.startswith("@") else {word}
-            allowed = allowed - names if deny else allowed | names
+    allowed = allowed_calls(unit["SystemCallFilter"])
     error = getattr(errno, unit["SystemCallErrorNumber"][0])
     families = {getattr(socket, name) for name in unit["RestrictAddressFamilies"][0].split()}
     mdwe = unit.get("MemoryDenyWriteExecute") == ["yes"]
