@@ -423,6 +423,46 @@ def latencies_during_rotation(stub: Any, request_cls: Any, op: Any, op_pb: Any,
         by_phase.setdefault(phase, []).append(time.perf_counter() - t0)
 
 
+def served_summary(n: int, rounds: int, rotate_args: list[str], durations: list[float],
+                   idle_windows: list[list[float]], during_rounds: list[list[float]],
+                   during: dict[str, list[float]]) -> dict[str, Any]:
+    """The served part's figures from its latency samples."""
+    all_during = [x for s in during.values() for x in s]
+    idle = [x for s in idle_windows for x in s]
+    # Per round: the rotation's p99 over the p99 of the two idle windows around it.
+    round_ratios = [pct(during_rounds[r], 99) / pct(idle_windows[r] + idle_windows[r + 1], 99)
+                    for r in range(rounds)]
+    reenc = during.get("reencrypt", [])
+
+    def summary(samples: list[float]) -> dict[str, float]:
+        if not samples:
+            return {"n": 0}
+        return {"n": len(samples), "p50_ms": round(pct(samples, 50) * 1e3, 3),
+                "p99_ms": round(pct(samples, 99) * 1e3, 3),
+                "max_ms": round(max(samples) * 1e3, 3)}
+
+    idle_s = summary(idle)
+    out: dict[str, Any] = {
+        "rows": n,
+        "rounds": rounds,
+        "default_batch_size": rotation_module.DEFAULT_BATCH_SIZE,
+        "default_max_rate": rotation_module.DEFAULT_MAX_RATE,
+        "rotate_args": rotate_args,
+        "rotation_seconds_samples": [round(d, 2) for d in durations],
+        "idle": idle_s,
+        "during_rotation": summary(all_during),
+        "during_reencrypt": summary(reenc),
+        "during_by_phase": {p: summary(s) for p, s in during.items()},
+    }
+    out["p99_ratio"] = round(out["during_rotation"]["p99_ms"] / idle_s["p99_ms"], 3)
+    out["p99_ratio_per_round"] = [round(x, 3) for x in round_ratios]
+    out["idle_window_p99_ms"] = [round(pct(w, 99) * 1e3, 3) for w in idle_windows]
+    out["rotation_round_p99_ms"] = [round(pct(w, 99) * 1e3, 3) for w in during_rounds]
+    out["p99_ratio_reencrypt"] = (round(out["during_reencrypt"]["p99_ms"] / idle_s["p99_ms"], 3)
+                                  if reenc else None)
+    return out
+
+
 def bench_served(n: int, rounds: int, first_idle_seconds: float,
                  rotate_args: list[str]) -> dict[str, Any]:
     import grpc
@@ -491,46 +531,14 @@ def bench_served(n: int, rounds: int, first_idle_seconds: float,
         agent.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
 
-    all_during = [x for s in during.values() for x in s]
-    idle = [x for s in idle_windows for x in s]
-    # Per round: the rotation's p99 over the p99 of the two idle windows around it.
-    round_ratios = [pct(during_rounds[r], 99) / pct(idle_windows[r] + idle_windows[r + 1], 99)
-                    for r in range(rounds)]
-    reenc = during.get("reencrypt", [])
-
-    def summary(samples: list[float]) -> dict[str, float]:
-        if not samples:
-            return {"n": 0}
-        return {"n": len(samples), "p50_ms": round(pct(samples, 50) * 1e3, 3),
-                "p99_ms": round(pct(samples, 99) * 1e3, 3),
-                "max_ms": round(max(samples) * 1e3, 3)}
-
-    idle_s = summary(idle)
-    out: dict[str, Any] = {
-        "rows": n,
-        "rounds": rounds,
-        "default_batch_size": rotation_module.DEFAULT_BATCH_SIZE,
-        "default_max_rate": rotation_module.DEFAULT_MAX_RATE,
-        "rotate_args": rotate_args,
-        "rotation_seconds_samples": [round(d, 2) for d in durations],
-        "idle": idle_s,
-        "during_rotation": summary(all_during),
-        "during_reencrypt": summary(reenc),
-        "during_by_phase": {p: summary(s) for p, s in during.items()},
-    }
-    out["p99_ratio"] = round(out["during_rotation"]["p99_ms"] / idle_s["p99_ms"], 3)
-    out["p99_ratio_per_round"] = [round(x, 3) for x in round_ratios]
-    out["idle_window_p99_ms"] = [round(pct(w, 99) * 1e3, 3) for w in idle_windows]
-    out["rotation_round_p99_ms"] = [round(pct(w, 99) * 1e3, 3) for w in during_rounds]
-    out["p99_ratio_reencrypt"] = (round(out["during_reencrypt"]["p99_ms"] / idle_s["p99_ms"], 3)
-                                  if reenc else None)
-    return out
+    return served_summary(n, rounds, rotate_args, durations, idle_windows, during_rounds,
+                          during)
 
 
 # --------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.bench_rotation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes for CI (< 3 min)")
@@ -550,7 +558,11 @@ def main(argv: list[str] | None = None) -> int:
                              "default throttle)")
     parser.add_argument("--no-in-process", action="store_true",
                         help="skip the in-process part")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     n = args.n or (50_000 if args.quick else 1_000_000)
     rounds = args.rounds or (5 if args.quick else 3)
     served_n = args.served_n or (20_000 if args.quick else 100_000)
