@@ -178,7 +178,7 @@ def echo_call(ch: grpc.Channel, _t: int, _i: int) -> Callable[[], Any]:
     return lambda: method(ECHO_REQUEST, timeout=30)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.bench_secrets")
     parser.add_argument("--quick", action="store_true", help="small N (a smoke run)")
     parser.add_argument("--threads", type=int, default=4)
@@ -191,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                              "matching) or the dev agent's workload SVID through a policy")
     parser.add_argument("--echo-server", metavar="SOCKET", help=argparse.SUPPRESS)
     parser.add_argument("--reply-size", type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.echo_server:
         serve_echo(args.echo_server, args.reply_size)
         return 0
