@@ -322,6 +322,13 @@ def open_keys(directory: Path, *, backoff: float = 0.0, upgrade: bool = False,
     return build_keys(config, store, **overrides)
 
 
+def state_json(store: Store, key: str) -> Any:
+    """The JSON value ``store`` holds under the state ``key`` (which must be set)."""
+    raw = store.get_state(key)
+    assert raw is not None, key
+    return json.loads(raw)
+
+
 def close_keys(keys: KeyManager) -> None:
     """Seal and close the store, as a stopping Nexus does (one store per SQLite file)."""
     keys.seal()
