@@ -4,7 +4,7 @@
 - grpc is imported only by ``nexus/api``, ``nexus/limits.py``, ``pilot`` and ``spike``'s TLS and
   generated stubs: the core, crypto, backup and store layers know nothing of the wire.
 - ``nexus/core``, ``nexus/crypto``, ``nexus/backup`` and ``nexus/store`` never import
-  ``nexus/api``.
+  ``nexus/api``; crypto and store import nothing else of Nexus's.
 - No function in the product code is longer than 60 lines.
 - No test module imports another test module (shared helpers live in ``tests/harness.py``).
 """
@@ -49,7 +49,9 @@ def _is_under(name: str, prefixes: tuple[str, ...]) -> bool:
     (("nexus",), ("grpc", "grpc_health", "grpc_reflection"),
      ("nexus/api/", "nexus/limits.py", "nexus/app.py", "nexus/__main__.py",
       "nexus/metrics.py")),  # metrics label RPC outcomes by gRPC status code
-    (("nexus/core", "nexus/crypto", "nexus/store"), ("nexus.api",), ()),
+    (("nexus/core", "nexus/backup", "nexus/crypto", "nexus/store"), ("nexus.api",), ()),
+    (("nexus/crypto",), ("nexus.core", "nexus.backup", "nexus.store", "nexus.api"), ()),
+    (("nexus/store",), ("nexus.core", "nexus.backup", "nexus.crypto", "nexus.api"), ()),
 ])
 def test_layers(packages: tuple[str, ...], forbidden: tuple[str, ...],
                 allowed: tuple[str, ...]) -> None:
