@@ -163,7 +163,7 @@ def test_every_command_json_matches_the_golden_file(
             shape = _progress_shape(expected[-1])
             odd = [line for line in lines[:-1] if _progress_shape(line) != shape]
             assert not odd, (header, odd, shape)
-            phases = [_event(line)["phase"] for line in lines]
+            phases = [str(_event(line)["phase"]) for line in lines]
             assert phases == sorted(phases, key=_PHASE_ORDER.index), (header, phases)
         else:
             assert lines == expected, (header, lines, expected)

@@ -482,9 +482,14 @@ def test_an_acknowledged_abort_is_durable_while_a_publication_holds_the_state(
     expected = world.fill(paths=20, versions=1)
     world.engine.start(caller="test", batch_size=5, max_rate=1000)
     assert inside.wait(HOLD)
-    rotation_id = world.engine.watch().__next__().rotation_id
+    rotation_id = next(world.engine.watch()).rotation_id
     done = threading.Event()
-    threading.Thread(target=lambda: (world.engine.abort("test"), done.set())).start()
+
+    def operator() -> None:
+        world.engine.abort("test")
+        done.set()
+
+    threading.Thread(target=operator).start()
     assert done.wait(HOLD), "abort() waited for the worker"
     stored = RotationState.from_json(world.store.get_state(STATE_KEY) or "")
     assert not stored.abort_requested  # the state row does not carry it yet ...
