@@ -25,7 +25,7 @@ check-protos: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy spike nexus pilot devagent
+	$(BIN)/mypy spike nexus pilot devagent tests
 
 test: $(STAMP) lint
 	$(PY) -m spike._protogen --check

@@ -35,8 +35,10 @@ def test_one_size_limit_for_the_file_and_the_parser(tmp: Path) -> None:
 def test_lifecycle_and_backup_states_are_the_enums(tmp: Path) -> None:
     keys = open_keys(tmp)
     try:
-        assert keys.state is LifecycleState.UNINITIALIZED
-        assert keys.backup_health.status is BackupStatus.MISSING
+        # Read into locals: asserting on the attributes would narrow them past init for mypy.
+        state, backup = keys.state, keys.backup_health.status
+        assert state is LifecycleState.UNINITIALIZED
+        assert backup is BackupStatus.MISSING
         with pytest.raises(errors.NotReady) as refused:
             keys.require_unsealed()
         assert refused.value.kind == ErrorKind.UNINITIALIZED

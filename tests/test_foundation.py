@@ -220,7 +220,7 @@ def test_sealed_gate_and_health(agent: DevAgent, nexus: Nexus) -> None:
         secrets_pb2_grpc.SecretsStub(channel).Get(secrets_pb2.GetSecretRequest(path="a"),
                                                   timeout=5)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "spike init" in info.value.details()
+    assert "spike init" in (info.value.details() or "")
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                          timeout=5)
     assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ GIB_KIB = 1024 * 1024
 
 # Each is within KdfParams' absolute sanity bounds (so the old code ran Argon2 on it) but far
 # above what a Nexus configured with the test (or the default) parameters should accept.
-BOMBS = {
+BOMBS: dict[str, dict[str, Any]] = {
     "memory 4 GiB": {"memory_kib": 4 * GIB_KIB, "time_cost": 3, "parallelism": 4},
     "time cost 64": {"memory_kib": 64, "time_cost": 64, "parallelism": 1},
     "parallelism 64": {"memory_kib": 64 * 8, "time_cost": 1, "parallelism": 64},

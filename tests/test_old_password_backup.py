@@ -25,6 +25,7 @@ from tests.harness import (
     open_keys,
     pilot,
     pilot_json,
+    state_json,
 )
 
 OLD = TEST_PASSWORD.encode()
@@ -102,9 +103,9 @@ def test_a_crash_between_writing_and_recording_a_password_change(tmp_path: Path)
     """The new file was written but its key not yet recorded as current: still accepted."""
     keys = manager(tmp_path)
     keys.init(OLD)
-    old_key = json.loads(keys._store.get_state("backup_public_key"))["current"]
+    old_key = state_json(keys._store, "backup_public_key")["current"]
     keys.change_password(OLD, NEW)
-    new_key = json.loads(keys._store.get_state("backup_public_key"))["current"]
+    new_key = state_json(keys._store, "backup_public_key")["current"]
     assert new_key != old_key
     # What the store holds if Nexus died right after the file was written:
     keys._store.put_state("backup_public_key",
@@ -112,7 +113,7 @@ def test_a_crash_between_writing_and_recording_a_password_change(tmp_path: Path)
     close_keys(keys)
     again = manager(tmp_path)
     assert not again.recover_detailed(NEW).old_password_accepted
-    assert json.loads(again._store.get_state("backup_public_key")) == {"current": new_key}
+    assert state_json(again._store, "backup_public_key") == {"current": new_key}
     close_keys(again)
 
 

@@ -34,6 +34,7 @@ from tests.harness import (
     open_keys,
     pilot,
     pilot_json,
+    state_json,
 )
 
 PASSWORD = TEST_PASSWORD.encode()
@@ -169,13 +170,13 @@ def test_nexus_never_vouches_for_a_record_it_only_read(tmp_path: Path) -> None:
     keys = manager(tmp_path)
     keys.init(PASSWORD)
     store = keys._store
-    records = json.loads(store.get_state("root_keys"))
+    records = state_json(store, "root_keys")
     records["5"] = {"fingerprint": fingerprint(attacker_key()).hex(), "created": 1.0}
     store.put_state("root_keys", json.dumps(records))
     keys.ensure_recorded()
     keys.add_generation()  # a rotation's first step, then its last
     keys.drop_generation(1)
-    records = json.loads(store.get_state("root_keys"))
+    records = state_json(store, "root_keys")
     assert "tags" not in records.get("5", {}), records
     assert records["2"]["tags"], records
     close_keys(keys)

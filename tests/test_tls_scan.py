@@ -27,6 +27,7 @@ import venv
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -279,7 +280,7 @@ def test_sslyze_scan(sslyze: list[str], target: Target) -> None:
     results = server["scan_result"]
     assert isinstance(results, dict)
 
-    def scanned(key: str) -> dict[str, object]:
+    def scanned(key: str) -> dict[str, Any]:
         entry = results[key]
         assert entry["status"] == "COMPLETED", (key, entry)
         return entry["result"]  # type: ignore[no-any-return]
