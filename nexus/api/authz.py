@@ -23,17 +23,13 @@ import structlog
 from cryptography import x509
 
 from nexus.api.errors import abort
-from nexus.api.handlers import wrap_handler
+from nexus.api.handlers import WrappingInterceptor, wrap_handler
 from spike.errors import ErrorKind
 from spike.roles import recover_id, superuser_id
 from spike.svid import SvidRuleError, check_intermediates, leaf_spiffe_id
 
 if TYPE_CHECKING:
-    from nexus.api.handlers import Continuation, Handler
-
-    _Interceptor = grpc.ServerInterceptor[Any, Any]
-else:
-    _Interceptor = grpc.ServerInterceptor
+    from nexus.api.handlers import Handler
 
 _log = structlog.get_logger("nexus.authz")
 
@@ -200,7 +196,7 @@ class Gate:
         return ErrorKind(kind), message
 
 
-class AuthorizationInterceptor(_Interceptor):
+class AuthorizationInterceptor(WrappingInterceptor):
     def __init__(
         self,
         rules: Mapping[str, Rule],
@@ -208,25 +204,11 @@ class AuthorizationInterceptor(_Interceptor):
         on_denied: Callable[[str, str, str], None],
         trust_domain: str,
     ) -> None:
+        super().__init__()
         self._rules = rules
         self._trust_domain = trust_domain
         self._gate = gate
         self._on_denied = on_denied
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
-
-    def intercept_service(self, continuation: Continuation,
-                          details: grpc.HandlerCallDetails) -> Handler | None:
-        handler = continuation(details)
-        if handler is None:
-            return None  # gRPC answers UNIMPLEMENTED; nothing of ours runs
-        method: str = details.method
-        # The registered handler for a method never changes: wrap it once, not per call.
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
         rule = self._rules.get(method)

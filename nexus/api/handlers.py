@@ -13,14 +13,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import grpc
 from grpc import experimental as _experimental
 
 if TYPE_CHECKING:
-    import grpc
-
     # Interceptors see every RPC: requests and responses of any message type.
     Handler = grpc.RpcMethodHandler[Any, Any]
     Continuation = Callable[[grpc.HandlerCallDetails], Handler | None]
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.ServerInterceptor
 
 _GRPC_ATTRIBUTES = ("experimental_non_blocking", "experimental_thread_pool")
 
@@ -45,3 +47,27 @@ def wrap_handler(wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
         return keep_grpc_attributes(wrap(behavior), behavior)
 
     return _wrap_server_method_handler(preserving, handler)
+
+
+class WrappingInterceptor(_Interceptor):
+    """A server interceptor that wraps each method's handler once (``_wrap``) and serves the
+    wrapped one from then on: the registered handler of a method never changes."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    def intercept_service(self, continuation: Continuation,
+                          details: grpc.HandlerCallDetails) -> Handler | None:
+        handler = continuation(details)
+        if handler is None:
+            return None  # gRPC answers UNIMPLEMENTED; nothing of ours runs
+        method: str = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        raise NotImplementedError

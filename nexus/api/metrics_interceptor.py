@@ -14,14 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from nexus.api.handlers import wrap_handler
+from nexus.api.handlers import WrappingInterceptor, wrap_handler
 
 if TYPE_CHECKING:
-    from nexus.api.handlers import Continuation, Handler
-
-    _Interceptor = grpc.ServerInterceptor[Any, Any]
-else:
-    _Interceptor = grpc.ServerInterceptor
+    from nexus.api.handlers import Handler
 
 Observe = Callable[[str, str, float], None]
 
@@ -35,24 +31,10 @@ def status_name(context: grpc.ServicerContext, failed: bool) -> str:
     return "UNKNOWN" if failed else "OK"
 
 
-class RpcMetricsInterceptor(_Interceptor):
+class RpcMetricsInterceptor(WrappingInterceptor):
     def __init__(self, observe: Observe) -> None:
+        super().__init__()
         self._observe = observe
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
-
-    def intercept_service(self, continuation: Continuation,
-                          details: grpc.HandlerCallDetails) -> Handler | None:
-        handler = continuation(details)
-        if handler is None:
-            return None  # gRPC answers UNIMPLEMENTED; nothing of ours ran
-        method: str = details.method
-        # The next interceptor returns the same handler per method: wrap it once.
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
         observe = self._observe
