@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from nexus.api.errors import status_for
-from nexus.core import rotation
+from nexus.core import rotation, testpoints
 from nexus.core.errors import Conflict, NotFound, NotReady, Unavailable
 from nexus.core.policies import Policy
 from nexus.core.rotation import STATE_KEY, RotationState
@@ -508,6 +508,71 @@ def test_an_acknowledged_abort_is_durable_while_a_publication_holds_the_state(
         assert again.generations()["rows"] == {1}
     finally:
         again.close()
+
+
+def _hold_at_finalize_gate(world: World, until: threading.Event,
+                           arrived: threading.Event) -> Callable[[Point], None]:
+    def hook(point: Point) -> None:
+        if point == Point.ROTATION_FINALIZE_GATE and world.engine.in_worker():
+            arrived.set()
+            until.wait(HOLD)
+
+    testpoints.add_hook(hook)
+    return hook
+
+
+def test_an_abort_accepted_after_validation_rolls_back(tmp: Path) -> None:
+    """Validation passed and FINALIZE is not published yet: an abort answered now must win
+    (it used to be answered "ok" while the rotation went on to complete)."""
+    world = World(tmp)
+    go, arrived = threading.Event(), threading.Event()
+    hook = _hold_at_finalize_gate(world, go, arrived)
+    try:
+        expected = world.fill(paths=10, versions=1)
+        world.engine.start(caller="test", batch_size=5, max_rate=1000)
+        assert arrived.wait(HOLD)
+        world.engine.abort("test")
+        go.set()
+        state = world.wait()
+        assert state.phase == RotationPhase.ABORTED, state.message
+        world.read_all(expected)
+        assert world.generations()["rows"] == {1}
+    finally:
+        go.set()
+        testpoints.remove_hook(hook)
+        world.close()
+
+
+def test_the_worker_does_not_finalize_while_an_abort_is_being_recorded(tmp: Path) -> None:
+    """The worker reaches the finalize gate while an abort is still writing its audit line:
+    it waits for that abort, then rolls back."""
+    world = World(tmp)
+    in_abort, release_abort, arrived = threading.Event(), threading.Event(), threading.Event()
+    hook = _hold_at_finalize_gate(world, in_abort, arrived)
+    record = world.engine._audit.record
+
+    def slow_record(action: str, **kwargs: Any) -> None:
+        if action == "rotation.abort":
+            in_abort.set()
+            assert release_abort.wait(HOLD)
+        record(action, **kwargs)
+
+    world.engine._audit.record = slow_record  # type: ignore[method-assign]
+    try:
+        world.fill(paths=10, versions=1)
+        world.engine.start(caller="test", batch_size=5, max_rate=1000)
+        assert arrived.wait(HOLD)  # the worker is at the gate ...
+        operator = threading.Thread(target=world.engine.abort, args=("test",))
+        operator.start()
+        assert in_abort.wait(HOLD)  # ... and goes on while the abort is being recorded
+        release_abort.set()
+        operator.join(HOLD)
+        assert world.wait().phase == RotationPhase.ABORTED
+    finally:
+        in_abort.set()
+        release_abort.set()
+        testpoints.remove_hook(hook)
+        world.close()
 
 
 def test_low_disk_space_is_a_failed_precondition(world: World,

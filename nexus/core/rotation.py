@@ -241,6 +241,11 @@ class RotationEngine:
         self._history: deque[RotationState] = deque(maxlen=WATCH_HISTORY)
         self._saver: threading.Thread | None = None
         self._closing = threading.Event()
+        # The finalize gate (under ``_lock``): aborts being recorded hold the worker before
+        # it finalizes; once it finalizes (``_finalizing``) no abort is accepted.
+        self._aborting = 0
+        self._finalizing = False
+        self._spawn_lock = threading.Lock()
 
     # ------------------------------------------------------------------ queries
 
@@ -421,8 +426,18 @@ class RotationEngine:
             if state.node and state.node != self._node_name and not state.terminal:
                 raise Conflict(f"the rotation runs on node {state.node}: abort it there; if "
                                "that node is gone for good, `spike rotation resume` here first")
-            if state.phase == RotationPhase.FINALIZE:
+            if state.phase == RotationPhase.FINALIZE or self._finalizing:
                 raise Conflict("the rotation is finalizing and can no longer be aborted")
+            self._aborting += 1  # the worker does not finalize until this abort is decided
+        try:
+            self._record_abort(state, caller, reason)
+        finally:
+            with self._changed:
+                self._aborting -= 1
+                self._changed.notify_all()
+        return state
+
+    def _record_abort(self, state: RotationState, caller: str, reason: str) -> None:
         with _store_errors("abort the rotation"):  # audited before anything is done
             self._audit.record("rotation.abort", caller=caller, target=state.rotation_id,
                                outcome="ok", durable=True, reason=reason)
@@ -438,7 +453,6 @@ class RotationEngine:
             with _store_errors("abort the rotation"):
                 self._enter_rollback(state, f"abort requested by {caller}")
             self._spawn()
-        return state
 
     def resume(self, caller: str) -> RotationState:
         self.current  # noqa: B018 - refresh from the store when no worker runs here
@@ -507,11 +521,36 @@ class RotationEngine:
     # ------------------------------------------------------------------ worker
 
     def _spawn(self) -> None:
-        self._stop = _Stop()
-        self._thread = threading.Thread(target=self._run, name="rotation", daemon=True)
-        self._thread.start()
+        """Start the worker, unless one runs already (an abort and a resume racing on a
+        failed rotation both ask for one: it drives whichever state was published last)."""
+        with self._spawn_lock:
+            if self.running():
+                return
+            with self._lock:
+                self._finalizing = False
+            self._stop = _Stop()
+            self._thread = threading.Thread(target=self._run, name="rotation", daemon=True)
+            self._thread.start()
+
+    def _pass_finalize_gate(self) -> None:
+        """Between a passed validation and FINALIZE: wait for an abort being recorded, then
+        either roll back (an abort came first) or finalize (no abort is accepted after)."""
+        testpoints.reached(Point.ROTATION_FINALIZE_GATE)
+        with self._changed:
+            while self._aborting:
+                self._changed.wait()
+            if self._stop.abort.is_set():
+                raise _AbortRequested()
+            self._finalizing = True
 
     def _run(self) -> None:
+        try:
+            self._drive_and_report()
+        finally:
+            with self._lock:
+                self._finalizing = False  # a failed finalize can be aborted again
+
+    def _drive_and_report(self) -> None:
         try:
             self._drive()
         except _Interrupted:
@@ -641,6 +680,7 @@ class RotationEngine:
             self._publish(replace(state, phase=RotationPhase.REENCRYPT, cursor=None,
                                   message=f"{leftover} record(s) left; sweeping again"))
             return
+        self._pass_finalize_gate()
         self._publish(replace(state, phase=RotationPhase.FINALIZE,
                               message=f"validated {checked} record(s) under generation {target}"))
         testpoints.reached(Point.ROTATION_VALIDATED)

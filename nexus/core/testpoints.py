@@ -49,6 +49,8 @@ class Point(StrEnum):
     # After each batch of re-encryption (or rollback) is committed, before the next one.
     ROTATION_BETWEEN_BATCHES = "rotation_between_batches"
     ROTATION_VALIDATE = "rotation_validate"
+    # Validation passed; the worker is about to decide between finalize and an abort.
+    ROTATION_FINALIZE_GATE = "rotation_finalize_gate"
     ROTATION_VALIDATED = "rotation_validated"
     GENERATION_DROPPED_FROM_BACKUP = "generation_dropped_from_backup"
     ROTATION_FINALIZED = "rotation_finalized"
