@@ -162,7 +162,7 @@ class Node:
         before = self.keys.backup_health.status
         health = self.keys.verify_backup_file()
         if health.status != before or health.status != BackupStatus.OK:
-            self.audit.record("backup.check", caller="(nexus)", outcome=health.status,
+            self.audit.record("backup.check", caller="(nexus)", outcome=str(health.status),
                               detail_text=health.detail)
 
     def _backup_health_now(self) -> None:
