@@ -24,7 +24,10 @@ def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
     p = ssub.add_parser("put", parents=[parent], help="write a new version of a secret",
                         description="VALUE may be @FILE to read it from a file, or - to read "
                         "it from stdin: values given inline are visible to other local users "
-                        "in the process list and in shell history.")
+                        "in the process list and in shell history. An @FILE value loses exactly "
+                        "one trailing newline, if it has one (printf 'x' > F and echo x > F give "
+                        "the same value); a value from stdin is taken as it is.",
+                        epilog="example: spike secret put apps/db user=app pass=@db-pass.txt")
     p.add_argument("path")
     p.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
     p.add_argument("--cas", type=int, metavar="N",
@@ -76,14 +79,20 @@ def parse_pairs(pairs: list[str]) -> dict[str, str]:
             stdin_used = True
             value = sys.stdin.read()
         elif value.startswith("@"):
-            try:
-                value = Path(value[1:]).read_text()
-            except OSError as exc:
-                raise UsageError(f"cannot read value file for {key}: {exc.strerror}") from None
+            value = read_value_file(key, value[1:])
         if key in data:
             raise UsageError(f"key {key!r} given twice")
         data[key] = value
     return data
+
+
+def read_value_file(key: str, name: str) -> str:
+    """The file's text less exactly one trailing newline (what ``echo`` or an editor adds)."""
+    try:
+        value = Path(name).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read value file for {key}: {exc.strerror}") from None
+    return value.removesuffix("\n")
 
 
 def run_put(args: argparse.Namespace, client: NexusClient) -> int:

@@ -1,0 +1,69 @@
+"""A CLI that explains itself: versions, help, exit codes and messages a new user meets first.
+
+Each test names the point it holds: the exit code, the message and the JSON shape.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pilot.commands.secrets import parse_pairs
+from tests.harness import DevAgent, Nexus, pilot, short_tmpdir, start_unsealed
+
+
+@pytest.fixture(scope="module")
+def unsealed(agent: DevAgent) -> Iterator[Nexus]:
+    directory = short_tmpdir("nx-")
+    running = start_unsealed(agent, directory)
+    yield running
+    running.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _json(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    out: dict[str, object] = json.loads(result.stdout.splitlines()[-1])
+    return out
+
+
+def test_get_field_json_holds_only_that_key(agent: DevAgent, unsealed: Nexus) -> None:
+    env = agent.env("pilot")
+    put = pilot(["secret", "put", "cli/field", "user=app", "pass=hunter2"], env, unsealed)
+    assert put.returncode == 0, put.stderr
+    got = pilot(["secret", "get", "cli/field", "--field", "user", "--output", "json"], env,
+                unsealed)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == '{"data": {"user": "app"}, "path": "cli/field", "version": 1}\n'
+    raw = pilot(["secret", "get", "cli/field", "--field", "pass"], env, unsealed)
+    assert (raw.returncode, raw.stdout) == (0, "hunter2")
+    missing = pilot(["secret", "get", "cli/field", "--field", "nope", "--output", "json"], env,
+                    unsealed)
+    assert missing.returncode == 1
+    assert _json(missing) == {"error": "cli/field version 1 has no key 'nope'", "exit_code": 1}
+
+
+@pytest.mark.parametrize(("content", "value"), [
+    ("s3cret\n", "s3cret"),        # echo s3cret > F
+    ("s3cret", "s3cret"),          # printf s3cret > F
+    ("s3cret\n\n", "s3cret\n"),    # exactly one newline goes
+    ("line1\nline2\n", "line1\nline2"),
+    ("\n", ""),
+])
+def test_at_file_value_loses_exactly_one_trailing_newline(
+    tmp: Path, content: str, value: str
+) -> None:
+    (tmp / "v").write_text(content)
+    assert parse_pairs([f"k=@{tmp / 'v'}"]) == {"k": value}
+
+
+def test_put_help_documents_the_newline_rule() -> None:
+    result = pilot(["secret", "put", "--help"], {})
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "loses exactly one trailing newline" in text
+    assert "example: spike secret put" in text
