@@ -67,3 +67,18 @@ def test_put_help_documents_the_newline_rule() -> None:
     text = " ".join(result.stdout.split())
     assert "loses exactly one trailing newline" in text
     assert "example: spike secret put" in text
+
+
+def test_invalid_policy_pattern_quotes_re2s_reason(agent: DevAgent, unsealed: Nexus) -> None:
+    result = pilot(["policy", "put", "p1", "--spiffe-id-pattern", "spiffe://a/(b",
+                    "--path-pattern", "x", "--permissions", "read", "--output", "json"],
+                   agent.env("pilot"), unsealed)
+    assert result.returncode == 2, result.stderr
+    error = str(_json(result)["error"])
+    assert "SPIFFE ID pattern is not a valid RE2 expression: missing ): spiffe://a/(b" in error
+    result = pilot(["policy", "put", "p1", "--spiffe-id-pattern", "spiffe://a/b",
+                    "--path-pattern", "(?=a)a", "--permissions", "read"],
+                   agent.env("pilot"), unsealed)
+    assert result.returncode == 2
+    assert "path pattern is not a valid RE2 expression: invalid perl operator: (?=" in \
+        result.stderr

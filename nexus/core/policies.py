@@ -77,9 +77,18 @@ def compile_pattern(pattern: str, what: str) -> Any:
     options.log_errors = False
     try:
         return re2.compile(pattern, options)
-    except re2.error:
-        raise InvalidInput(f"the {what} pattern is not a valid RE2 expression (RE2 has no "
-                           "backreferences or lookaround)") from None
+    except re2.error as exc:
+        raise InvalidInput(f"the {what} pattern is not a valid RE2 expression: "
+                           f"{_re2_reason(exc)} (RE2 has no backreferences or lookaround)"
+                           ) from None
+
+
+def _re2_reason(exc: Exception) -> str:
+    """RE2's own reason (``missing ): a(``), as text, bounded like the pattern it quotes."""
+    reason = exc.args[0] if exc.args else ""
+    if isinstance(reason, bytes):
+        reason = reason.decode("utf-8", "replace")
+    return str(reason)[:MAX_PATTERN_CHARS + 64] or "unknown error"
 
 
 def validate_policy(policy: Policy) -> Policy:
