@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level)
     try:
         return serve(config)
-    except SpikeError as exc:
+    except (SpikeError, OSError) as exc:  # e.g. a busy --listen port: a message, no traceback
         log.error("cannot start", error=str(exc))
         print(f"spike-nexus: {exc}", file=sys.stderr)
         return 1

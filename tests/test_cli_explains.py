@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pilot.commands.secrets import parse_pairs
-from tests.harness import DevAgent, Nexus, pilot, short_tmpdir, start_unsealed
+from tests.harness import PY, DevAgent, Nexus, pilot, short_tmpdir, start_unsealed
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,23 @@ def test_invalid_policy_pattern_quotes_re2s_reason(agent: DevAgent, unsealed: Ne
     assert result.returncode == 2
     assert "path pattern is not a valid RE2 expression: invalid perl operator: (?=" in \
         result.stderr
+
+
+def test_a_busy_listen_port_is_a_message_not_a_traceback(agent: DevAgent, nexus: Nexus,
+                                                          tmp: Path) -> None:
+    for flags in (["--listen", nexus.address],
+                  ["--listen", "127.0.0.1:0", "--metrics-listen", nexus.address]):
+        second = subprocess.run(
+            [PY, "-m", "nexus", *flags, "--data-dir", str(tmp / "second"),
+             "--insecure-test-kdf"],
+            env=agent.env("nexus"), capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1, second.stderr
+        assert "Traceback" not in second.stderr
+        last = second.stderr.splitlines()[-1]
+        assert last.startswith("spike-nexus: cannot ")
+        assert nexus.address in last
+    assert "cannot listen on " + nexus.address + ": the address is in use" in \
+        subprocess.run([PY, "-m", "nexus", "--listen", nexus.address, "--data-dir",
+                        str(tmp / "third"), "--insecure-test-kdf"], env=agent.env("nexus"),
+                       capture_output=True, text=True, timeout=120).stderr
+    assert nexus.proc.poll() is None  # the first one still serves

@@ -113,9 +113,13 @@ class NexusServer:
             options=_server_options(config, limits),
         )
         _add_services(self.server, node, audit, self.health)
-        self.port = self.server.add_secure_port(config.listen, server_credentials(identity))
+        try:
+            self.port = self.server.add_secure_port(config.listen, server_credentials(identity))
+        except RuntimeError:  # grpc's "Failed to bind": the port is busy or not ours
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {config.listen}")
+            raise OSError(f"cannot listen on {config.listen}: the address is in use or not "
+                          "available on this host")
         host = config.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
         self.update_health()
