@@ -34,6 +34,7 @@ from devagent.ca import (
 )
 from devagent.workload_api import AgentServers, Identity, SocketInUseError, SvidStore
 from spike.roles import nexus_id, recover_id, superuser_id
+from spike.version import VERSION
 
 DEFAULT_TRUST_DOMAIN = "spike.internal"
 DEFAULT_NEXUS_DNS = "nexus.spike.internal"
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"spike-dev-agent {VERSION}",
+                   help="print the version and exit")
     p.add_argument("--dir", required=True, metavar="DIR", help="directory for the sockets")
     p.add_argument(
         "--trust-domain",

@@ -1,1 +1,5 @@
-__version__ = "0.1.0"
+"""SPIKE Nexus, the secrets store server."""
+
+from spike.version import VERSION as __version__
+
+__all__ = ["__version__"]

@@ -13,6 +13,7 @@ from typing import Any
 from spike.errors import ConfigError
 from spike.roles import nexus_id
 from spike.tls import DEFAULT_TLS_NAME, DEFAULT_TRUST_DOMAIN
+from spike.version import VERSION
 
 ENV_PREFIX = "SPIKE_NEXUS_"
 
@@ -127,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         "SPIKE_NEXUS_<FLAG> from the environment (e.g. SPIKE_NEXUS_LISTEN).",
     )
     parser.add_argument("--config", help="TOML file with the same keys as the flags")
+    parser.add_argument("--version", action="version", version=f"spike-nexus {VERSION}",
+                        help="print the version and exit")
     for f in fields(NexusConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "insecure_test_kdf":

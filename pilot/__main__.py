@@ -20,6 +20,8 @@ COMMAND_MODULES = ("status", "keys", "secrets", "policies", "rotation", "audit")
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
+    from spike.version import VERSION
+
     # Accepted after any subcommand too.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--output", choices=("text", "json"),
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         "SPIFFE_ENDPOINT_SOCKET (or SPIKE_SVID_CERT/SPIKE_SVID_KEY/SPIKE_TRUST_BUNDLE).",
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"spike {VERSION}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"pilot.commands.{name}")

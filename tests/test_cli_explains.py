@@ -102,3 +102,27 @@ def test_a_busy_listen_port_is_a_message_not_a_traceback(agent: DevAgent, nexus:
                         str(tmp / "third"), "--insecure-test-kdf"], env=agent.env("nexus"),
                        capture_output=True, text=True, timeout=120).stderr
     assert nexus.proc.poll() is None  # the first one still serves
+
+
+def _pyproject_version() -> str:
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    version: str = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    return version
+
+
+@pytest.mark.parametrize(("module", "program"), [
+    ("pilot", "spike"), ("nexus", "spike-nexus"), ("devagent", "spike-dev-agent")])
+def test_version_of_each_program_is_pyprojects(module: str, program: str) -> None:
+    result = subprocess.run([PY, "-m", module, "--version"], capture_output=True, text=True,
+                            timeout=60)
+    assert (result.returncode, result.stdout) == (0, f"{program} {_pyproject_version()}\n")
+
+
+def test_status_version_is_the_same_one(agent: DevAgent, unsealed: Nexus) -> None:
+    import nexus
+
+    status = pilot(["status", "--output", "json"], agent.env("pilot"), unsealed)
+    assert status.returncode == 0, status.stderr
+    assert _json(status)["version"] == nexus.__version__ == _pyproject_version()
