@@ -126,3 +126,17 @@ def test_status_version_is_the_same_one(agent: DevAgent, unsealed: Nexus) -> Non
     status = pilot(["status", "--output", "json"], agent.env("pilot"), unsealed)
     assert status.returncode == 0, status.stderr
     assert _json(status)["version"] == nexus.__version__ == _pyproject_version()
+
+
+def test_already_initialized_and_unsealed_are_exit_10_in_json(agent: DevAgent,
+                                                              unsealed: Nexus) -> None:
+    import grpc
+
+    env = agent.env("pilot")
+    for args, words in ((["init", "--password-stdin"], "already initialized"),
+                        (["recover", "--password-stdin"], "already unsealed")):
+        result = pilot([*args, "--output", "json"], env, unsealed, stdin="x\n")
+        assert result.returncode == 10, result.stderr
+        answer = _json(result)
+        assert answer["exit_code"] == 10 and words in str(answer["error"]), answer
+        assert not any(c.name in result.stdout + result.stderr for c in grpc.StatusCode)
