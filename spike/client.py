@@ -425,19 +425,22 @@ class Client:
         resp = self._call(lambda s: s.Put, request, timeout, retry=cas is not None)
         return resp.version
 
-    def list(self, prefix: str = "", *, timeout: float | None = None) -> builtins.list[str]:
+    def list(self, prefix: str = "", *, page_size: int = 0, timeout: float | None = None
+             ) -> builtins.list[str]:
         """Every path under ``prefix`` this identity may list, in order (all pages; the
-        timeout applies to each page)."""
-        return builtins.list(self.iter_paths(prefix, timeout=timeout))
+        timeout applies to each page; ``page_size`` 0: Nexus's default)."""
+        return builtins.list(self.iter_paths(prefix, page_size=page_size, timeout=timeout))
 
-    def iter_paths(self, prefix: str = "", *, timeout: float | None = None) -> Iterator[str]:
+    def iter_paths(self, prefix: str = "", *, page_size: int = 0,
+                   timeout: float | None = None) -> Iterator[str]:
         """The paths of :meth:`list`, page by page."""
         from spike.v1 import secrets_pb2 as pb
 
         token = ""
         while True:
             resp = self._call(lambda s: s.List,
-                              pb.ListSecretsRequest(prefix=prefix, page_token=token),
+                              pb.ListSecretsRequest(prefix=prefix, page_size=page_size,
+                                                    page_token=token),
                               timeout, retry=True)
             yield from resp.paths
             token = resp.next_page_token
