@@ -193,6 +193,7 @@ READER = textwrap.dedent("""
                 reads += 1
             except spike.SpikeError as exc:
                 failures.append(f"{type(exc).__name__}: {exc}")
+            time.sleep(0.01)  # steady, not a CPU hog
     print(json.dumps({"reads": reads, "failures": failures[:20],
                       "failed": len(failures), "serials": len(serials)}), flush=True)
 """)
@@ -237,6 +238,7 @@ def _read_through_rotations(agent: DevAgent, server: Nexus, tmp: Path) -> None:
             reader.kill()
             reader.wait()
     summary = json.loads(out.splitlines()[-1])
+    print("reader:", summary)
     assert summary["failed"] == 0, (summary, err)
     assert summary["reads"] > 0
     assert summary["serials"] >= 2, summary  # the SVID was re-issued under the reader
