@@ -6,6 +6,7 @@ Each test names the point it holds: the exit code, the message and the JSON shap
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -14,7 +15,15 @@ from pathlib import Path
 import pytest
 
 from pilot.commands.secrets import parse_pairs
-from tests.harness import PY, DevAgent, Nexus, pilot, short_tmpdir, start_unsealed
+from tests.harness import (
+    PY,
+    TEST_PASSWORD,
+    DevAgent,
+    Nexus,
+    pilot,
+    short_tmpdir,
+    start_unsealed,
+)
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +149,30 @@ def test_already_initialized_and_unsealed_are_exit_10_in_json(agent: DevAgent,
         answer = _json(result)
         assert answer["exit_code"] == 10 and words in str(answer["error"]), answer
         assert not any(c.name in result.stdout + result.stderr for c in grpc.StatusCode)
+
+
+def test_a_fresh_nexus_neither_fails_nor_verifies_a_backup(agent: DevAgent, nexus: Nexus) -> None:
+    env = agent.env("pilot")
+    status = pilot(["status", "--output", "json"], env, nexus)
+    assert status.returncode == 0, status.stderr
+    data = _json(status)
+    assert data["state"] == "uninitialized"
+    assert data["backup"] == {
+        "present": False, "path": str(nexus.data_dir / "root-key.backup"), "status": "missing",
+        "detail": "not initialized yet: `spike init` makes the root key and writes the backup",
+        "last_written": None, "last_verified": None, "generations": [], "kdf": ""}
+    assert data["hardening"]["key_memory_locked"] is None  # type: ignore[index]
+    text = pilot(["status"], env, nexus)
+    assert text.returncode == 0, text.stderr
+    assert "key memory locked: n/a (no key in memory)" in text.stdout
+    assert re.search(r"backup verified\s+-\n", text.stdout), text.stdout
+    # The periodic check (the first one runs at start) stays silent: no log, no audit.
+    assert not [e for e in nexus.log_events() if "backup check" in str(e.get("event"))]
+    audit = (nexus.data_dir / "audit.jsonl").read_text().splitlines()
+    assert not [line for line in audit if '"backup.check"' in line]
+    # Once a key exists, the line says whether its memory is locked.
+    init = pilot(["init", "--password-stdin"], env, nexus, stdin=TEST_PASSWORD + "\n")
+    assert init.returncode == 0, init.stderr
+    after = _json(pilot(["status", "--output", "json"], env, nexus))
+    assert isinstance(after["hardening"]["key_memory_locked"], bool)  # type: ignore[index]
+    assert after["backup"]["last_verified"] is not None  # type: ignore[index]

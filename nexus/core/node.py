@@ -21,6 +21,7 @@ from nexus.crypto.hardening import HardeningReport
 from nexus.store.base import Store
 from spike.states import BackupStatus, LifecycleState
 
+NO_BACKUP_YET = "not initialized yet: `spike init` makes the root key and writes the backup"
 log = structlog.get_logger("nexus.node")
 
 
@@ -159,6 +160,9 @@ class Node:
             health.detail = f"the last check failed ({type(exc).__name__}): see the Nexus log"
 
     def verify_backup_now(self) -> None:
+        if self.keys.state == LifecycleState.UNINITIALIZED:
+            # No backup is expected before `spike init`: nothing failed, nothing was verified.
+            return
         before = self.keys.backup_health.status
         health = self.keys.verify_backup_file()
         if health.status != before or health.status != BackupStatus.OK:
@@ -180,12 +184,13 @@ class Node:
         info = recorded.get(generation)
         self._backup_health_now()
         health = self.keys.backup_health
+        state = self.keys.state
         try:
             counts = self.store.count_by_generation()
         except Exception:
             counts = {}
         return StatusReport(
-            state=self.keys.state,
+            state=state,
             generation=generation,
             fingerprint=keyring.entry(generation).fingerprint_hex if generation else "",
             key_created=info.created if info else None,
@@ -198,7 +203,7 @@ class Node:
                 present=os.path.exists(self._backup_path),
                 path=self._backup_path,
                 status=health.status,
-                detail=health.detail,
+                detail=NO_BACKUP_YET if state == LifecycleState.UNINITIALIZED else health.detail,
                 last_written=health.last_written,
                 last_verified=health.last_verified,
                 generations=self.keys.backup_generations(),

@@ -33,7 +33,9 @@ def status_dict(resp: StatusResponse) -> dict[str, Any]:
         "hardening": {
             "core_dumps_disabled": resp.hardening.core_dumps_disabled,
             "dumpable_off": resp.hardening.dumpable_off,
-            "key_memory_locked": resp.hardening.key_memory_locked,
+            # None (n/a) while no root key is in memory: there is nothing to lock yet.
+            "key_memory_locked": (resp.hardening.key_memory_locked
+                                  if resp.root_key_generation else None),
         },
         "backup": {
             "present": backup.present,
@@ -84,7 +86,7 @@ def status_text(data: dict[str, Any]) -> str:
         ("key created", data["root_key_created"] or "-"),
         ("hardening", f"core dumps off: {h['core_dumps_disabled']}, "
                       f"not dumpable: {h['dumpable_off']}, key memory locked: "
-                      f"{h['key_memory_locked']}"),
+                      f"{_or_na(h['key_memory_locked'])}"),
         ("backup", f"{b['status']}  {b['path']}" + (f"  ({b['detail']})" if b["detail"] else "")),
         ("backup written", b["last_written"] or "-"),
         ("backup verified", b["last_verified"] or "-"),
@@ -100,3 +102,7 @@ def status_text(data: dict[str, Any]) -> str:
     if data["schedule_problem"]:
         rows.append(("schedule", data["schedule_problem"]))
     return text_table(rows)
+
+
+def _or_na(value: object) -> str:
+    return "n/a (no key in memory)" if value is None else str(value)
