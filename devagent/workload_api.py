@@ -231,7 +231,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self._check_header(context, "FetchX509SVID")
         is_active = self._watch(context)
         generation, svid = self._store.current(self._name)
-        self._log.info("stream_opened", method="FetchX509SVID", peer=context.peer())
+        self._log.debug("stream_opened", method="FetchX509SVID", peer=context.peer())
         try:
             while True:
                 yield x509_svid_response(svid, self._store.bundle_der)
@@ -240,7 +240,7 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                     return
                 generation, svid = nxt
         finally:
-            self._log.info("stream_closed", method="FetchX509SVID")
+            self._log.debug("stream_closed", method="FetchX509SVID")
 
     def FetchX509Bundles(
         self, request: workload_pb2.X509BundlesRequest, context: grpc.ServicerContext

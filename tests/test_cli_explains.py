@@ -23,6 +23,7 @@ from tests.harness import (
     pilot,
     short_tmpdir,
     start_unsealed,
+    wait_for,
 )
 
 
@@ -176,3 +177,25 @@ def test_a_fresh_nexus_neither_fails_nor_verifies_a_backup(agent: DevAgent, nexu
     after = _json(pilot(["status", "--output", "json"], env, nexus))
     assert isinstance(after["hardening"]["key_memory_locked"], bool)  # type: ignore[index]
     assert after["backup"]["last_verified"] is not None  # type: ignore[index]
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_dev_agent_banner_on_stderr_and_stream_lines_only_at_debug(level: str) -> None:
+    running = DevAgent(extra=["--log-level", level])
+    try:
+        env = running.env("pilot")
+        env["SPIKE_NEXUS_ADDR"] = "127.0.0.1:1"  # nothing listens: the SVID fetch is enough
+        pilot(["status"], env)
+    finally:
+        running.stop()
+    assert running.proc.stdout is not None
+    rest = running.proc.stdout.read()
+    # The drain thread reads stderr to its end; the agent's last line is "stopped".
+    assert wait_for(lambda: '"stopped"' in "".join(running._stderr))
+    stderr = "".join(running._stderr)
+    assert rest == ""  # stdout held "ready DIR" only (read by DevAgent)
+    assert "DEVELOPMENT ONLY - never use spike-dev-agent in production" in stderr
+    events = [json.loads(line).get("event") for line in stderr.splitlines()
+              if line.startswith("{")]
+    assert "svid_issued" in events
+    assert ("stream_opened" in events) is (level == "debug"), events
