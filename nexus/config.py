@@ -6,7 +6,7 @@ import argparse
 import os
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spike-nexus",
         description="SPIKE Nexus: the secrets store server. Every flag also reads "
-        "SPIKE_NEXUS_<FLAG> from the environment (e.g. SPIKE_NEXUS_LISTEN).",
+        "SPIKE_NEXUS_<FLAG> from the environment (e.g. SPIKE_NEXUS_LISTEN), and a TOML "
+        "file given with --config may set the same keys. Precedence: flags, environment, "
+        "file, defaults.",
+        epilog=EPILOG,
     )
-    parser.add_argument("--config", help="TOML file with the same keys as the flags")
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML file with the same keys as the flags (default: "
+                        "SPIKE_NEXUS_CONFIG, else none)")
     parser.add_argument("--version", action="version", version=f"spike-nexus {VERSION}",
                         help="print the version and exit")
     for f in fields(NexusConfig):
@@ -141,32 +146,78 @@ def build_parser() -> argparse.ArgumentParser:
                 flag, action="store_const", const=True, default=None,
                 help="one-time upgrade of a store from before authenticated generation "
                      "records: the next recover with the password accepts and tags them "
-                     "(only if nobody else could have written the store and the backup)")
+                     "(only if nobody else could have written the store and the backup) "
+                     "(default: off)")
             continue
-        parser.add_argument(flag, default=None, metavar=f.name.upper(), help=_HELP.get(f.name))
+        metavar, text = _help(f)
+        parser.add_argument(flag, default=None, metavar=metavar, help=text)
     return parser
 
 
-_HELP = {
-    "listen": "HOST:PORT to serve gRPC on (default 127.0.0.1:8553)",
-    "data_dir": "directory for the backup, the SQLite store and the audit trail",
-    "backup_file": "encrypted root key backup (default DATA_DIR/root-key.backup)",
-    "store": "sqlite (embedded default) or postgres",
-    "dsn": "PostgreSQL connection string (with --store postgres)",
-    "trust_domain": "SPIFFE trust domain (default spike.internal)",
-    "tls_name": "DNS SAN that Nexus's SVID must carry (default nexus.spike.internal)",
-    "metrics_listen": "HOST:PORT for Prometheus metrics (off by default)",
-    "audit_file": "audit trail file, '-' for stderr (default DATA_DIR/audit.jsonl)",
-    "svid_cert": "PEM SVID certificate chain (instead of the Workload API)",
-    "svid_key": "PEM PKCS#8 private key of the SVID",
-    "trust_bundle": "PEM trust bundle of our trust domain",
-    "log_level": "debug, info, warning or error",
-    "handshake_timeout_seconds": "close a connection that has not completed its TLS "
-    "handshake after this long (default 10)",
-    "max_connections": "connections accepted at once; 0 (default) = the open-file limit "
-    "less a reserve for the store, the audit trail and the backup",
-    "max_concurrent_streams": "concurrent calls per connection (default 100)",
+# Per flag: its metavar and what it does; the default is added from NexusConfig (or, where
+# the default is derived at start, from _DEFAULT_SHOWN).
+_HELP: dict[str, tuple[str, str]] = {
+    "listen": ("HOST:PORT", "address to serve gRPC on (mutual TLS only)"),
+    "data_dir": ("DIR", "directory for the backup, the SQLite store and the audit trail"),
+    "backup_file": ("PATH", "encrypted root key backup"),
+    "store": ("sqlite|postgres", "store backend: sqlite (embedded) or postgres"),
+    "dsn": ("DSN", "PostgreSQL connection string (with --store postgres)"),
+    "trust_domain": ("TD", "our SPIFFE trust domain"),
+    "tls_name": ("NAME", "DNS SAN that Nexus's SVID must carry; Pilot pins it"),
+    "metrics_listen": ("HOST:PORT", "address for Prometheus metrics"),
+    "audit_file": ("PATH", "audit trail file; '-' for stderr"),
+    "svid_cert": ("PEM", "SVID certificate chain file, instead of the Workload API"),
+    "svid_key": ("PEM", "PKCS#8 private key file of the SVID (with --svid-cert)"),
+    "trust_bundle": ("PEM", "trust bundle file of our trust domain (with --svid-cert)"),
+    "log_level": ("LEVEL", "debug, info, warning or error; JSON lines on stderr"),
+    "max_connection_age_seconds": ("SECONDS", "close every connection after this long, so "
+                                   "none keeps an old SVID"),
+    "kdf_time_cost": ("T", "Argon2id passes for new backups (never below 2)"),
+    "kdf_memory_kib": ("KIB", "Argon2id memory for new backups, in KiB (never below 19456)"),
+    "kdf_parallelism": ("P", "Argon2id lanes for new backups"),
+    "backup_verify_interval_seconds": ("SECONDS", "how often Nexus checks its backup file "
+                                       "on its own"),
+    "recover_backoff_seconds": ("SECONDS", "first delay after a wrong password; doubles per "
+                                "failure, capped at 300 s"),
+    "scheduler_check_seconds": ("SECONDS", "how often the rotation scheduler looks; 0 turns "
+                                "it off on this node"),
+    "node_name": ("NAME", "this node's name as the owner of a rotation (several nodes on "
+                  "one store)"),
+    "max_secret_versions": ("N", "versions kept per secret; older ones are deleted for good"),
+    "max_value_bytes": ("BYTES", "bound on a secret's keys and values together"),
+    "workers": ("N", "gRPC worker threads (calls served at once)"),
+    "handshake_timeout_seconds": ("SECONDS", "close a connection that has not completed its "
+                                  "TLS handshake after this long"),
+    "max_connections": ("N", "connections accepted at once; 0 = the open-file limit less a "
+                        "reserve for the store, the audit trail and the backup"),
+    "max_concurrent_streams": ("N", "concurrent calls per connection"),
 }
+# Defaults that are derived at start, or that mean "off".
+_DEFAULT_SHOWN = {
+    "data_dir": "./spike-data",
+    "backup_file": "DATA_DIR/root-key.backup",
+    "dsn": "none",
+    "metrics_listen": "off",
+    "audit_file": "DATA_DIR/audit.jsonl",
+    "svid_cert": "the Workload API",
+    "svid_key": "none",
+    "trust_bundle": "none",
+    "node_name": "hostname:data-dir",
+}
+EPILOG = ("example: spike-nexus --listen 0.0.0.0:8553 --data-dir /var/lib/spike-nexus "
+          "--metrics-listen 127.0.0.1:9553")
+
+
+def _help(f: Field[Any]) -> tuple[str, str]:
+    """The flag's metavar and help text, ending with its default."""
+    metavar, text = _HELP[f.name]
+    shown = _DEFAULT_SHOWN.get(f.name)
+    if shown is None:
+        default = f.default
+        shown = str(int(default)) if isinstance(default, float) and default.is_integer() \
+            else str(default)
+    # '%' would be read as a format by argparse.
+    return metavar, f"{text} (default: {shown})".replace("%", "%%")
 
 
 def load_config(

@@ -5,6 +5,7 @@ Each test names the point it holds: the exit code, the message and the JSON shap
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -199,3 +200,29 @@ def test_dev_agent_banner_on_stderr_and_stream_lines_only_at_debug(level: str) -
               if line.startswith("{")]
     assert "svid_issued" in events
     assert ("stream_opened" in events) is (level == "debug"), events
+
+
+def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[
+        tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from _leaves(sub, (*path, name))
+
+
+def test_every_nexus_flag_has_help_with_its_default() -> None:
+    import nexus.config
+
+    parser = nexus.config.build_parser()
+    helpless = [a.option_strings[0] for a in parser._actions
+                if a.option_strings and a.help is not argparse.SUPPRESS
+                and a.dest not in ("help", "version")
+                and "(default: " not in parser._get_formatter()._expand_help(a)]
+    assert not helpless, f"spike-nexus flags without help and default: {helpless}"
+    text = subprocess.run([PY, "-m", "nexus", "--help"], capture_output=True, text=True,
+                          timeout=60).stdout
+    assert "--workers N           gRPC worker threads (calls served at once) (default:" in text
+    assert "--max-connection-age-seconds SECONDS" in text
+    assert "example: spike-nexus --listen" in text
