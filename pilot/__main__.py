@@ -41,7 +41,57 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"pilot.commands.{name}")
         module.register(sub, common)
+    explain(parser)
     return parser
+
+
+# One example per command, shown at the end of its --help.
+EXAMPLES = {
+    "status": "spike status --output json",
+    "init": "spike init --password-file admin-password.txt",
+    "recover": "spike recover --password-file admin-password.txt",
+    "backup status": "spike backup status",
+    "backup verify": "spike backup verify --password-file admin-password.txt",
+    "backup export": "spike backup export --out /safe/place/root-key.backup",
+    "password change": "spike password change --password-file old.txt "
+                       "--new-password-file new.txt",
+    "secret put": "spike secret put apps/db user=app pass=@db-pass.txt",
+    "secret get": "spike secret get apps/db --field pass",
+    "secret list": "spike secret list apps/",
+    "secret delete": "spike secret delete apps/db --version 3",
+    "secret undelete": "spike secret undelete apps/db --version 3",
+    "secret destroy": "spike secret destroy apps/db --version 1 --version 2",
+    "secret metadata": "spike secret metadata apps/db",
+    "secret import": "spike secret import --file secrets.jsonl",
+    "policy put": "spike policy put db-readers --spiffe-id-pattern "
+                  "'spiffe://spike\\.internal/workload/.*' --path-pattern 'apps/db(/.*)?' "
+                  "--permissions read",
+    "policy get": "spike policy get db-readers",
+    "policy list": "spike policy list",
+    "policy delete": "spike policy delete db-readers",
+    "policy apply": "spike policy apply --file policies.json",
+    "rotate": "spike rotate --max-rate 500 --reason 'yearly rotation'",
+    "rotation status": "spike rotation status",
+    "rotation watch": "spike rotation watch",
+    "rotation abort": "spike rotation abort --reason 'peak traffic'",
+    "rotation resume": "spike rotation resume",
+    "rotation schedule": "spike rotation schedule --interval 90d --window 02:00-04:00",
+    "audit verify": "spike audit verify spike-data/audit.jsonl",
+}
+
+
+def explain(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> None:
+    """Give every command its one-line help as description and its example as epilog."""
+    for action in parser._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        helps = {choice.dest: choice.help for choice in action._choices_actions}
+        for name, sub in action.choices.items():
+            command = " ".join((*path, name))
+            sub.description = sub.description or helps.get(name)
+            if command in EXAMPLES:
+                sub.epilog = f"example: {EXAMPLES[command]}"
+            explain(sub, (*path, name))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

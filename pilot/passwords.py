@@ -22,13 +22,16 @@ MAX_PASSWORD_BYTES = 4096
 def add_password_options(parser: argparse.ArgumentParser, *, new: bool = False) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--password-file", metavar="FILE", type=Path,
-                       help="read the password from FILE (first line)")
+                       help="read the password from FILE (first line) (default: a no-echo "
+                            "prompt)")
     group.add_argument("--password-stdin", action="store_true",
-                       help="read the password from standard input (first line)")
+                       help="read the password from standard input (first line) (default: "
+                            "off)")
     if new:
         parser.add_argument("--new-password-file", metavar="FILE", type=Path,
                             help="read the new password from FILE (first line); with "
-                                 "--password-stdin the new password is the second line")
+                                 "--password-stdin the new password is the second line (default: a "
+                                 "no-echo prompt, asked twice)")
 
 
 def _first_line(data: bytearray) -> bytearray:

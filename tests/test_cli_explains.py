@@ -226,3 +226,26 @@ def test_every_nexus_flag_has_help_with_its_default() -> None:
     assert "--workers N           gRPC worker threads (calls served at once) (default:" in text
     assert "--max-connection-age-seconds SECONDS" in text
     assert "example: spike-nexus --listen" in text
+
+
+def test_every_pilot_command_has_help_defaults_and_an_example() -> None:
+    import pilot.__main__ as pilot_main
+
+    parser = pilot_main.build_parser()
+    commands = list(_leaves(parser))
+    assert len(commands) >= 25
+    for path, sub in commands:
+        command = " ".join(path)
+        assert sub.description, command
+        assert sub.epilog and sub.epilog.startswith(f"example: spike {command}"), command
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if action.dest in ("help", "version"):
+                continue
+            text = formatter._expand_help(action) if action.help else ""
+            assert text, (command, action.dest)
+            if action.option_strings:
+                assert "default" in text or "(required)" in text, (command, action.dest, text)
+    text = subprocess.run([PY, "-m", "pilot", "rotate", "--help"], capture_output=True,
+                          text=True, timeout=60).stdout
+    assert "(default: 0)" in text and "example: spike rotate" in text

@@ -20,7 +20,7 @@ def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
     asub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
     p = asub.add_parser("verify", parents=[parent],
                         help="detect edited, deleted, inserted or reordered audit lines")
-    p.add_argument("file", type=Path)
+    p.add_argument("file", type=Path, help="the audit trail, e.g. DATA_DIR/audit.jsonl")
     p.set_defaults(func=run_verify, offline=True)
 
 

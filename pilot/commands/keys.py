@@ -27,11 +27,13 @@ def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("recover", parents=[parent],
                        help="after a restart: unseal from the backup with the password")
     p.add_argument("--backup-file", type=Path, metavar="F",
-                   help="an exported backup, when the server's own file is lost")
+                   help="an exported backup, when the server's own file is lost (default: "
+                        "the server's own backup file)")
     p.add_argument("--accept-old-password", action="store_true",
                    help="recover even from a backup sealed under an earlier password (made "
                         "before a password change): the server's backup is then sealed under "
-                        "that old password again; run `spike password change` afterwards")
+                        "that old password again; run `spike password change` afterwards (default: "
+                        "off)")
     add_password_options(p)
     p.set_defaults(func=run_recover)
 
@@ -44,8 +46,10 @@ def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
     add_password_options(p)
     p.set_defaults(func=run_backup_verify)
     p = bsub.add_parser("export", parents=[parent], help="write the encrypted backup to F")
-    p.add_argument("--out", type=Path, required=True, metavar="F")
-    p.add_argument("--force", action="store_true", help="overwrite F if it exists")
+    p.add_argument("--out", type=Path, required=True, metavar="F",
+                   help="file to write, mode 0600 (required)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite F if it exists (default: off, refuse)")
     p.set_defaults(func=run_backup_export)
 
     password = sub.add_parser("password", parents=[parent], help="the administrator password")

@@ -25,27 +25,31 @@ def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
     p = psub.add_parser("put", parents=[parent], help="create or replace a policy",
                         description="Patterns are RE2 expressions matched against the whole "
                         "SPIFFE ID / path (anchored).")
-    p.add_argument("name")
-    p.add_argument("--spiffe-id-pattern", required=True, metavar="RE")
-    p.add_argument("--path-pattern", required=True, metavar="RE")
-    p.add_argument("--permissions", required=True, metavar="read,list,write,super")
+    p.add_argument("name", help="the policy's name")
+    p.add_argument("--spiffe-id-pattern", required=True, metavar="RE",
+                   help="RE2 pattern the caller's SPIFFE ID must match in full (required)")
+    p.add_argument("--path-pattern", required=True, metavar="RE",
+                   help="RE2 pattern the secret path must match in full (required)")
+    p.add_argument("--permissions", required=True, metavar="read,list,write,super",
+                   help="comma-separated permissions granted (required)")
     p.set_defaults(func=run_put)
 
     p = psub.add_parser("get", parents=[parent], help="show one policy")
-    p.add_argument("name")
+    p.add_argument("name", help="the policy's name")
     p.set_defaults(func=run_get)
 
     p = psub.add_parser("list", parents=[parent], help="list policies")
     p.set_defaults(func=run_list)
 
     p = psub.add_parser("delete", parents=[parent], help="delete a policy")
-    p.add_argument("name")
+    p.add_argument("name", help="the policy's name")
     p.set_defaults(func=run_delete)
 
     p = psub.add_parser("apply", parents=[parent],
                         help="create or replace policies from a JSON file (one object per "
                         "line, or a JSON array)")
-    p.add_argument("--file", type=Path, required=True, metavar="F")
+    p.add_argument("--file", type=Path, required=True, metavar="F",
+                   help="JSON lines or a JSON array of policies (required)")
     p.set_defaults(func=run_apply)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pilot.errors import EXIT_ROTATION_FAILED, PilotError, UsageError
@@ -46,11 +47,18 @@ def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("rotate", parents=[parent],
                        help="rotate the root key: re-encrypt every secret under a new key")
     p.add_argument("--emergency", action="store_true",
-                   help="suspected compromise: full speed, ignore the maintenance window")
-    p.add_argument("--detach", action="store_true", help="start and return; do not watch")
-    p.add_argument("--batch-size", type=int, default=0, metavar="N")
-    p.add_argument("--max-rate", type=int, default=0, metavar="N", help="records per second")
-    p.add_argument("--reason", default="", help="recorded in the audit trail")
+                   help="suspected compromise: full speed, ignore the maintenance window "
+                        "(default: off)")
+    p.add_argument("--detach", action="store_true",
+                   help="start and return; do not watch (default: off, follow it to the end)")
+    p.add_argument("--batch-size", type=int, default=0, metavar="N",
+                   help="records re-encrypted per committed batch; 0 = Nexus's default, 500 "
+                        "(2000 with --emergency) (default: %(default)s)")
+    p.add_argument("--max-rate", type=int, default=0, metavar="N",
+                   help="records per second; 0 = Nexus's default, 2000 (unlimited with "
+                        "--emergency) (default: %(default)s)")
+    p.add_argument("--reason", default="",
+                   help="recorded in the audit trail (default: none)")
     p.set_defaults(func=run_rotate)
 
     rotation = sub.add_parser("rotation", parents=[parent], help="watch and steer rotations")
@@ -61,18 +69,23 @@ def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run_watch)
     p = rsub.add_parser("abort", parents=[parent],
                         help="move re-encrypted records back and drop the new key")
-    p.add_argument("--reason", default="")
-    p.add_argument("--detach", action="store_true", help="do not watch the rollback")
+    p.add_argument("--reason", default="", help="recorded in the audit trail (default: none)")
+    p.add_argument("--detach", action="store_true",
+                   help="do not watch the rollback (default: off, follow it)")
     p.set_defaults(func=run_abort)
     p = rsub.add_parser("resume", parents=[parent], help="resume a failed rotation")
-    p.add_argument("--detach", action="store_true")
+    p.add_argument("--detach", action="store_true",
+                   help="resume and return; do not watch (default: off, follow it)")
     p.set_defaults(func=run_resume)
     p = rsub.add_parser("schedule", parents=[parent], help="show or set the rotation schedule")
-    p.add_argument("--interval", metavar="DURATION", help="e.g. 90d, 12h; 0 turns it off")
+    p.add_argument("--interval", metavar="DURATION",
+                   help="e.g. 90d, 12h, 1h30m; 0 turns it off (default: unchanged; shown "
+                        "when no option is given)")
     p.add_argument("--window", metavar="HH:MM-HH:MM",
-                   help="maintenance window in UTC; '' for any time")
+                   help="maintenance window in UTC; '' for any time (default: unchanged)")
     p.add_argument("--max-encryptions", type=int, metavar="N",
-                   help="rotate once a key has encrypted N records")
+                   help="rotate once a key has encrypted N records; 0 turns it off "
+                        "(default: unchanged)")
     p.set_defaults(func=run_schedule)
 
 
@@ -104,15 +117,12 @@ def event_dict(event: RotationEvent) -> dict[str, Any]:
 
 def watch(args: argparse.Namespace, client: NexusClient, rotation_id: str = "") -> int:
     """Follow the rotation to its terminal event; exit 0 only when it completed."""
-    from spike.v1 import operator_pb2 as pb
-
-    stub = client.operator
-    stream = stub.WatchRotation(pb.WatchRotationRequest(rotation_id=rotation_id))
+    stream = ResumingWatch(client, rotation_id)
     try:
         with client.errors():
             last = _follow_json(stream) if json_mode(args) else _draw(stream)
     except KeyboardInterrupt:
-        stream.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves it untyped
+        stream.cancel()
         info("stopped watching; the rotation goes on in Nexus (`spike rotation watch`)")
         return 130
     if last is None:
@@ -132,6 +142,54 @@ def watch(args: argparse.Namespace, client: NexusClient, rotation_id: str = "") 
         return EXIT_ROTATION_FAILED
     info(f"rotation {last['rotation_id']} {last['phase']}: {last['message']}")
     return 1
+
+
+class ResumingWatch:
+    """WatchRotation's events, resumed when Nexus closes the stream's connection (by age).
+
+    A cut stream is subscribed again to the same rotation; its first event is the snapshot of
+    the rotation's state then, so nothing is lost, and events with a sequence at or below the
+    last one seen are skipped, so nothing repeats. Other errors end the watch as before.
+    """
+
+    MAX_RESUMES_IN_A_ROW = 20
+
+    def __init__(self, client: NexusClient, rotation_id: str) -> None:
+        self._client = client
+        self._rotation_id = rotation_id
+        self._stream: Any = None
+
+    def cancel(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+
+    def __iter__(self) -> Iterator[RotationEvent]:
+        import grpc
+
+        from spike.client import transient
+        from spike.v1 import operator_pb2 as pb
+
+        last: int | None = None  # the sequence last yielded, once a stream was resumed
+        seen: int | None = None
+        failures = 0
+        while True:
+            self._stream = self._client.operator.WatchRotation(
+                pb.WatchRotationRequest(rotation_id=self._rotation_id))
+            try:
+                for event in self._stream:
+                    failures = 0
+                    self._rotation_id = self._rotation_id or event.rotation_id
+                    if last is not None and event.sequence <= last:
+                        continue
+                    last, seen = None, event.sequence
+                    yield event
+                return
+            except grpc.RpcError as err:
+                failures += 1
+                if not transient(err) or failures > self.MAX_RESUMES_IN_A_ROW:
+                    raise
+            last = seen
+            time.sleep(min(0.05 * 2 ** failures, 1.0))
 
 
 def report_failure(event: dict[str, Any]) -> None:

@@ -26,22 +26,26 @@ def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
                         "it from stdin: values given inline are visible to other local users "
                         "in the process list and in shell history. An @FILE value loses exactly "
                         "one trailing newline, if it has one (printf 'x' > F and echo x > F give "
-                        "the same value); a value from stdin is taken as it is.",
-                        epilog="example: spike secret put apps/db user=app pass=@db-pass.txt")
-    p.add_argument("path")
-    p.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+                        "the same value); a value from stdin is taken as it is.")
+    p.add_argument("path", help="the secret's path, e.g. apps/db")
+    p.add_argument("pairs", nargs="+", metavar="KEY=VALUE",
+                   help="VALUE inline, @FILE or - (stdin)")
     p.add_argument("--cas", type=int, metavar="N",
-                   help="write only if the current version is N (0: only if new)")
+                   help="write only if the current version is N (0: only if new) (default: "
+                        "write whatever the current version)")
     p.set_defaults(func=run_put)
 
     p = ssub.add_parser("get", parents=[parent], help="read a secret")
-    p.add_argument("path")
-    p.add_argument("--version", type=int, default=0, metavar="N")
-    p.add_argument("--field", metavar="KEY", help="print only this key's value")
+    p.add_argument("path", help="the secret's path")
+    p.add_argument("--version", type=int, default=0, metavar="N",
+                   help="the version to read; 0 = the current one (default: %(default)s)")
+    p.add_argument("--field", metavar="KEY",
+                   help="print only this key's value (default: every key)")
     p.set_defaults(func=run_get)
 
     p = ssub.add_parser("list", parents=[parent], help="list secret paths you may list")
-    p.add_argument("prefix", nargs="?", default="")
+    p.add_argument("prefix", nargs="?", default="",
+                   help="only paths that start with it (default: every path)")
     p.set_defaults(func=run_list)
 
     for name, helptext, required in (
@@ -50,18 +54,21 @@ def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
         ("destroy", "permanently destroy versions", True),
     ):
         p = ssub.add_parser(name, parents=[parent], help=helptext)
-        p.add_argument("path")
+        p.add_argument("path", help="the secret's path")
         p.add_argument("--version", type=int, action="append", dest="versions",
-                       required=required, metavar="N", help="repeatable")
+                       required=required, metavar="N",
+                       help="a version, repeatable " + ("(required)" if required else
+                                                        "(default: the current one)"))
         p.set_defaults(func=run_versions, action=name)
 
     p = ssub.add_parser("metadata", parents=[parent], help="versions and times of a secret")
-    p.add_argument("path")
+    p.add_argument("path", help="the secret's path")
     p.set_defaults(func=run_metadata)
 
     p = ssub.add_parser("import", parents=[parent],
                         help='bulk load: one JSON object per line {"path":...,"data":{...}}')
-    p.add_argument("--file", type=Path, required=True, metavar="F", help="'-' for stdin")
+    p.add_argument("--file", type=Path, required=True, metavar="F",
+                   help="JSON lines to load; '-' for stdin (required)")
     p.set_defaults(func=run_import)
 
 
@@ -233,7 +240,9 @@ def run_import(args: argparse.Namespace, client: NexusClient) -> int:
                 info(f"line {number}: expected {{\"path\": str, \"data\": {{str: str}}}}")
                 continue
             try:
-                client.call(stub.Put, pb.PutSecretRequest(path=path, data=data))
+                # Retried when Nexus closed the connection (by age) under it: a long import
+                # outlives many connections. A repeat writes at most one identical version.
+                client.call(stub.Put, pb.PutSecretRequest(path=path, data=data), retry=True)
                 ok += 1
             except PilotError as exc:
                 if exc.exit_code == Unreachable.exit_code:
