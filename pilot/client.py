@@ -6,6 +6,7 @@ gRPC errors become PilotErrors (:func:`translate`), hence exit codes (``pilot/er
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
@@ -34,6 +35,8 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 
 DEFAULT_TIMEOUT = 30.0
+RETRY_FIRST_PAUSE = 0.05
+RETRY_MAX_PAUSE = 1.0
 
 
 def load_identity() -> SvidMaterial:
@@ -175,9 +178,23 @@ class NexusClient:
             raise translate(err, self.address) from None
 
     def call(self, method: grpc.UnaryUnaryMultiCallable[Request, Response], request: Request,
-             timeout: float = DEFAULT_TIMEOUT) -> Response:
-        with self.errors():
-            return method(request, timeout=timeout, wait_for_ready=False)
+             timeout: float = DEFAULT_TIMEOUT, retry: bool = False) -> Response:
+        """One call; with ``retry``, transient failures (a connection closed by Nexus's
+        connection age, UNAVAILABLE: ``spike.client.transient``) are retried with bounded
+        backoff inside ``timeout``. Only for calls that are safe to repeat."""
+        from spike.client import transient
+
+        deadline = time.monotonic() + timeout
+        pause = RETRY_FIRST_PAUSE
+        while True:
+            try:
+                return method(request, timeout=max(deadline - time.monotonic(), 0.001),
+                              wait_for_ready=False)
+            except grpc.RpcError as err:
+                if not (retry and transient(err)) or time.monotonic() + pause >= deadline:
+                    raise translate(err, self.address) from None
+            time.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX_PAUSE)
 
     def close(self) -> None:
         if self._channel is not None:
