@@ -71,7 +71,7 @@ _FIRST_BACKOFF = 0.05
 _MAX_BACKOFF = 1.0
 # Transport words of a connection that Nexus (or the network) closed under a call.
 _CLOSED_WORDS = ("socket closed", "goaway", "stream removed", "rst_stream", "connection reset",
-                 "broken pipe", "keepalive")
+                 "broken pipe", "keepalive", "max connection age")
 
 
 # ------------------------------------------------------------------------------- errors

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import textwrap
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,18 @@ def test_conflict_on_a_bad_cas(agent: DevAgent, server: Nexus) -> None:
         with pytest.raises(spike.Conflict):
             c.put("cas/x", {"a": "2"}, cas=5)
         assert c.put("cas/x", {"a": "2"}, cas=1) == 2
+
+
+def test_one_client_shared_by_threads(agent: DevAgent, server: Nexus) -> None:
+    with client(agent, server) as c:
+        for i in range(8):
+            c.put(f"threads/{i}", {"i": str(i)})
+
+        def read(i: int) -> bool:
+            return all(c.get(f"threads/{i}") == {"i": str(i)} for _ in range(20))
+
+        with ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(read, range(8)))
 
 
 def test_unavailable_within_the_deadline(agent: DevAgent) -> None:
