@@ -13,9 +13,16 @@ import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
+import grpc
 import pytest
 
+from pilot.client import NexusClient
+from pilot.commands.rotation import ResumingWatch
+from pilot.errors import PilotError
+from spike.client import transient
 from tests.conftest import GATE
 from tests.harness import (
     PY,
@@ -114,3 +121,83 @@ def test_rotation_watch_resumes_a_stream_cut_by_age(agent: DevAgent, tmp: Path) 
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
         shutil.rmtree(gate, ignore_errors=True)
+
+
+# ----------------------------------------- the retry decisions, with a connection cut on cue
+
+
+class Cut(grpc.RpcError):
+    """What grpcio raises when the connection closed under a call (no Nexus answer)."""
+
+    def __init__(self, detail: str = "Socket closed",
+                 code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        self._detail, self._code = detail, code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._detail
+
+    def trailing_metadata(self) -> Any:
+        return ()
+
+
+def test_transient_is_a_cut_connection_not_an_answer() -> None:
+    assert transient(Cut())
+    assert transient(Cut("GOAWAY received", grpc.StatusCode.INTERNAL))
+    assert transient(Cut("max connection age"))
+    assert not transient(Cut("no such secret", grpc.StatusCode.NOT_FOUND))
+
+
+def test_import_call_retries_a_put_cut_by_the_connection() -> None:
+    calls = []
+
+    def put(request: str, timeout: float, wait_for_ready: bool) -> str:
+        calls.append(request)
+        if len(calls) < 3:
+            raise Cut()
+        return "ok"
+
+    client = NexusClient("127.0.0.1:1")
+    assert client.call(cast(Any, put), "req", retry=True) == "ok"
+    assert calls == ["req"] * 3
+    calls.clear()
+    with pytest.raises(PilotError):  # without retry: once, as before
+        client.call(cast(Any, put), "req")
+    assert calls == ["req"]
+
+
+def test_watch_resumes_without_gap_or_repeat() -> None:
+    from spike.v1 import operator_pb2 as pb
+
+    def event(sequence: int) -> pb.RotationEvent:
+        return pb.RotationEvent(rotation_id="r1", sequence=sequence)
+
+    requests: list[str] = []
+    streams: list[list[Any]] = [[event(1), event(2), Cut()], [event(2), event(3), Cut()],
+                                [event(3), event(4), event(4), event(5)]]
+
+    class Stream:
+        def __init__(self, items: list[Any]) -> None:
+            self.items = items
+
+        def __iter__(self) -> Iterator[pb.RotationEvent]:
+            for item in self.items:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+
+        def cancel(self) -> None:
+            pass
+
+    class Operator:
+        def WatchRotation(self, request: pb.WatchRotationRequest) -> Stream:
+            requests.append(request.rotation_id)
+            return Stream(streams[len(requests) - 1])
+
+    fake = SimpleNamespace(operator=Operator())
+    seen = [e.sequence for e in ResumingWatch(cast(Any, fake), "")]
+    # Resumed twice, on the same rotation; a keep-alive repeat (4, 4) is left as it was.
+    assert seen == [1, 2, 3, 4, 4, 5]
+    assert requests == ["", "r1", "r1"]
