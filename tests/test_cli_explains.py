@@ -249,3 +249,45 @@ def test_every_pilot_command_has_help_defaults_and_an_example() -> None:
     text = subprocess.run([PY, "-m", "pilot", "rotate", "--help"], capture_output=True,
                           text=True, timeout=60).stdout
     assert "(default: 0)" in text and "example: spike rotate" in text
+
+
+def test_validation_publishes_its_own_progress(tmp: Path) -> None:
+    from nexus.core.rotation import RotationState
+    from spike.states import RotationPhase
+    from tests.harness import World
+
+    world = World(tmp)
+    try:
+        world.fill()  # 80 records
+        seen: list[RotationState] = []
+        world.engine.add_listener(seen.append)
+        world.engine.start(caller="test", batch_size=7)
+        final = world.wait()
+    finally:
+        world.close()
+    assert final.phase == RotationPhase.COMPLETED
+    assert (final.done, final.total, final.reencrypted) == (80, 80, 80)
+    validating = [s for s in seen if s.phase == RotationPhase.VALIDATE]
+    # The phase's first event, then one per batch of 7: 7, 14, ... 77, 80 of 80.
+    assert [s.done for s in validating[1:]] == [*range(7, 80, 7), 80], validating
+    assert {s.total for s in validating[1:]} == {80}
+    assert validating[-1].message == "validated 80 of 80 record(s)"
+    sequences = [s.sequence for s in seen]
+    assert sequences == sorted(set(sequences))
+
+
+def test_the_reported_rate_counts_each_batch_from_its_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two batches of 100 records, each taking 0.5 s at 200 records/s: 200/s at both frames
+    (the first frame of a rotation used to show up to twice its --max-rate)."""
+    from nexus.core import pacing
+
+    now = [1000.0]
+    monkeypatch.setattr(pacing.time, "monotonic", lambda: now[0])
+    meter = pacing.RateMeter()
+    rates = []
+    for _ in range(3):
+        begun = now[0]
+        now[0] += 0.5
+        rates.append(meter.observe(100, begun))
+    assert rates == [200.0, 200.0, 200.0]

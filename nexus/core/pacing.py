@@ -60,12 +60,14 @@ class RateMeter:
     """Records per second over the batches of the last RATE_WINDOW seconds."""
 
     def __init__(self) -> None:
-        self._window: list[tuple[float, int]] = []
+        self._window: list[tuple[float, float, int]] = []  # (begun, ended, records)
 
     def observe(self, count: int, begun: float) -> float:
-        """Add a batch of ``count`` records begun at ``begun``; the rate now."""
+        """Add a batch of ``count`` records begun at ``begun``; the rate now: the records of
+        the window's batches over the time since the first of them began (not ended, which
+        counted its records without its time and showed early rates up to twice too high)."""
         now = time.monotonic()
-        self._window.append((now, count))
-        self._window = [(t, n) for t, n in self._window if now - t <= RATE_WINDOW]
-        span = max(now - self._window[0][0], now - begun, 1e-6)
-        return sum(n for _, n in self._window) / span
+        self._window.append((begun, now, count))
+        self._window = [w for w in self._window if now - w[1] <= RATE_WINDOW]
+        span = max(now - self._window[0][0], 1e-6)
+        return sum(n for _, _, n in self._window) / span

@@ -655,8 +655,10 @@ class RotationEngine:
         # its ciphertext header (an edited database) is set right first (and logged).
         reconcile_generation_cells(self._store, self._keys.require_unsealed().generations)
         state = self._move_records(state, target=state.to_generation, forward=True)
-        self._publish(replace(state, phase=RotationPhase.VALIDATE, cursor=None,
-                              message="validating"))
+        # Validation counts its own progress: done (validated) of total (every record).
+        total = sum(self._store.count_by_generation().values())
+        self._publish(replace(state, phase=RotationPhase.VALIDATE, cursor=None, done=0,
+                              total=total, message="validating"))
 
     def _step_validate(self, state: RotationState) -> None:
         """One pass over every record: each must be under the new generation and decrypt
@@ -666,6 +668,7 @@ class RotationEngine:
         testpoints.reached(Point.ROTATION_VALIDATE)
         target = state.to_generation
         checked, leftover, unreadable = self._validate_pass(state)
+        state = _reencryption_counts(state)
         if unreadable:
             self._fail(state, unreadable, FailureKind.VALIDATION)
             return
@@ -698,8 +701,10 @@ class RotationEngine:
         pacer = Pacer(2 * state.max_rate, self._sleep)
         batch = min(state.batch_size, VALIDATE_BATCH_SIZE)
         checkers: dict[str, envelope.Resealer] = {}
+        progress = _ValidateProgress(self, state)
         while True:
             self._check_interrupt(allow_abort=True)
+            started = time.monotonic()
             rows = self._store.scan_not_in_generation(EVERY_GENERATION, after, batch)
             if not rows:
                 return checked, leftover, ""
@@ -718,6 +723,8 @@ class RotationEngine:
                                                "both keys kept")
             checked += len(rows)
             after = rows[-1].key
+            pacer.rest(len(rows), started)
+            progress.batch(checked, len(rows), started)
 
     def _step_finalize(self, state: RotationState) -> None:
         target = state.to_generation
@@ -811,6 +818,9 @@ class RotationEngine:
                 continue
             updates, bad = self._reseal_rows(rows, target, pacer)
             sweep.failed.update(bad)
+            # Before the rate is measured: the batch's time includes its pause, so even the
+            # first event's rate stays within --max-rate.
+            pacer.rest(len(rows), started)
             assert sweep.cursor is not None
             state = self._commit_batch(state, updates, bad, done=len(rows),
                                        cursor=sweep.cursor,
@@ -818,7 +828,6 @@ class RotationEngine:
             if updates:
                 self._counter.add(target, len(updates))
             testpoints.reached(Point.ROTATION_BETWEEN_BATCHES)
-            pacer.rest(len(rows), started)
 
     def _commit_batch(self, state: RotationState, updates: list[BlobUpdate],
                       bad: list[RecordKey], *, done: int, cursor: RecordKey,
@@ -900,6 +909,12 @@ class RotationEngine:
     def _publish(self, state: RotationState) -> RotationState:
         with self._ordered():
             return self._publish_ordered(state)
+
+    def _announce_progress(self, state: RotationState) -> RotationState:
+        """Announce ``state`` to watchers without storing it: validation's progress, which
+        a restart recomputes anyway (the stored state stays the one the phase began with)."""
+        with self._ordered():
+            return self._announce(self._stamp(state))
 
     def _publish_ordered(self, state: RotationState, *, claim: bool = False,
                          expected_raw: str | None = None) -> RotationState:
@@ -1100,3 +1115,29 @@ class _Interrupted(Exception):
 
 class _AbortRequested(Exception):
     """Raised inside the forward batch loop when an abort was requested."""
+
+
+def _reencryption_counts(state: RotationState) -> RotationState:
+    """``state`` with done/total back to re-encryption's (validation counted its own in
+    them): every record a batch handled was re-encrypted, skipped or failed."""
+    done = state.reencrypted + state.skipped + state.failed
+    return replace(state, done=done, total=done)
+
+
+class _ValidateProgress:
+    """Validation's done/total/rate, announced after every batch (not stored): ``done``
+    counts the records validated of ``total``, every record in the store when the phase
+    began (a restart validates again from the start)."""
+
+    def __init__(self, engine: RotationEngine, state: RotationState) -> None:
+        self._engine = engine
+        self._state = state
+        self._meter = RateMeter()
+
+    def batch(self, checked: int, count: int, started: float) -> None:
+        total = max(self._state.total, checked)
+        rate = self._meter.observe(count, started)
+        self._engine._announce_progress(replace(
+            self._state, done=checked, total=total, rate=rate,
+            eta=(total - checked) / rate if rate > 0 else 0.0,
+            message=f"validated {checked} of {total} record(s)"))
