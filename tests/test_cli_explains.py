@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -283,7 +284,7 @@ def test_the_reported_rate_counts_each_batch_from_its_start(
     from nexus.core import pacing
 
     now = [1000.0]
-    monkeypatch.setattr(pacing.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
     meter = pacing.RateMeter()
     rates = []
     for _ in range(3):
