@@ -35,6 +35,8 @@ class NexusConfig:
     log_level: str = "info"
     # Bounds how long a connection may keep an old (even expired) SVID.
     max_connection_age_seconds: float = 300.0
+    # How long a call may still run on a connection closed by age before it is cut.
+    max_connection_age_grace_seconds: float = 30.0
     # Argon2id parameters for new backups (RFC 9106 second recommendation).
     kdf_time_cost: int = 3
     kdf_memory_kib: int = 65536
@@ -172,6 +174,8 @@ _HELP: dict[str, tuple[str, str]] = {
     "log_level": ("LEVEL", "debug, info, warning or error; JSON lines on stderr"),
     "max_connection_age_seconds": ("SECONDS", "close every connection after this long, so "
                                    "none keeps an old SVID"),
+    "max_connection_age_grace_seconds": ("SECONDS", "how long calls may still run on a "
+                                         "connection closed by age before it is cut"),
     "kdf_time_cost": ("T", "Argon2id passes for new backups (never below 2)"),
     "kdf_memory_kib": ("KIB", "Argon2id memory for new backups, in KiB (never below 19456)"),
     "kdf_parallelism": ("P", "Argon2id lanes for new backups"),
@@ -269,6 +273,8 @@ def validate(config: NexusConfig) -> None:
         raise ConfigError("max_secret_versions must be at least 1")
     if not 0.1 <= config.handshake_timeout_seconds <= 300:
         raise ConfigError("handshake_timeout_seconds must be between 0.1 and 300")
+    if config.max_connection_age_grace_seconds < 0:
+        raise ConfigError("max_connection_age_grace_seconds must be 0 or positive")
     if config.max_connections < 0:
         raise ConfigError("max_connections must be 0 (derived) or positive")
     if not 1 <= config.max_concurrent_streams <= 10_000:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -86,7 +87,8 @@ def test_rotation_watch_resumes_a_stream_cut_by_age(agent: DevAgent, tmp: Path) 
     gate = short_tmpdir("gate-")
     env = agent.env("nexus") | {"SPIKE_NEXUS_TEST_GATE_AT": GATE,
                                 "SPIKE_NEXUS_TEST_GATE_DIR": str(gate)}
-    server = Nexus(data_dir, env, args=AGE)
+    # A short grace, so a stream is cut soon after its connection's age (5 s) is reached.
+    server = Nexus(data_dir, env, args=[*AGE, "--max-connection-age-grace-seconds", "1"])
     watcher: subprocess.Popen[str] | None = None
     try:
         result = pilot(["init", "--password-stdin"], agent.env("pilot"), server,
@@ -97,16 +99,37 @@ def test_rotation_watch_resumes_a_stream_cut_by_age(agent: DevAgent, tmp: Path) 
                          server).returncode == 0
         pilot_json(["rotate", "--detach", "--batch-size", "1", "--output", "json"],
                    agent.env("pilot"), server)
-        watcher = spike_process(agent, server, "rotation", "watch", "--output", "json")
-        # Held batch by batch; each gate stays shut past a connection age plus Nexus's
-        # 30 s grace, so the watch stream is cut by age between batches.
+        env_watch = agent.env("pilot") | {"SPIKE_NEXUS_ADDR": server.address,
+                                          "SPIKE_DEBUG": "1"}
+        watcher = subprocess.Popen([PY, "-m", "pilot", "rotation", "watch", "--output", "json"],
+                                   env=env_watch, cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        errors: list[str] = []
+        stderr = watcher.stderr
+        assert stderr is not None
+        reader = threading.Thread(target=lambda: errors.extend(iter(stderr.readline, "")),
+                                  daemon=True)
+        reader.start()
+
+        def resumes() -> int:
+            return sum("rotation watch: the stream was cut" in line for line in errors)
+
+        def resumed(count: int) -> bool:
+            return resumes() >= count
+
+        # Held batch by batch; each gate stays shut until the watch has been cut by
+        # connection age (and resumed) once more, so it is cut at least three times.
         for batch in range(1, 4):
             wait_for_nexus("test gate reached", partial(gate_reached, server, batch), server)
-            time.sleep(20)
+            wait_for_nexus(f"resume {batch} of the watch", partial(resumed, batch), server)
             (gate / str(batch)).touch()
         (gate / "all").touch()
-        out, err = watcher.communicate(timeout=600)
-        assert watcher.returncode == 0, err
+        assert watcher.stdout is not None
+        out = watcher.stdout.read()  # to its end: the watch has exited
+        watcher.wait(timeout=600)
+        reader.join(timeout=60)
+        assert watcher.returncode == 0, "".join(errors)
+        assert resumes() >= 3, "".join(errors)
         events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         sequences = [e["sequence"] for e in events]
         assert sequences == sorted(set(sequences)), sequences  # no repeat, in order

@@ -42,7 +42,8 @@ SERVICE_NAMES = (
 def _server_options(config: NexusConfig, limits: ConnectionLimits) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_connection_age_ms", int(config.max_connection_age_seconds * 1000)),
-        ("grpc.max_connection_age_grace_ms", 30_000),
+        ("grpc.max_connection_age_grace_ms",
+         int(config.max_connection_age_grace_seconds * 1000)),
         # A request carries at most one secret (bounded by max_value_bytes) or one
         # backup (bounded at 1 MiB), plus framing.
         ("grpc.max_receive_message_length",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -188,8 +190,15 @@ class ResumingWatch:
                 failures += 1
                 if not transient(err) or failures > self.MAX_RESUMES_IN_A_ROW:
                     raise
+                _debug(f"rotation watch: the stream was cut ({err.details()}); resuming")
             last = seen
             time.sleep(min(0.05 * 2 ** failures, 1.0))
+
+
+def _debug(line: str) -> None:
+    """A line on stderr when SPIKE_DEBUG is set (tests count the watch's resumes by it)."""
+    if os.environ.get("SPIKE_DEBUG"):
+        print(f"spike: debug: {line}", file=sys.stderr, flush=True)
 
 
 def report_failure(event: dict[str, Any]) -> None:
