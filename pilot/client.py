@@ -1,4 +1,5 @@
-"""A typed client for Nexus: one channel per invocation, one stub per service.
+"""A typed client for Nexus: one channel per invocation, one stub per service, on the
+connection layer of the workload client library (spike/client.py).
 
 gRPC errors become PilotErrors (:func:`translate`), hence exit codes (``pilot/errors.py``).
 """
@@ -6,25 +7,26 @@ gRPC errors become PilotErrors (:func:`translate`), hence exit codes (``pilot/er
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
 
 import grpc
 
 from pilot import errors
+from spike.client import (
+    Backoff,
+    Channel,
+    Connection,
+    HandshakeFailed,
+    Unavailable,
+    UntrustedServer,
+    transient,
+)
 from spike.errors import ERROR_KIND_KEY, ErrorKind, IdentityError
 from spike.identity import SvidMaterial, fetch_svid, load_pem_files
-from spike.tls import (
-    DEFAULT_NEXUS_ADDR,
-    DEFAULT_TLS_NAME,
-    ServerSvidError,
-    check_server_svid,
-    client_channel,
-)
+from spike.tls import DEFAULT_NEXUS_ADDR, DEFAULT_TLS_NAME
 
 if TYPE_CHECKING:
     from spike.v1.operator_pb2_grpc import OperatorStub
@@ -35,8 +37,6 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 
 DEFAULT_TIMEOUT = 30.0
-RETRY_FIRST_PAUSE = 0.05
-RETRY_MAX_PAUSE = 1.0
 
 
 def load_identity() -> SvidMaterial:
@@ -115,60 +115,66 @@ def _by_status(code: grpc.StatusCode, detail: str, address: str,
     return errors.from_status(code.name, detail, nexus_message)
 
 
+class _PilotIdentity:
+    """Pilot's SVID, fetched once per invocation (:func:`load_identity`) on first use."""
+
+    def __init__(self) -> None:
+        self._material: SvidMaterial | None = None
+
+    def current(self) -> SvidMaterial:
+        if self._material is None:
+            self._material = load_identity()
+        return self._material
+
+
+_TRUST_HINT = ("the server at this address is not a trustworthy Nexus; check "
+               "--nexus / SPIKE_NEXUS_ADDR and the registration entries")
+_TLS_HINT = ("check that Nexus's SVID is from our trust domain and carries the DNS SAN "
+             "in SPIKE_NEXUS_TLS_NAME, and that our SVID is valid")
+_RUNNING_HINT = "is spike-nexus running? check --nexus / SPIKE_NEXUS_ADDR"
+
+
 class NexusClient:
+    """Pilot's calls on spike.client's connection layer (:class:`spike.client.Connection`:
+    identity, the pinned TLS name, the Nexus chain check, channels); what is Pilot's own here
+    is the SVID fetched once, the errors as PilotErrors and the retry choice per call."""
+
     def __init__(self, address: str | None = None, tls_name: str | None = None) -> None:
         self.address = address or os.environ.get("SPIKE_NEXUS_ADDR") or DEFAULT_NEXUS_ADDR
         self.tls_name = tls_name or os.environ.get("SPIKE_NEXUS_TLS_NAME") or DEFAULT_TLS_NAME
-        self._channel: grpc.Channel | None = None
+        self.connection = Connection(self.address, self.tls_name, _PilotIdentity())
+        self._channel: Channel | None = None
+
+    def _open(self) -> Channel:
+        """The channel, opened on first use (one per invocation: Pilot's SVID is fixed)."""
+        if self._channel is None:
+            try:
+                self._channel = self.connection.acquire()
+            except HandshakeFailed as exc:
+                raise errors.Unreachable(str(exc), _TLS_HINT) from None
+            except UntrustedServer as exc:
+                raise errors.Unreachable(str(exc), _TRUST_HINT) from None
+            except Unavailable as exc:
+                raise errors.Unreachable(str(exc), _RUNNING_HINT) from None
+        return self._channel
 
     @property
     def channel(self) -> grpc.Channel:
-        if self._channel is None:
-            material = load_identity()
-            self._check_server(material)
-            self._channel = client_channel(self.address, material, self.tls_name)
-        return self._channel
-
-    def _check_server(self, material: SvidMaterial) -> None:
-        """The X509-SVID rules on Nexus's chain (grpcio cannot show it to us)."""
-        import ssl
-
-        trust_domain = material.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
-        try:
-            check_server_svid(self.address, material.bundle_pem, self.tls_name, trust_domain)
-        except ServerSvidError as exc:
-            raise errors.Unreachable(
-                str(exc), "the server at this address is not a trustworthy Nexus; check "
-                "--nexus / SPIKE_NEXUS_ADDR and the registration entries") from None
-        except ssl.SSLError as exc:
-            raise errors.Unreachable(
-                f"TLS handshake with Nexus at {self.address} failed: {exc.reason or exc}",
-                "check that Nexus's SVID is from our trust domain and carries the DNS SAN "
-                "in SPIKE_NEXUS_TLS_NAME, and that our SVID is valid") from None
-        except (OSError, ValueError) as exc:
-            raise errors.Unreachable(
-                f"Nexus at {self.address} is unreachable: {exc}",
-                "is spike-nexus running? check --nexus / SPIKE_NEXUS_ADDR") from None
+        return self._open().channel
 
     # One accessor per service; the first use opens the channel.
 
-    @cached_property
+    @property
     def operator(self) -> OperatorStub:
-        from spike.v1.operator_pb2_grpc import OperatorStub
+        return self._open().operator
 
-        return OperatorStub(self.channel)
-
-    @cached_property
+    @property
     def secrets(self) -> SecretsStub:
-        from spike.v1.secrets_pb2_grpc import SecretsStub
+        return self._open().secrets
 
-        return SecretsStub(self.channel)
-
-    @cached_property
+    @property
     def policies(self) -> PoliciesStub:
-        from spike.v1.policies_pb2_grpc import PoliciesStub
-
-        return PoliciesStub(self.channel)
+        return self._open().policies
 
     @contextmanager
     def errors(self) -> Iterator[None]:
@@ -180,22 +186,20 @@ class NexusClient:
     def call(self, method: grpc.UnaryUnaryMultiCallable[Request, Response], request: Request,
              timeout: float = DEFAULT_TIMEOUT, retry: bool = False) -> Response:
         """One call; with ``retry``, transient failures (a connection closed by Nexus's
-        connection age, UNAVAILABLE: ``spike.client.transient``) are retried with bounded
-        backoff inside ``timeout``. Only for calls that are safe to repeat."""
-        from spike.client import transient
-
-        deadline = time.monotonic() + timeout
-        pause = RETRY_FIRST_PAUSE
+        connection age, UNAVAILABLE: ``spike.client.transient``) are retried with
+        spike.client's bounded backoff inside ``timeout``. Only for calls that are safe to
+        repeat."""
+        backoff = Backoff(timeout)
         while True:
             try:
-                return method(request, timeout=max(deadline - time.monotonic(), 0.001),
+                return method(request, timeout=max(backoff.remaining(), 0.001),
                               wait_for_ready=False)
             except grpc.RpcError as err:
-                if not (retry and transient(err)) or time.monotonic() + pause >= deadline:
+                if not (retry and transient(err)) or not backoff.wait():
                     raise translate(err, self.address) from None
-            time.sleep(pause)
-            pause = min(pause * 2, RETRY_MAX_PAUSE)
 
     def close(self) -> None:
         if self._channel is not None:
-            self._channel.close()
+            self.connection.release(self._channel)
+            self._channel = None
+        self.connection.close()

@@ -41,9 +41,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 import grpc
 
@@ -61,6 +62,8 @@ if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp
 
     from spike.v1 import secrets_pb2 as pb
+    from spike.v1.operator_pb2_grpc import OperatorStub
+    from spike.v1.policies_pb2_grpc import PoliciesStub
     from spike.v1.secrets_pb2_grpc import SecretsStub
 
 Request = TypeVar("Request")
@@ -118,6 +121,10 @@ class InvalidArgument(ClientError):
 
 class UntrustedServer(ClientError):
     """The server's certificate chain is not a valid Nexus X509-SVID of our trust domain."""
+
+
+class HandshakeFailed(UntrustedServer):
+    """The TLS handshake with the server failed (so its chain could not be trusted)."""
 
 
 # Every ErrorKind -> the exception it raises (tests/test_client.py checks it is complete).
@@ -243,17 +250,131 @@ def _metadata(resp: pb.SecretMetadataResponse) -> SecretMetadata:
 # ------------------------------------------------------------------------------- channels
 
 
-class _Connection:
-    """One channel with the SVID it presents; closed once retired and no call uses it."""
+class Identity(Protocol):
+    """Where SVIDs come from: :class:`spike.identity.IdentitySource`, or anything with
+    ``current()`` (Pilot fetches its SVID once per invocation)."""
+
+    def current(self) -> SvidMaterial: ...
+
+
+class Channel:
+    """One channel with the SVID it presents and a stub per service; closed once retired
+    and no counted call uses it."""
 
     def __init__(self, channel: grpc.Channel, serial: int) -> None:
-        from spike.v1.secrets_pb2_grpc import SecretsStub
-
         self.channel = channel
         self.serial = serial
-        self.secrets: SecretsStub = SecretsStub(channel)
         self.users = 0
         self.retired = False
+
+    @cached_property
+    def secrets(self) -> SecretsStub:
+        from spike.v1.secrets_pb2_grpc import SecretsStub
+
+        return SecretsStub(self.channel)
+
+    @cached_property
+    def operator(self) -> OperatorStub:
+        from spike.v1.operator_pb2_grpc import OperatorStub
+
+        return OperatorStub(self.channel)
+
+    @cached_property
+    def policies(self) -> PoliciesStub:
+        from spike.v1.policies_pb2_grpc import PoliciesStub
+
+        return PoliciesStub(self.channel)
+
+
+class Connection:
+    """The connection layer both clients share (spike.Client and Pilot's NexusClient).
+
+    Channels to Nexus at ``address`` pinned to ``tls_name``, with the SVID of ``identity``;
+    before a new channel is used, Nexus's chain is checked against the X509-SVID rules
+    (spike/tls.py; grpcio cannot show it to us). When the identity's SVID changes, the next
+    :meth:`acquire` opens a new channel with the new SVID; calls still running on the old one
+    finish there. Thread-safe. Failures of the check raise :class:`UntrustedServer`
+    (:class:`HandshakeFailed` when TLS itself failed) or :class:`Unavailable`.
+    """
+
+    def __init__(self, address: str, tls_name: str, identity: Identity) -> None:
+        self.address = address
+        self.tls_name = tls_name
+        self.identity = identity
+        self._lock = threading.Lock()
+        self._current: Channel | None = None
+        self._closed = False
+
+    def acquire(self, timeout: float | None = None) -> Channel:
+        """The channel for a call (counted until :meth:`release`); ``timeout`` bounds the
+        chain check of a new channel (None: spike.tls's default)."""
+        material = self.identity.current()
+        with self._lock:
+            if self._closed:
+                raise ClientError("the client is closed")
+            current = self._current
+            if current is None or current.serial != material.serial:
+                self._check_server(material, timeout)
+                fresh = Channel(client_channel(self.address, material, self.tls_name),
+                                material.serial)
+                if current is not None:
+                    self._retire(current)
+                self._current = current = fresh
+            current.users += 1
+            return current
+
+    def release(self, conn: Channel) -> None:
+        with self._lock:
+            conn.users -= 1
+            if conn.retired and conn.users == 0:
+                conn.channel.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            current, self._current = self._current, None
+            if current is not None:
+                self._retire(current)
+
+    def _retire(self, conn: Channel) -> None:
+        conn.retired = True
+        if conn.users == 0:
+            conn.channel.close()
+
+    def _check_server(self, material: SvidMaterial, timeout: float | None) -> None:
+        trust_domain = material.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
+        extra = {} if timeout is None else {"timeout": max(timeout, 0.1)}
+        try:
+            check_server_svid(self.address, material.bundle_pem, self.tls_name, trust_domain,
+                              **extra)
+        except ServerSvidError as exc:
+            raise UntrustedServer(str(exc)) from None
+        except ssl.SSLError as exc:
+            raise HandshakeFailed(
+                f"TLS handshake with Nexus at {self.address} failed: {exc.reason or exc}"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"Nexus at {self.address} is unreachable: {exc}") from None
+
+
+class Backoff:
+    """Bounded exponential backoff (with jitter) inside one call's deadline."""
+
+    def __init__(self, timeout: float) -> None:
+        self.deadline = time.monotonic() + timeout
+        self._next = _FIRST_BACKOFF
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def wait(self) -> bool:
+        """Pause before another attempt; False (no pause) when it would pass the deadline."""
+        pause = min(self._next, _MAX_BACKOFF) * (0.5 + random.random() / 2)
+        if time.monotonic() + pause >= self.deadline:
+            return False
+        time.sleep(pause)
+        self._next *= 2
+        return True
 
 
 def _pem_files_from_env() -> tuple[Path, Path, Path] | None:
@@ -283,9 +404,7 @@ class Client:
             files = pem_files if pem_files is not None or socket else _pem_files_from_env()
             identity = IdentitySource(socket=socket, pem_files=files)
         self._identity = identity
-        self._lock = threading.Lock()
-        self._current: _Connection | None = None
-        self._closed = False
+        self._connection = Connection(self.address, self.tls_name, identity)
 
     # --- lifecycle
 
@@ -297,11 +416,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            current, self._current = self._current, None
-            if current is not None:
-                self._retire(current)
+        self._connection.close()
         if self._own_identity:
             self._identity.close()
 
@@ -310,74 +425,25 @@ class Client:
         """The SVID new connections present (its ``serial`` changes with each re-issue)."""
         return self._identity.current()
 
-    # --- connections
-
-    def _retire(self, conn: _Connection) -> None:
-        conn.retired = True
-        if conn.users == 0:
-            conn.channel.close()
-
-    def _acquire(self, timeout: float) -> _Connection:
-        material = self._identity.current()
-        with self._lock:
-            if self._closed:
-                raise ClientError("the client is closed")
-            current = self._current
-            if current is None or current.serial != material.serial:
-                self._check_server(material, timeout)
-                fresh = _Connection(client_channel(self.address, material, self.tls_name),
-                                    material.serial)
-                if current is not None:
-                    self._retire(current)
-                self._current = current = fresh
-            current.users += 1
-            return current
-
-    def _release(self, conn: _Connection) -> None:
-        with self._lock:
-            conn.users -= 1
-            if conn.retired and conn.users == 0:
-                conn.channel.close()
-
-    def _check_server(self, material: SvidMaterial, timeout: float) -> None:
-        """The X509-SVID rules on Nexus's chain, as Pilot applies them (spike/tls.py)."""
-        trust_domain = material.spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
-        try:
-            check_server_svid(self.address, material.bundle_pem, self.tls_name, trust_domain,
-                              timeout=max(timeout, 0.1))
-        except ServerSvidError as exc:
-            raise UntrustedServer(str(exc)) from None
-        except ssl.SSLError as exc:
-            raise UntrustedServer(
-                f"TLS handshake with Nexus at {self.address} failed: {exc.reason or exc}"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise Unavailable(f"Nexus at {self.address} is unreachable: {exc}") from None
-
     # --- calls
 
     def _call(self, pick: Callable[[SecretsStub], grpc.UnaryUnaryMultiCallable[Request,
                                                                                 Response]],
               request: Request, timeout: float | None, retry: bool) -> Response:
         """One call with retries of transient failures (when ``retry``) inside its deadline."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        backoff = _FIRST_BACKOFF
+        backoff = Backoff(self.timeout if timeout is None else timeout)
         retried = False
         while True:
-            remaining = deadline - time.monotonic()
             try:
-                return self._attempt(pick, request, remaining)
+                return self._attempt(pick, request, backoff.remaining())
             except _Transient as failure:
                 error = failure.error
             except ClientError as exc:
                 exc.after_retry = retried
                 raise
-            pause = min(backoff, _MAX_BACKOFF) * (0.5 + random.random() / 2)
-            if not retry or time.monotonic() + pause >= deadline:
+            if not retry or not backoff.wait():
                 error.after_retry = retried
                 raise error
-            time.sleep(pause)
-            backoff *= 2
             retried = True
 
     def _attempt(self, pick: Callable[[SecretsStub], grpc.UnaryUnaryMultiCallable[Request,
@@ -386,7 +452,7 @@ class Client:
         if remaining <= 0:
             raise Unavailable(f"Nexus at {self.address} did not answer in time")
         try:
-            conn = self._acquire(remaining)
+            conn = self._connection.acquire(remaining)
         except Unavailable as exc:
             raise _Transient(exc) from None
         try:
@@ -397,7 +463,7 @@ class Client:
                 raise _Transient(error) from None
             raise error from None
         finally:
-            self._release(conn)
+            self._connection.release(conn)
 
     # --- the secrets API
 

@@ -20,6 +20,7 @@ from spike.client import KIND_ERRORS, ClientError
 from spike.errors import ErrorKind, SpikeError
 from tests.harness import (
     PY,
+    ROOT,
     TEST_PASSWORD,
     DevAgent,
     Nexus,
@@ -255,3 +256,19 @@ def _read_through_rotations(agent: DevAgent, server: Nexus, tmp: Path) -> None:
     assert summary["failed"] == 0, (summary, err)
     assert summary["reads"] > 0
     assert summary["serials"] >= 2, summary  # the SVID was re-issued under the reader
+
+
+def test_pilot_builds_on_the_same_connection_layer() -> None:
+    """One client, not two: Pilot's NexusClient opens its channels through spike.client's
+    Connection (identity, pinned TLS name, Nexus chain check, channels); it has no channel
+    or chain-check code of its own."""
+    from pilot.client import NexusClient
+    from spike.client import Connection
+
+    client = NexusClient("127.0.0.1:1", "nexus.example")
+    assert isinstance(client.connection, Connection)
+    assert (client.connection.address, client.connection.tls_name) == ("127.0.0.1:1",
+                                                                       "nexus.example")
+    source = (ROOT / "pilot" / "client.py").read_text()
+    for own in ("check_server_svid", "client_channel", "time.sleep"):
+        assert own not in source, own
