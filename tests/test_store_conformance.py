@@ -18,6 +18,7 @@ from nexus.store import (
     CasMismatch,
     ConstraintViolation,
     NotFound,
+    PutRequest,
     RecordKey,
     SchemaTooNew,
     Store,
@@ -209,6 +210,41 @@ def test_seal_gets_version_and_failure_rolls_back(store: Store, backend: Backend
     assert store.secret_meta("s").current_version == 2
     assert backend.secret_versions("s") == [1, 2]
     assert store.list_secret_paths("") == ["s"]
+
+
+def test_put_secrets_one_commit_each_request_on_its_own(store: Store,
+                                                        backend: Backend) -> None:
+    put(store, "taken")
+    requests = [
+        PutRequest("a", None, 10, 5.0, sealer(tag=b"a")),
+        PutRequest("taken", 0, 10, 5.0, sealer()),          # refused: exists
+        PutRequest("a", 1, 10, 6.0, sealer(tag=b"a2")),     # sees the first one
+        PutRequest("b", 0, 10, 7.0, sealer(tag=b"b")),
+    ]
+    outcomes = store.put_secrets(requests)
+    assert outcomes[0] == 1 and outcomes[2] == 2 and outcomes[3] == 1
+    refused = outcomes[1]
+    assert isinstance(refused, CasMismatch)
+    assert (refused.expected, refused.actual) == (0, 1)
+    assert store.get_secret("a").blob == b"a2:2"
+    assert store.get_secret("a", 1).blob == b"a:1"
+    assert store.get_secret("b").blob == b"b:1"
+    assert backend.secret_versions("taken") == [1]
+    assert store.put_secrets([]) == []
+
+
+def test_put_secrets_failure_rolls_back_the_whole_batch(store: Store,
+                                                        backend: Backend) -> None:
+    def boom(version: int) -> tuple[int, bytes]:
+        raise RuntimeError("encryption failed")
+
+    with pytest.raises(RuntimeError, match="encryption failed"):
+        store.put_secrets([PutRequest("x", None, 10, 1.0, sealer()),
+                           PutRequest("y", None, 10, 1.0, boom)])
+    assert store.list_secret_paths("") == []
+    assert backend.secret_versions("x") == []
+    with pytest.raises(ValueError, match="max_versions"):
+        store.put_secrets([PutRequest("x", None, 0, 1.0, sealer())])
 
 
 def test_soft_delete_undelete_destroy(store: Store) -> None:

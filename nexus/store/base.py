@@ -28,6 +28,16 @@ Seal = Callable[[int], tuple[int, bytes]]
 """``seal(version) -> (generation, blob)``: encrypts a new secret version for the store."""
 
 
+class PutRequest(NamedTuple):
+    """The arguments of one :meth:`Store.put_secret`, for :meth:`Store.put_secrets`."""
+
+    path: str
+    cas: int | None
+    max_versions: int
+    now: float
+    seal: Seal
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -83,6 +93,11 @@ class ConstraintViolation(StoreError):
 
 
 # --------------------------------------------------------------------------- values
+
+
+PutOutcome = int | CasMismatch | InconsistentMetadata
+"""What :meth:`Store.put_secrets` reports for one request: its new version, or why it was
+refused (nothing of that request was written)."""
 
 
 class RecordKey(NamedTuple):
@@ -296,6 +311,17 @@ class Store(Protocol):
         """
         ...
 
+    def put_secrets(self, requests: Sequence[PutRequest]) -> list[PutOutcome]:
+        """Apply several puts in one durable commit; one outcome per request, in order.
+
+        Each request is all-or-nothing on its own, exactly as :meth:`put_secret` (its own
+        savepoint): a refused one (:class:`CasMismatch`, :class:`InconsistentMetadata`) is
+        reported in its slot and leaves no trace, and the others still commit. Requests are
+        applied in order, so two for one path see each other. Any other error (the store,
+        or a ``seal`` callback) rolls the whole batch back and propagates.
+        """
+        ...
+
     def get_secret(self, path: str, version: int | None = None) -> SecretRow:
         """Return one version (``None`` = the current one); :class:`NotFound` if absent/pruned."""
         ...
@@ -452,6 +478,12 @@ class Store(Protocol):
     def close(self) -> None:
         """Release every connection. The store is unusable afterwards."""
         ...
+
+
+def check_put(request: PutRequest) -> None:
+    """Validate the arguments of one put."""
+    check_max_versions(request.max_versions)
+    check_cas(request.cas)
 
 
 def check_max_versions(max_versions: int) -> None:

@@ -426,30 +426,51 @@ class SqlStore(ABC):
     def put_secret(self, path: str, *, cas: int | None, max_versions: int, now: float,
                    seal: base.Seal) -> int:
         """See :meth:`nexus.store.base.Store.put_secret`."""
-        base.check_max_versions(max_versions)
-        base.check_cas(cas)
-        sql = self.sql
+        request = base.PutRequest(path, cas, max_versions, now, seal)
+        base.check_put(request)
+        return self._write(lambda conn: self._put_in(conn, request))
 
-        def tx(conn: Connection) -> int:
-            current, old_oldest = self._lock_meta(conn, path, now)
-            newest = conn.execute(sql.newest_version, (base.KIND_SECRET, path)).fetchone()
-            # Before anything is written or pruned: metadata that contradicts the
-            # records would make this put fail, or prune versions it must keep.
-            base.check_metadata(path, current, old_oldest,
-                                None if newest is None or newest[0] is None else int(newest[0]))
-            if cas is not None and cas != current:
-                raise base.CasMismatch(cas, current)
-            version = current + 1
-            generation, blob = seal(version)
-            conn.execute(sql.insert_version,
-                         (base.KIND_SECRET, path, version, generation, bytes(blob), now))
-            oldest = base.prune_bounds(version, old_oldest, max_versions)
-            conn.execute(sql.update_meta, (version, oldest, now, path))
-            if current > 0:
-                conn.execute(sql.prune, (base.KIND_SECRET, path, oldest))
-            return version
+    def put_secrets(self, requests: Sequence[base.PutRequest]) -> list[base.PutOutcome]:
+        """See :meth:`nexus.store.base.Store.put_secrets`."""
+        for request in requests:
+            base.check_put(request)
+        if not requests:
+            return []
+
+        def tx(conn: Connection) -> list[base.PutOutcome]:
+            outcomes: list[base.PutOutcome] = []
+            for request in requests:
+                conn.execute("SAVEPOINT put_one")
+                try:
+                    outcomes.append(self._put_in(conn, request))
+                except (base.CasMismatch, base.InconsistentMetadata) as exc:
+                    conn.execute("ROLLBACK TO SAVEPOINT put_one")
+                    outcomes.append(exc)
+                conn.execute("RELEASE SAVEPOINT put_one")
+            return outcomes
 
         return self._write(tx)
+
+    def _put_in(self, conn: Connection, request: base.PutRequest) -> int:
+        """One put inside the caller's transaction; raises before writing when refused."""
+        sql, path = self.sql, request.path
+        current, old_oldest = self._lock_meta(conn, path, request.now)
+        newest = conn.execute(sql.newest_version, (base.KIND_SECRET, path)).fetchone()
+        # Before anything is written or pruned: metadata that contradicts the
+        # records would make this put fail, or prune versions it must keep.
+        base.check_metadata(path, current, old_oldest,
+                            None if newest is None or newest[0] is None else int(newest[0]))
+        if request.cas is not None and request.cas != current:
+            raise base.CasMismatch(request.cas, current)
+        version = current + 1
+        generation, blob = request.seal(version)
+        conn.execute(sql.insert_version,
+                     (base.KIND_SECRET, path, version, generation, bytes(blob), request.now))
+        oldest = base.prune_bounds(version, old_oldest, request.max_versions)
+        conn.execute(sql.update_meta, (version, oldest, request.now, path))
+        if current > 0:
+            conn.execute(sql.prune, (base.KIND_SECRET, path, oldest))
+        return version
 
     def _lock_meta(self, conn: Connection, path: str, now: float) -> tuple[int, int]:
         """``(current, oldest)`` of ``path``, its metadata row locked until the commit.
