@@ -7,6 +7,7 @@ only through Pilot (``python -m pilot``) or, for the health check, a real mTLS g
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import hashlib
 import json
@@ -19,6 +20,7 @@ from typing import Any
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nexus.core.ledger import BACKUP_COPY_STATE
 from spike.identity import fetch_svid
 from spike.tls import client_channel
 from tests.harness import (
@@ -29,6 +31,7 @@ from tests.harness import (
     pilot,
     pilot_json,
     short_tmpdir,
+    writer,
 )
 
 NEW_PASSWORD = "violet anchor drizzle quantum ferry"  # noqa: S105 - a test fixture
@@ -198,8 +201,23 @@ def test_server_backup_lost_recover_from_exported_copy(
         (data_dir / BACKUP).unlink()
         nexus = start(agent, data_dir)
         assert status(agent, nexus)["state"] == "sealed"  # the store remembers the key exists
+        # The store keeps a copy of the sealed backup: the password alone recovers, and the
+        # file is written back from it.
+        from_copy = recover(agent, nexus, pw)
+        assert from_copy.returncode == 0, from_copy
+        assert (data_dir / BACKUP).read_bytes() == exported.read_bytes()
+        assert [e["outcome"] for e in audit_events(data_dir)
+                if e["action"] == "recover.store_copy"] == ["restored"]
 
-        # Without the file the server cannot recover, and says how to proceed.
+        nexus.kill()
+        (data_dir / BACKUP).unlink()
+        with contextlib.closing(writer(data_dir)) as db:  # a store that keeps no copy
+            db.execute("DELETE FROM state WHERE key = ?", (BACKUP_COPY_STATE,))
+        nexus = start(agent, data_dir)
+        assert status(agent, nexus)["state"] == "sealed"
+
+        # Without the file or the store's copy the server cannot recover, and says how to
+        # proceed.
         missing = recover(agent, nexus, pw)
         assert missing.returncode == 8, missing
         assert "--backup-file" in missing.stderr

@@ -7,7 +7,8 @@ fingerprints, numbers and dates allowed to differ and ``...`` standing for anyth
 runbook's paths are mapped to the test's directories (``/var/lib/spike`` is the data
 directory, ``/secure`` a private directory). An HTML comment ``<!-- runbook-test: ... -->``
 before a block names what the story does to Nexus first (``restart`` = kill -9 and start
-again, ``delete-backup``, ``corrupt-backup``): the runbook's own situations.
+again, ``delete-backup``, ``corrupt-backup``, ``drop-store-copy`` = delete the store's copy of
+the backup): the runbook's own situations.
 
 Issue 11, item 10: after any completed rotation, the fallback to ``root-key.backup.prev`` in
 section 4 failed ("holds generation(s) [1] that this Nexus never created").
@@ -15,6 +16,7 @@ section 4 failed ("holds generation(s) [1] that this Nexus never created").
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -24,12 +26,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import PY, ROOT, TEST_PASSWORD, DevAgent, Nexus, pilot, pilot_json, short_tmpdir
+from nexus.core.ledger import BACKUP_COPY_STATE
+from tests.harness import (
+    PY,
+    ROOT,
+    TEST_PASSWORD,
+    DevAgent,
+    Nexus,
+    pilot,
+    pilot_json,
+    short_tmpdir,
+    writer,
+)
 
 RUNBOOK = ROOT / "docs" / "runbooks" / "recovery.md"
 NEW_PASSWORD = "violet anchor drizzle quantum ferry"  # noqa: S105 - a test fixture
 MARKER = re.compile(r"<!--\s*runbook-test:\s*(.*?)\s*-->")
-ACTIONS = {"restart", "delete-backup", "corrupt-backup"}
+ACTIONS = {"restart", "delete-backup", "corrupt-backup", "drop-store-copy"}
 
 
 @dataclass
@@ -116,8 +129,8 @@ def test_the_runbook_parses_into_the_story_we_expect() -> None:
     assert any("root-key.backup.prev" in c for c in commands)
     assert any("--accept-old-password" in c for c in commands)
     assert sum(len(b.steps) for b in blocks) >= 20
-    assert [b.actions for b in blocks if b.actions][:2] == [["restart"],
-                                                            ["restart", "delete-backup"]]
+    assert [b.actions for b in blocks if b.actions][:3] == [
+        ["restart"], ["restart", "delete-backup"], ["restart", "delete-backup", "drop-store-copy"]]
 
 
 @pytest.fixture()
@@ -160,6 +173,9 @@ def test_recovery_runbook_as_written_after_a_completed_rotation(
                 backup.unlink()
             if "corrupt-backup" in block.actions:
                 backup.write_bytes(backup.read_bytes()[: len(backup.read_bytes()) // 3])
+            if "drop-store-copy" in block.actions:
+                with contextlib.closing(writer(data_dir)) as db:
+                    db.execute("DELETE FROM state WHERE key = ?", (BACKUP_COPY_STATE,))
             if "restart" in block.actions:
                 nexus = Nexus(data_dir, agent.env("nexus"))
             for step in block.steps:

@@ -53,6 +53,11 @@ class OperatorServicer(pb_grpc.OperatorServicer):
                                    detail_text="generation records from before authenticated "
                                                "records were vouched for by the password "
                                                "and tagged (--authenticate-legacy-records)")
+            if recovery.from_store_copy:
+                self._audit.record("recover.store_copy", caller=caller, target=source,
+                                   outcome="restored", durable=True,
+                                   detail_text="the backup file was missing or unreadable: "
+                                               "the store's copy opened and was written back")
             if recovery.retired_generations:
                 self._audit.record("recover.retired_generations", caller=caller,
                                    target=source, outcome="ignored",

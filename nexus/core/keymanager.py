@@ -28,12 +28,13 @@ from nexus.backup.format import Backup, create_backup_with_record_key
 from nexus.backup.keeper import BackupHealth, BackupKeeper
 from nexus.core import errors, testpoints
 from nexus.core.attempts import WRONG_PASSWORD_DELAY_CAP, PasswordAttempts
-from nexus.core.ledger import GenerationInfo, GenerationLedger, held_fingerprints
+from nexus.core.ledger import GenerationInfo, GenerationLedger, Wrapped, held_fingerprints
 from nexus.core.password_policy import PasswordRejected, check_password
 from nexus.crypto.kdf import KdfParams
 from nexus.crypto.keyring import Keyring
 from nexus.crypto.keys import fingerprint
 from nexus.crypto.secret_buffer import SecretBuffer, SecretKey
+from nexus.crypto.wrap import UnwrapError, unwrap_generation, wrap_generation
 from nexus.store.base import Store
 from spike.errors import ErrorKind
 from spike.memory import wipe_bytearray
@@ -52,6 +53,8 @@ class Recovery:
     # Records from before authenticated records, vouched for by the password and tagged now
     # (only with the operator's --authenticate-legacy-records).
     legacy_records_authenticated: bool = False
+    # The server's file was lost: the store's copy of the backup opened (and is the file now).
+    from_store_copy: bool = False
 
 
 _EARLIER_KEY_REFUSED = (
@@ -60,6 +63,16 @@ _EARLIER_KEY_REFUSED = (
     "password again. Use a newer copy, or confirm with `spike recover --accept-old-password` "
     "and then run `spike password change`"
 )
+
+
+@dataclass(frozen=True)
+class Followed:
+    """What :meth:`KeyManager.follow` did: generations taken in and forgotten, and whether
+    the store records a newer generation that this node could not take (``behind``)."""
+
+    added: tuple[int, ...] = ()
+    dropped: tuple[int, ...] = ()
+    behind: bool = False
 
 
 class KeyManager:
@@ -126,6 +139,10 @@ class KeyManager:
         if state == LifecycleState.UNINITIALIZED:
             return state, "Nexus is not initialized: run `spike init`"
         if not self._backup.path.exists():
+            if self._ledger.backup_copy() is not None:
+                return LifecycleState.SEALED, (
+                    "Nexus is sealed and its backup file is missing: run `spike recover` "
+                    "(the store keeps a copy of the backup, which restores the file)")
             return LifecycleState.SEALED, (
                 "Nexus is sealed and its backup file is missing: run `spike recover "
                 "--backup-file EXPORTED_COPY`"
@@ -183,7 +200,7 @@ class KeyManager:
                 key.wipe()
                 raise
             info = GenerationInfo(1, fingerprint(key).hex(), self._clock())
-            self._backup.write(backup)
+            self._write_backup(backup)
             self._ledger.set_record_key(record_key, backup.public_key.digest_hex)
             self._ledger.record({1: info}, holding={1: info.fingerprint})
             self._ledger.record_backup_key(backup.public_key.digest_hex)
@@ -244,12 +261,7 @@ class KeyManager:
             if self.is_unsealed():
                 raise errors.AlreadyUnsealed("Nexus is already unsealed: nothing to do")
             self._attempts.check()
-            if early is not None:
-                backup, raw = early, exported
-            else:
-                backup, raw = self._backup.load_server_file(
-                    f"the backup file {self._backup.path} is missing or unreadable: run "
-                    "`spike recover --backup-file EXPORTED_COPY`")
+            backup, raw = (early, exported) if early is not None else self._backup_to_open(b"")
             keys, record_key = self._open(backup, password, "this backup")
             try:
                 recovery = self._check_recovered(backup, keys, record_key, accept_old_password)
@@ -259,9 +271,10 @@ class KeyManager:
                 record_key.wipe()
                 raise
             self._attempts.succeeded()
+            from_copy = not exported and self._backup.file_bytes() != raw
             self._install(backup, keys, record_key, recovery,
-                          restore=bool(exported) and self._backup.file_bytes() != raw)
-            recovery = replace(recovery, keyring=self._keyring)
+                          restore=self._backup.file_bytes() != raw)
+            recovery = replace(recovery, keyring=self._keyring, from_store_copy=from_copy)
         _log_recovery(recovery)
         self._notify_unsealed()
         return recovery
@@ -306,7 +319,7 @@ class KeyManager:
         if restore:
             # The server's copy is lost or differs: restore the one that opened.
             self._backup.set_aside_unusable(keys)
-            self._backup.write(backup)
+            self._write_backup(backup)
         known = self._ledger.backup_keys()
         if checked.old_password_accepted or not known or known.get("pending") == key_id:
             # From now on the backup is sealed to this key (the operator consented), or a
@@ -317,6 +330,29 @@ class KeyManager:
         self._backup.mark_ok()
 
     # ------------------------------------------------------------------ backup
+
+    def _write_backup(self, backup: Backup) -> None:
+        """The server's file first (written and read back), then the store's copy of
+        record: a crash between the two leaves the file, which recovery prefers, newer."""
+        self._backup.write(backup)
+        self._ledger.record_backup_copy(backup.to_bytes())
+
+    def _backup_to_open(self, exported: bytes) -> tuple[Backup, bytes]:
+        """The backup a recovery opens: an exported copy, else the server's file, else (the
+        file lost) the store's copy of record, which recovery then writes back as the file."""
+        if exported:
+            return self._backup.parse_for_opening(exported), exported
+        raw = self._backup.file_bytes()
+        if raw is None:
+            raw = self._ledger.backup_copy()
+            if raw is not None:
+                log.warning("the backup file is missing or unreadable: recovering from the "
+                            "store's copy of the backup", file=str(self._backup.path))
+        if raw is None:
+            raise errors.BackupInvalid(
+                f"the backup file {self._backup.path} is missing or unreadable and the store "
+                "keeps no copy: run `spike recover --backup-file EXPORTED_COPY`")
+        return self._backup.parse_for_opening(raw), raw
 
     def backup_generations(self) -> tuple[int, ...]:
         return self._backup.generations()
@@ -386,7 +422,7 @@ class KeyManager:
             self._ledger.record_backup_key(current or new_id, pending=new_id)
             self._ledger.set_record_key(record_key, new_id)
             self._ledger.record(self._ledger.live_records(keyring), holding=self._holding())
-            self._backup.write(backup)
+            self._write_backup(backup)
             self._ledger.record_backup_key(new_id)
             self._backup.current = backup
             return backup.generations
@@ -420,11 +456,17 @@ class KeyManager:
                 self._pending_generation = new_generation
                 holding = self._holding()
                 holding[new_generation] = info.fingerprint
-                self._ledger.record(recorded, holding=holding)
+                # The keyring of record: the new key wrapped under the active one, in the
+                # same write that makes it known, so every node holding that one follows.
+                parent = keyring.entry(keyring.active_generation or max(keyring.generations))
+                wrapped = Wrapped(parent.generation,
+                                  wrap_generation(parent, new_generation, key))
+                self._ledger.record(recorded, holding=holding,
+                                    wraps={new_generation: wrapped})
                 keys = dict(keyring.keys())
                 keys[new_generation] = key
                 backup = self._backup.current.reseal(keys)
-                self._backup.write(backup)
+                self._write_backup(backup)
             except BaseException:
                 key.wipe()
                 raise
@@ -434,6 +476,80 @@ class KeyManager:
         log.info("root key generation added", generation=new_generation,
                  fingerprint=info.fingerprint)
         return info
+
+    # ------------------------------------------------------------------ following the store
+
+    def follow(self) -> Followed:
+        """Catch up with the keyring of record (other nodes sharing the store rotate too).
+
+        Takes into memory every recorded generation this node lacks whose wrap opens under a
+        generation it holds (the wrap's AEAD proves a holder of that key made it; the
+        unwrapped key must have the recorded fingerprint), then forgets the generations the
+        ledger retired, and keeps the backup file a copy of the store's backup. Nothing here
+        needs the password. A node that holds no parent of a new generation stays as it is
+        (it needs a peer or the password: :attr:`Followed.behind`).
+        """
+        with self._lock:
+            keyring = self.require_unsealed()
+            added = self._take_wrapped(keyring)
+            dropped = self._forget_retired()
+            self._copy_backup_of_record()
+        for generation in added:
+            log.info("root key generation taken from the keyring of record",
+                     generation=generation)
+        for generation in dropped:
+            log.info("root key generation retired by another node: forgotten",
+                     generation=generation)
+        latest = max(self._ledger.recorded(), default=0)
+        return Followed(tuple(added), tuple(dropped),
+                        behind=latest not in self._keyring.generations and latest > 0)
+
+    def _take_wrapped(self, keyring: Keyring) -> list[int]:
+        added: list[int] = []
+        for generation, info in sorted(self._ledger.recorded().items()):
+            if generation in keyring.generations:
+                continue
+            wrapped = self._ledger.wrapped(generation)
+            if wrapped is None or wrapped.parent not in keyring.generations:
+                continue
+            try:
+                key = unwrap_generation(keyring.entry(wrapped.parent), generation,
+                                        bytes.fromhex(info.fingerprint), wrapped.blob)
+            except UnwrapError as exc:
+                log.error("a wrapped root key in the store was refused", reason=str(exc))
+                continue
+            newest = generation > (keyring.active_generation or 0)
+            keyring = keyring.with_key(generation, key, activate=newest)
+            added.append(generation)
+        self._keyring = keyring
+        return added
+
+    def _forget_retired(self) -> list[int]:
+        keyring, retired = self._keyring, self._ledger.retired()
+        dropped = [g for g in keyring.generations
+                   if g in retired and g != keyring.active_generation]
+        for generation in dropped:
+            entry = keyring.entry(generation)
+            keyring = keyring.without(generation)
+            entry.wipe()
+        self._keyring = keyring
+        return dropped
+
+    def _copy_backup_of_record(self) -> None:
+        """Make the server's file the store's backup when that one holds exactly the keys in
+        memory (a copy: the file is written, read back and checked, no password involved)."""
+        raw = self._ledger.backup_copy()
+        if raw is None or raw == self._backup.file_bytes():
+            return
+        try:
+            backup = self._backup.parse(raw)
+        except errors.BackupInvalid as exc:
+            log.warning("the store's copy of the backup is unusable; not copied", reason=str(exc))
+            return
+        if not backup.matches(self._keyring.fingerprints()):
+            return  # written mid-change by another node, or older than memory: next time
+        self._backup.write(backup)
+        self._backup.current = backup
 
     def assert_current(self, keyring: Keyring) -> None:
         """Refuse to encrypt when another node sharing the store has a newer root key.
@@ -476,7 +592,7 @@ class KeyManager:
                 return
             remaining = keyring.without(generation)
             backup = self._backup.current.reseal(remaining.keys())
-            self._backup.write(backup)
+            self._write_backup(backup)
             testpoints.reached(testpoints.Point.GENERATION_DROPPED_FROM_BACKUP)
             self._backup.current = backup
             old_entry = keyring.entry(generation)

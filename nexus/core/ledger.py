@@ -6,6 +6,11 @@ number ever issued (never reused, even after an aborted rotation dropped it) and
 password-key the backup is sealed to. After recovery every fingerprint is checked against the
 ledger, so a foreign backup or a wrong key can never be installed silently.
 
+The record of every generation after the first also holds that key wrapped under the generation
+before it (``wrapped``: :mod:`nexus.crypto.wrap`), written in the same store write that makes the
+generation known: the keyring of record, from which a node that holds the parent takes the new
+key without the password. The sealed backup itself is kept in the store too (``sealed_backup``).
+
 Each live record carries HMAC tags (``tags``: password-key digest -> tag) under the *record key*,
 derived from the password with the backup key pair (:func:`nexus.backup.format.record_tag`).
 Recovery loads a generation only when its record has a valid tag under the password that opened
@@ -18,6 +23,7 @@ recover.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -41,10 +47,20 @@ ROOT_KEYS_STATE = "root_keys"
 # made under an earlier password; recovering from it needs the operator's explicit consent.
 BACKUP_KEY_STATE = "backup_public_key"
 HIGH_WATER_STATE = "root_key_generation_high_water"
+# The sealed backup of record (what each node's backup file is a copy of), base64.
+BACKUP_COPY_STATE = "sealed_backup"
 MAX_RETIRED = 256  # retired generations remembered (as many as a backup can hold)
 MAX_RECORD_TAGS = 4  # tags per record: the current password-key and the ones before it
 
 Records = dict[str, dict[str, object]]
+
+
+@dataclass(frozen=True)
+class Wrapped:
+    """A generation's key wrapped under generation ``parent`` (:mod:`nexus.crypto.wrap`)."""
+
+    parent: int
+    blob: bytes
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,18 @@ class GenerationLedger:
                                                      self._clock())
                 for g in keyring.generations}
 
+    def wrapped(self, generation: int) -> Wrapped | None:
+        """The keyring of record's wrap of ``generation`` under its parent (None: none)."""
+        entry = self.records().get(str(generation), {})
+        doc = entry.get("wrapped") if "retired" not in entry else None
+        if not isinstance(doc, dict):
+            return None
+        try:
+            return Wrapped(int(doc["parent"]), bytes.fromhex(str(doc["blob"])))
+        except (KeyError, TypeError, ValueError):
+            log.warning("an unreadable wrapped key record; ignored", generation=generation)
+            return None
+
     def latest(self) -> int:
         """The newest recorded generation, re-read from the store at most once a second."""
         now = time.monotonic()
@@ -119,19 +147,25 @@ class GenerationLedger:
     # ------------------------------------------------------------------ writing
 
     def record(self, infos: dict[int, GenerationInfo], holding: Mapping[int, str],
-               retire: dict[int, str] | None = None) -> None:
+               retire: dict[int, str] | None = None,
+               wraps: Mapping[int, Wrapped] | None = None) -> None:
         """Write the live generations ``infos``; retired entries are kept (the newest
         MAX_RETIRED), plus ``retire`` (generation -> fingerprint hex) newly retired now.
 
         Each live record keeps the tags it has for the same fingerprint, and gets a tag under
         the record key in memory only when the caller *holds* that key (``holding``,
         generation -> fingerprint hex): Nexus never vouches for a record it merely read from
-        the store.
+        the store. ``wraps`` (generation -> its wrap under its parent) adds the keyring of
+        record's entry of a new generation; entries keep the wrap they have.
         """
         old = self.records()
         doc = self._kept_retired(old, infos, retire or {})
         for g, info in sorted(infos.items()):
-            doc[str(g)] = self._live_entry(old.get(str(g), {}), info, holding.get(g))
+            entry = self._live_entry(old.get(str(g), {}), info, holding.get(g))
+            wrapped = (wraps or {}).get(g)
+            if wrapped is not None:
+                entry["wrapped"] = {"parent": wrapped.parent, "blob": wrapped.blob.hex()}
+            doc[str(g)] = entry
         self._store.put_state(ROOT_KEYS_STATE, json.dumps(doc, sort_keys=True))
 
     def _kept_retired(self, old: Records, infos: dict[int, GenerationInfo],
@@ -157,6 +191,8 @@ class GenerationLedger:
                                                    bytes.fromhex(info.fingerprint))
         if tags:
             entry["tags"] = dict(list(tags.items())[-MAX_RECORD_TAGS:])
+        if before.get("fingerprint") == info.fingerprint and "wrapped" in before:
+            entry["wrapped"] = before["wrapped"]
         return entry
 
     def set_record_key(self, record_key: SecretBuffer, key_id: str) -> None:
@@ -179,6 +215,24 @@ class GenerationLedger:
 
     def raise_high_water(self, generation: int) -> None:
         self._store.put_state(HIGH_WATER_STATE, str(generation))
+
+    # ------------------------------------------------------------------ the sealed backup
+
+    def record_backup_copy(self, data: bytes) -> None:
+        """Keep ``data`` (a sealed backup: public key, KDF parameters, sealed keys; nothing
+        that opens without the password) as the store's backup of record."""
+        self._store.put_state(BACKUP_COPY_STATE, base64.b64encode(data).decode("ascii"))
+
+    def backup_copy(self) -> bytes | None:
+        """The store's backup of record, or None (none kept, or unreadable)."""
+        raw = self._store.get_state(BACKUP_COPY_STATE)
+        if not raw:
+            return None
+        try:
+            return base64.b64decode(raw, validate=True)
+        except ValueError:
+            log.warning("the store's copy of the backup is not base64; ignored")
+            return None
 
     # ------------------------------------------------------------------ password-key record
 

@@ -42,6 +42,7 @@ class Purpose(enum.Enum):
     SECRETS = b"spike/v1/secrets"
     POLICIES = b"spike/v1/policies"
     METADATA = b"spike/v1/metadata"
+    KEYRING = b"spike/v1/keyring"  # wraps the next generation (the keyring of record)
     FINGERPRINT = b"spike/v1/fingerprint"
 
     @property
