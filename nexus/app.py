@@ -185,7 +185,8 @@ def build(
     services = build_services(config, store, keys, audit, clock=clock, sleep=sleep)
     node = Node(store, config.store, keys, audit, hardening, str(config.backup_path),
                 services, backup_verify_interval=config.backup_verify_interval_seconds,
-                scheduler_enabled=config.scheduler_check_seconds > 0)
+                scheduler_enabled=config.scheduler_check_seconds > 0,
+                follow_keyring=config.store == "postgres")
     app = NexusApp(config, store, audit, keys, node)
     if identity is not None:
         _build_serving(app, identity, limits)

@@ -145,3 +145,25 @@ def test_a_node_follows_several_steps_but_not_past_a_retired_parent(
     c = node(store, tmp_path / "c")
     with pytest.raises(errors.NotReady):
         c.follow()  # a sealed node follows nothing
+
+
+def test_postgres_announces_changes_of_the_followed_records(pg_dsn: str) -> None:
+    first = open_store("postgres", dsn=pg_dsn)
+    second = open_store("postgres", dsn=pg_dsn)
+    try:
+        assert second.wait_for_state_change({ROOT_KEYS_STATE}, 0) is False  # now listening
+        first.put_state("unrelated", "1")
+        first.put_state(ROOT_KEYS_STATE, "{}")
+        # Returns at the notification (the timeout is only a bound for a broken build).
+        assert second.wait_for_state_change({ROOT_KEYS_STATE}, 300) is True
+        first.put_state("unrelated", "2")
+        assert second.wait_for_state_change({ROOT_KEYS_STATE}, 0.2) is False
+        assert first.swap_state(ROOT_KEYS_STATE, "{}", '{"1": {}}')
+        assert second.wait_for_state_change({ROOT_KEYS_STATE}, 300) is True
+    finally:
+        first.close()
+        second.close()
+
+
+def test_sqlite_cannot_tell_and_says_so(store: Store) -> None:
+    assert store.wait_for_state_change({ROOT_KEYS_STATE}, 0) is False

@@ -12,6 +12,7 @@ import structlog
 from nexus import __version__
 from nexus.audit import AuditLog
 from nexus.core.counter import EncryptionCounter
+from nexus.core.follower import KeyringFollower
 from nexus.core.keymanager import KeyManager
 from nexus.core.policies import PolicyEngine
 from nexus.core.rotation import RotationEngine, RotationState
@@ -84,6 +85,7 @@ class Node:
         backup_verify_interval: float = 3600.0,
         *,
         scheduler_enabled: bool = True,
+        follow_keyring: bool = False,
     ) -> None:
         self.store = store
         self.counter = services.counter
@@ -103,10 +105,14 @@ class Node:
             target=self._verify_loop, args=(backup_verify_interval,), daemon=True,
             name="backup-verify",
         )
+        # Several nodes on one store: follow the others' rotations (nexus/core/follower.py).
+        self.follower = KeyringFollower(keys, store) if follow_keyring else None
         keys.on_unsealed(self._on_unsealed)
 
     def start(self) -> None:
         self._verifier.start()
+        if self.follower is not None:
+            self.follower.start()
         if self._scheduler_enabled:
             self.scheduler.start()
 
@@ -218,6 +224,8 @@ class Node:
 
     def close(self) -> None:
         self._stop.set()
+        if self.follower is not None:
+            self.follower.stop()
         self.scheduler.stop()
         self.rotation.shutdown()
         try:

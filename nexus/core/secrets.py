@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
@@ -43,6 +44,8 @@ from nexus.crypto.keys import Purpose
 from nexus.store.base import KIND_SECRET, CasMismatch, InconsistentMetadata, SecretMeta, Store
 from nexus.store.base import NotFound as StoreNotFound
 from spike.errors import ErrorKind
+
+T = TypeVar("T")
 
 log = structlog.get_logger("nexus.secrets")
 
@@ -144,8 +147,8 @@ class SecretsService:
                 Purpose.SECRETS, plaintext, record_identity(KIND_SECRET, path, version))
 
         try:
-            version = self._store.put_secret(path, cas=cas, max_versions=self._max_versions,
-                                             now=self._clock(), seal=seal)
+            version = self._catching_up(lambda: self._store.put_secret(
+                path, cas=cas, max_versions=self._max_versions, now=self._clock(), seal=seal))
         except CasMismatch as exc:
             raise Conflict(f"check-and-set failed for {path}: expected version "
                            f"{exc.expected}, current is {exc.actual}") from None
@@ -155,7 +158,21 @@ class SecretsService:
             self._counter.add(generation)
         return version
 
+    def _catching_up(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``; when it meets a generation another node made and this one lacks yet
+        (a rotation elsewhere), catch up with the keyring of record and run it once more.
+        Still stale after that (this node holds no parent of it): the error stands."""
+        try:
+            return fn()
+        except NotReady as exc:
+            if exc.kind is not ErrorKind.STALE or not self._keys.follow().added:
+                raise
+        return fn()
+
     def get(self, caller: str, path: str, version: int | None = None) -> SecretVersion:
+        return self._catching_up(lambda: self._get(caller, path, version))
+
+    def _get(self, caller: str, path: str, version: int | None = None) -> SecretVersion:
         check_path(path)
         self._policies.require(caller, path, "read")
         keyring = self._keys.require_unsealed()

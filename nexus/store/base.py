@@ -11,7 +11,7 @@ Every operation is atomic. Backends are thread-safe and may be shared by several
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -453,6 +453,16 @@ class Store(Protocol):
 
     def delete_state(self, key: str) -> None:
         """Remove a document (no error if absent)."""
+        ...
+
+    def wait_for_state_change(self, keys: Collection[str], timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a node to change one of the state ``keys``.
+
+        True as soon as one was changed (PostgreSQL: LISTEN/NOTIFY, sent in the changing
+        transaction, so it arrives after the commit); False when the time ran out or the
+        backend cannot tell (SQLite: one process owns the file). Callers re-read what they
+        follow either way: a notification is a hint, never the data.
+        """
         ...
 
     # -- encryption counters -----------------------------------------------------------

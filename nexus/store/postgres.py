@@ -19,7 +19,7 @@ import random
 import select
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -44,6 +44,9 @@ SCHEMA_VERSION = shared.SCHEMA_VERSION
 
 MIGRATION_LOCK_KEY = 0x5350494B45_01
 """``pg_advisory_xact_lock`` key that serializes migrations between nodes ("SPIKE" 01)."""
+
+STATE_CHANNEL = "spike_state"
+"""The LISTEN/NOTIFY channel on which a changed state document's key is announced."""
 
 _MAX_ATTEMPTS = 6
 _CONNECT_TIMEOUT_S = 10
@@ -79,7 +82,7 @@ class _Connections:
     """A lock-guarded set of idle connections with an upper bound on open ones."""
 
     def __init__(self, dsn: str, max_size: int) -> None:
-        self._dsn = dsn
+        self.dsn = dsn
         self._idle: list[Conn] = []
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_size)
@@ -87,7 +90,7 @@ class _Connections:
 
     def _connect(self) -> Conn:
         conn: Conn = psycopg.connect(
-            self._dsn, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S
+            self.dsn, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_S
         )
         return conn
 
@@ -138,15 +141,56 @@ class _Connections:
             conn.close()
 
 
+class _Listener:
+    """A connection that LISTENs on :data:`STATE_CHANNEL` (used by one thread at a time)."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._conn: Conn | None = None
+
+    def _connection(self) -> Conn:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            conn: Conn = psycopg.connect(self._dsn, autocommit=True,
+                                         connect_timeout=_CONNECT_TIMEOUT_S)
+            conn.execute(f"LISTEN {STATE_CHANNEL}")
+            self._conn = conn
+        return self._conn
+
+    def wait(self, keys: Collection[str], timeout: float) -> bool:
+        deadline = time.monotonic() + max(timeout, 0.0)
+        try:
+            conn = self._connection()
+            while (left := deadline - time.monotonic()) > 0:
+                for note in conn.notifies(timeout=left, stop_after=1):
+                    if note.payload in keys:
+                        return True
+            return False
+        except psycopg.Error:
+            # The database went away: wait out the rest, reconnect next time. A reconnected
+            # listener may have missed a notification, so the caller re-reads regardless.
+            self.close()
+            time.sleep(max(deadline - time.monotonic(), 0.0))
+            return False
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+
 class PostgresStore(shared.SqlStore):
     """The PostgreSQL implementation of :class:`nexus.store.base.Store` (thread-safe)."""
 
     dialect = DIALECT
     sql = STATEMENTS
+    notify_state = f"SELECT pg_notify('{STATE_CHANNEL}', %s)"
 
     def __init__(self, connections: _Connections) -> None:
         """Use :meth:`open`."""
         self._connections = connections
+        self._listener: _Listener | None = None
+        self._listener_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -170,6 +214,21 @@ class PostgresStore(shared.SqlStore):
     def close(self) -> None:
         """Close every connection."""
         self._connections.close()
+        with self._listener_lock:
+            listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+
+    # ------------------------------------------------------------------ notifications
+
+    def wait_for_state_change(self, keys: Collection[str], timeout: float) -> bool:
+        """See :meth:`nexus.store.base.Store.wait_for_state_change`: one listening
+        connection (LISTEN spike_state); a lost one is reopened on the next call."""
+        with self._listener_lock:
+            if self._listener is None:
+                self._listener = _Listener(self._connections.dsn)
+            listener = self._listener
+        return listener.wait(keys, timeout)
 
     @staticmethod
     def _migrate(conn: Conn) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -379,6 +379,8 @@ class SqlStore(ABC):
 
     dialect: Dialect
     sql: Statements
+    notify_state: str | None = None
+    """A statement announcing a changed state key to other nodes (PostgreSQL), or None."""
 
     # ------------------------------------------------------------------ primitives
 
@@ -661,13 +663,28 @@ class SqlStore(ABC):
 
     def put_state(self, key: str, value: str) -> None:
         """See :meth:`nexus.store.base.Store.put_state`."""
-        self._execute(self.sql.put_state, (key, value))
+        self._change_state(key, self.sql.put_state, (key, value))
 
     def swap_state(self, key: str, expected: str | None, value: str) -> bool:
         """See :meth:`nexus.store.base.Store.swap_state`."""
         if expected is None:
-            return self._execute(self.sql.create_state, (key, value)) == 1
-        return self._execute(self.sql.swap_state, (value, key, expected)) == 1
+            return self._change_state(key, self.sql.create_state, (key, value)) == 1
+        return self._change_state(key, self.sql.swap_state, (value, key, expected)) == 1
+
+    def _change_state(self, key: str, statement: str, params: Sequence[Any]) -> int:
+        def tx(conn: Connection) -> int:
+            changed = max(conn.execute(statement, params).rowcount, 0)
+            if changed and self.notify_state is not None:
+                # Inside the changing transaction: delivered to listeners at its commit.
+                conn.execute(self.notify_state, (key,))
+            return changed
+
+        return self._write(tx)
+
+    def wait_for_state_change(self, keys: Collection[str], timeout: float) -> bool:
+        """See :meth:`nexus.store.base.Store.wait_for_state_change` (here: cannot tell)."""
+        time.sleep(max(timeout, 0.0))
+        return False
 
     def delete_state(self, key: str) -> None:
         """See :meth:`nexus.store.base.Store.delete_state`."""
