@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from nexus.audit import AuditLog
 from nexus.config import NexusConfig
+from nexus.core.cluster import NodeRegistry
 from nexus.core.counter import EncryptionCounter
 from nexus.core.keymanager import KeyManager
 from nexus.core.node import Node, NodeServices
@@ -144,6 +145,9 @@ class NexusApp:
             self._endpoint = self.metrics.serve(self.config.metrics_listen)
         if self.server is not None:
             self.server.start()
+            if not self.config.advertise_address:
+                self.node.registry.address = self.server.address  # the port as bound
+                self.node.registry.report()
 
     def shutdown(self, grace: float = 10.0) -> None:
         """Stop serving and close the node (the audit trail stays open for a last record)."""
@@ -183,10 +187,12 @@ def build(
     audit = audit if audit is not None else AuditLog(config.audit_target)
     keys = build_keys(config, store, clock=clock)
     services = build_services(config, store, keys, audit, clock=clock, sleep=sleep)
+    registry = NodeRegistry(store, keys, name=config.node_name or default_node_name(config),
+                            address=config.advertise_address or config.listen, clock=clock)
     node = Node(store, config.store, keys, audit, hardening, str(config.backup_path),
                 services, backup_verify_interval=config.backup_verify_interval_seconds,
                 scheduler_enabled=config.scheduler_check_seconds > 0,
-                follow_keyring=config.store == "postgres")
+                follow_keyring=config.store == "postgres", registry=registry)
     app = NexusApp(config, store, audit, keys, node)
     if identity is not None:
         _build_serving(app, identity, limits)

@@ -54,6 +54,8 @@ class NexusConfig:
     scheduler_check_seconds: float = 60.0
     # Names this node in rotation ownership (default: hostname:data-dir).
     node_name: str = ""
+    # Where the other nodes reach this one (default: the listen address as bound).
+    advertise_address: str = ""
     max_secret_versions: int = 10
     max_value_bytes: int = 64 * 1024
     workers: int = 32
@@ -187,6 +189,8 @@ _HELP: dict[str, tuple[str, str]] = {
                                 "it off on this node"),
     "node_name": ("NAME", "this node's name as the owner of a rotation (several nodes on "
                   "one store)"),
+    "advertise_address": ("HOST:PORT", "where the other nodes sharing the store reach this "
+                          "one; shown by spike status"),
     "max_secret_versions": ("N", "versions kept per secret; older ones are deleted for good"),
     "max_value_bytes": ("BYTES", "bound on a secret's keys and values together"),
     "workers": ("N", "gRPC worker threads (calls served at once)"),
@@ -207,6 +211,7 @@ _DEFAULT_SHOWN = {
     "svid_key": "none",
     "trust_bundle": "none",
     "node_name": "hostname:data-dir",
+    "advertise_address": "the listen address",
 }
 EPILOG = ("example: spike-nexus --listen 0.0.0.0:8553 --data-dir /var/lib/spike-nexus "
           "--metrics-listen 127.0.0.1:9553")
@@ -266,9 +271,12 @@ def validate(config: NexusConfig) -> None:
     pem = [config.svid_cert, config.svid_key, config.trust_bundle]
     if any(pem) and not all(pem):
         raise ConfigError("--svid-cert, --svid-key and --trust-bundle go together")
-    host, _, port = config.listen.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"--listen must be HOST:PORT, got {config.listen!r}")
+    for flag, address in (("--listen", config.listen),
+                          ("--advertise-address", config.advertise_address)):
+        host, _, port = address.rpartition(":")
+        bad = not host or not port.isdigit() or int(port) > 65535
+        if (address or flag == "--listen") and bad:
+            raise ConfigError(f"{flag} must be HOST:PORT, got {address!r}")
     if config.max_secret_versions < 1:
         raise ConfigError("max_secret_versions must be at least 1")
     if not 0.1 <= config.handshake_timeout_seconds <= 300:

@@ -222,6 +222,15 @@ def test_listen_accepts_host_port(listen: str) -> None:
     assert load_config(["--listen", listen], {}).listen == listen
 
 
+@pytest.mark.parametrize("address", ["bogus", "10.0.0.1:port", ":8553"])
+def test_advertise_address_must_be_host_port(address: str) -> None:
+    with pytest.raises(ConfigError, match="--advertise-address must be HOST:PORT"):
+        load_config(["--advertise-address", address], {})
+    assert load_config(["--advertise-address", "nexus-2.internal:8553"],
+                       {}).advertise_address == "nexus-2.internal:8553"
+    assert load_config([], {}).advertise_address == ""  # the listen address, as bound
+
+
 def test_max_secret_versions_at_least_one() -> None:
     with pytest.raises(ConfigError, match="at least 1"):
         load_config(["--max-secret-versions", "0"], {})

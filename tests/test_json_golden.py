@@ -39,6 +39,8 @@ _MASKS = [
 ]
 # Integer or string values that depend on the clock or on chance, not on what was done.
 _VOLATILE = re.compile(r'"(?P<key>rotation_id|id|eta_seconds|rate)": ("[0-9a-f]*"|-?\d+)')
+# A node's name (hostname:data-dir by default) and address (the port as bound).
+_NODE = re.compile(r'"(?P<key>node|address)": "[^"]*"')
 _STREAMED = ("rotate", "rotation watch")
 
 
@@ -47,6 +49,7 @@ def mask(text: str, replacements: dict[str, str]) -> str:
         text = text.replace(json.dumps(literal)[1:-1], name)
     for pattern, repl in _MASKS:
         text = pattern.sub(repl, text)
+    text = _NODE.sub(lambda m: f'"{m.group("key")}": <node>', text)
     return _VOLATILE.sub(lambda m: f'"{m.group("key")}": <volatile>', text)
 
 

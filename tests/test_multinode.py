@@ -30,6 +30,21 @@ def _generations(agent: DevAgent, node: Nexus) -> dict[str, Any]:
     return pilot_json(["status", "--output", "json"], agent.env("pilot"), node)
 
 
+def _check_node_list(agent: DevAgent, a: Nexus, b: Nexus, status: dict[str, Any]) -> None:
+    """Both nodes report themselves in the store: spike status on either lists both; a
+    stopped node says so at once."""
+    nodes = {n["address"]: n for n in status["nodes"]}
+    assert set(nodes) == {a.address, b.address}
+    assert all(n["live"] and n["root_key_generation"] == 2 and n["generations"] == [2]
+               for n in nodes.values())
+    assert status["node"] == nodes[b.address]["node"]
+    text = pilot(["status"], agent.env("pilot"), b).stdout
+    assert "(this node)" in text and a.address in text
+    a.stop()
+    stopped = {n["address"]: n for n in _generations(agent, b)["nodes"]}
+    assert stopped[a.address]["state"] == "stopped" and not stopped[a.address]["live"]
+
+
 def test_a_node_follows_another_nodes_rotation_without_an_operator(agent: DevAgent,
                                                                    pg_dsn: str) -> None:
     su = agent.env("pilot")
@@ -81,6 +96,7 @@ def test_a_node_follows_another_nodes_rotation_without_an_operator(agent: DevAge
         status = _generations(agent, b)
         assert status["root_key_generation"] == 2
         assert set(status["records_by_generation"]) == {"2"}
+        _check_node_list(agent, a, b, status)
         events = [e.get("event") for e in b.log_events()]
         assert "root key generation taken from the keyring of record" in events
         assert "root key generation retired by another node: forgotten" in events

@@ -7,11 +7,13 @@ The enum maps are derived from the state sets in :mod:`spike.states` and
 from __future__ import annotations
 
 import math
+import time
 
 import structlog
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from nexus.core.cluster import NodeRecord
 from nexus.core.node import StatusReport
 from nexus.core.policies import Policy
 from nexus.core.rotation import RotationState
@@ -117,6 +119,7 @@ def schedule_message(schedule: Schedule) -> op_pb.RotationSchedule:
 
 
 def status_message(report: StatusReport, caller: str) -> op_pb.StatusResponse:
+    now = time.time()
     return op_pb.StatusResponse(
         state=STATES[report.state],
         root_key_generation=report.generation,
@@ -135,7 +138,16 @@ def status_message(report: StatusReport, caller: str) -> op_pb.StatusResponse:
         rotation=rotation_event(report.rotation) if report.rotation else None,
         schedule=schedule_message(report.schedule) if report.schedule else None,
         next_rotation=timestamp(report.next_rotation),
+        nodes=[node_message(n, now) for n in report.nodes],
+        node=report.this_node,
     )
+
+
+def node_message(node: NodeRecord, now: float) -> op_pb.ClusterNode:
+    return op_pb.ClusterNode(
+        name=node.name, address=node.address, state=node.state,
+        root_key_generation=node.generation, generations=list(node.generations),
+        last_seen=timestamp(node.last_seen), live=node.live(now), version=node.version)
 
 
 # ---------------------------------------------------------------------- policies

@@ -11,6 +11,7 @@ import structlog
 
 from nexus import __version__
 from nexus.audit import AuditLog
+from nexus.core.cluster import NodeRecord, NodeRegistry
 from nexus.core.counter import EncryptionCounter
 from nexus.core.follower import KeyringFollower
 from nexus.core.keymanager import KeyManager
@@ -59,6 +60,8 @@ class StatusReport:
     rotation: RotationState | None = None
     schedule: Schedule | None = None
     next_rotation: float | None = None
+    nodes: tuple[NodeRecord, ...] = ()
+    this_node: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class Node:
         *,
         scheduler_enabled: bool = True,
         follow_keyring: bool = False,
+        registry: NodeRegistry | None = None,
     ) -> None:
         self.store = store
         self.counter = services.counter
@@ -106,11 +110,14 @@ class Node:
             name="backup-verify",
         )
         # Several nodes on one store: follow the others' rotations (nexus/core/follower.py).
-        self.follower = KeyringFollower(keys, store) if follow_keyring else None
+        self.follower = KeyringFollower(keys, store, on_change=self._keys_changed
+                                        ) if follow_keyring else None
+        self.registry = registry or NodeRegistry(store, keys, name="nexus")
         keys.on_unsealed(self._on_unsealed)
 
     def start(self) -> None:
         self._verifier.start()
+        self.registry.start()
         if self.follower is not None:
             self.follower.start()
         if self._scheduler_enabled:
@@ -139,7 +146,20 @@ class Node:
     def _on_unsealed(self) -> None:
         for listener in self._state_listeners:
             listener()
+        self._keys_changed()
         self.rotation.resume_after_unseal()
+
+    def _keys_changed(self) -> None:
+        """Tell the other nodes at once (not at the next heartbeat) what this one holds."""
+        self.registry.report()
+
+    def nodes(self) -> list[NodeRecord]:
+        """Every node sharing the store, as each last reported (this one included)."""
+        try:
+            return self.registry.nodes()
+        except Exception as exc:
+            log.warning("could not read the node list", error_type=type(exc).__name__)
+            return []
 
     # ------------------------------------------------------------------ backup checks
 
@@ -220,12 +240,15 @@ class Node:
             rotation=self.rotation.current,
             schedule=self.scheduler.get(),
             next_rotation=self.scheduler.next_rotation() if generation else None,
+            nodes=tuple(self.nodes()),
+            this_node=self.registry.name,
         )
 
     def close(self) -> None:
         self._stop.set()
         if self.follower is not None:
             self.follower.stop()
+        self.registry.stop()
         self.scheduler.stop()
         self.rotation.shutdown()
         try:

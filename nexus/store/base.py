@@ -442,6 +442,10 @@ class Store(Protocol):
         """Return a stored document (JSON text by convention) or None."""
         ...
 
+    def states_with_prefix(self, prefix: str) -> dict[str, str]:
+        """Every document whose key starts with ``prefix``: key -> value."""
+        ...
+
     def put_state(self, key: str, value: str) -> None:
         """Create or replace a document."""
         ...

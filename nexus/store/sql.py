@@ -314,6 +314,9 @@ class Statements:
                      " AND length(blob) >= {min_bytes} AND {header_is_param}")
     # -- state, counters, housekeeping
     get_state: str = "SELECT value FROM state WHERE key = ?"
+    # substr, not a range: the state table is small, and no collation can reorder a prefix.
+    states_with_prefix: str = ("SELECT key, value FROM state WHERE substr(key, 1, ?) = ?"
+                               " ORDER BY key")
     put_state: str = _UPSERT_STATE
     create_state: str = "INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"
     swap_state: str = "UPDATE state SET value = ? WHERE key = ? AND value = ?"
@@ -660,6 +663,11 @@ class SqlStore(ABC):
         """See :meth:`nexus.store.base.Store.get_state`."""
         row = self._fetchone(self.sql.get_state, (key,))
         return None if row is None else str(row[0])
+
+    def states_with_prefix(self, prefix: str) -> dict[str, str]:
+        """See :meth:`nexus.store.base.Store.states_with_prefix`."""
+        rows = self._fetchall(self.sql.states_with_prefix, (len(prefix), prefix))
+        return {str(k): str(v) for k, v in rows}
 
     def put_state(self, key: str, value: str) -> None:
         """See :meth:`nexus.store.base.Store.put_state`."""

@@ -63,6 +63,17 @@ def status_dict(resp: StatusResponse) -> dict[str, Any]:
         "store": resp.store,
         "version": resp.version,
         "caller": resp.caller_spiffe_id,
+        "node": resp.node,
+        "nodes": [{
+            "node": n.name,
+            "address": n.address,
+            "state": n.state,
+            "root_key_generation": n.root_key_generation,
+            "generations": list(n.generations),
+            "last_seen": iso_time(n, "last_seen"),
+            "live": n.live,
+            "version": n.version,
+        } for n in resp.nodes],
     }
 
 
@@ -101,7 +112,17 @@ def status_text(data: dict[str, Any]) -> str:
         rows.append(("next rotation", data["next_rotation"]))
     if data["schedule_problem"]:
         rows.append(("schedule", data["schedule_problem"]))
+    if len(data["nodes"]) > 1:  # one node: nothing more to say than the rows above
+        rows += [("node" if i == 0 else "", _node_line(n, data["node"]))
+                 for i, n in enumerate(data["nodes"])]
     return text_table(rows)
+
+
+def _node_line(n: dict[str, Any], this: str) -> str:
+    gone = "" if n["live"] else "  (not reporting)"
+    mine = "  (this node)" if n["node"] == this else ""
+    return (f"{n['node']}  {n['address']}  {n['state']}  generation "
+            f"{n['root_key_generation']}  last seen {n['last_seen'] or '-'}{gone}{mine}")
 
 
 def _or_na(value: object) -> str:

@@ -198,12 +198,16 @@ class StatusResponse(_message.Message):
     STORE_FIELD_NUMBER: _builtins.int
     NEXT_ROTATION_FIELD_NUMBER: _builtins.int
     RECORDS_BY_GENERATION_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     state: Global___State.ValueType
     root_key_generation: _builtins.int
     root_key_fingerprint: _builtins.str
     version: _builtins.str
     caller_spiffe_id: _builtins.str
     store: _builtins.str
+    node: _builtins.str
+    """This node's name among them."""
     @_builtins.property
     def root_key_created(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -219,6 +223,10 @@ class StatusResponse(_message.Message):
     @_builtins.property
     def records_by_generation(self) -> _containers.ScalarMap[_builtins.int, _builtins.int]:
         """Generations that stored records are encrypted under."""
+
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClusterNode]:
+        """Every node sharing the store, as each last reported (this one included)."""
 
     def __init__(
         self,
@@ -236,14 +244,62 @@ class StatusResponse(_message.Message):
         store: _builtins.str = ...,
         next_rotation: _timestamp_pb2.Timestamp | None = ...,
         records_by_generation: _abc.Mapping[_builtins.int, _builtins.int] | None = ...,
+        nodes: _abc.Iterable[Global___ClusterNode] | None = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "hardening", b"hardening", "next_rotation", b"next_rotation", "root_key_created", b"root_key_created", "rotation", b"rotation", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "caller_spiffe_id", b"caller_spiffe_id", "hardening", b"hardening", "next_rotation", b"next_rotation", "records_by_generation", b"records_by_generation", "root_key_created", b"root_key_created", "root_key_fingerprint", b"root_key_fingerprint", "root_key_generation", b"root_key_generation", "rotation", b"rotation", "schedule", b"schedule", "state", b"state", "store", b"store", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "caller_spiffe_id", b"caller_spiffe_id", "hardening", b"hardening", "next_rotation", b"next_rotation", "node", b"node", "nodes", b"nodes", "records_by_generation", b"records_by_generation", "root_key_created", b"root_key_created", "root_key_fingerprint", b"root_key_fingerprint", "root_key_generation", b"root_key_generation", "rotation", b"rotation", "schedule", b"schedule", "state", b"state", "store", b"store", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
+class ClusterNode(_message.Message):
+    """One node's heartbeat: facts it states about itself (never a key)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ROOT_KEY_GENERATION_FIELD_NUMBER: _builtins.int
+    GENERATIONS_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    address: _builtins.str
+    state: _builtins.str
+    """A lifecycle state word (uninitialized, sealed, unsealed) or "stopped"."""
+    root_key_generation: _builtins.int
+    live: _builtins.bool
+    """Reported within the lease (10 s) and not stopped."""
+    version: _builtins.str
+    @_builtins.property
+    def generations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def last_seen(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        state: _builtins.str = ...,
+        root_key_generation: _builtins.int = ...,
+        generations: _abc.Iterable[_builtins.int] | None = ...,
+        last_seen: _timestamp_pb2.Timestamp | None = ...,
+        live: _builtins.bool = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "generations", b"generations", "last_seen", b"last_seen", "live", b"live", "name", b"name", "root_key_generation", b"root_key_generation", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterNode: _TypeAlias = ClusterNode  # noqa: Y015
 
 @_typing.final
 class InitRequest(_message.Message):
