@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,13 +36,6 @@ def _response(agent: DevAgent, name: str) -> tuple[bytes, workload_pb2.X509SVIDR
                                      x509_svid_key=b"k", bundle=bundle)],
         crl=[b"\x01\x02"], federated_bundles={"spiffe://fed": bundle})
     return message.SerializeToString(), message
-
-
-@pytest.fixture(scope="module")
-def agent() -> Iterator[DevAgent]:
-    running = DevAgent()
-    yield running
-    running.stop()
 
 
 def test_reads_the_default_svid_as_py_spiffe_encodes_it(agent: DevAgent) -> None:
