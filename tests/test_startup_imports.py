@@ -5,6 +5,8 @@ what ``importlib.import_module`` loads). Never timed here; speed itself: tests/b
 - ``spike --help`` builds the whole parser and loads neither grpc nor anything heavy;
 - ``spike status`` loads grpc and cryptography (it must) but not py-spiffe (spike/workload.py
   talks to the Workload API), rich, structlog, zxcvbn or importlib.metadata;
+- a command line that names a command builds only that command's module's parser (checked
+  against the full parser);
 - ``spike-nexus`` on SQLite, started, asked for its status and stopped, loads none of
   py-spiffe, rich, zxcvbn (loaded at the first password check), psycopg (PostgreSQL only),
   prometheus_client (metrics only), importlib.metadata (the version is a constant).
@@ -12,6 +14,7 @@ what ``importlib.import_module`` loads). Never timed here; speed itself: tests/b
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import tomllib
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from pilot import __main__ as pilot_main
 from spike.version import VERSION
 from tests.harness import PY, ROOT, DevAgent, Nexus, base_env, pilot, short_tmpdir
 
@@ -100,3 +104,35 @@ def test_nexus_on_sqlite_loads_only_what_it_needs(agent: DevAgent, data_dir: Pat
 def test_version_constant_is_pyprojects() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["version"] == VERSION
+
+
+def _top_level(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return {name: sub for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction)
+            for name, sub in action.choices.items()}
+
+
+def test_command_owners_are_what_the_modules_register() -> None:
+    """A command line naming a command builds only its module's parser: the same command."""
+    everything = _top_level(pilot_main.build_parser())
+    owners = pilot_main.COMMAND_OWNERS
+    assert set(everything) == set(owners)
+    for command, sub in everything.items():
+        only = _top_level(pilot_main.build_parser(command))
+        assert set(only) == {c for c, module in owners.items() if module == owners[command]}
+        assert only[command].format_help() == sub.format_help()
+        for name, nested in _top_level(sub).items():
+            assert _top_level(only[command])[name].format_help() == nested.format_help()
+
+
+@pytest.mark.parametrize(("argv", "command"), [
+    (["status"], "status"),
+    (["--output", "json", "secret", "get", "apps/db"], "secret"),
+    (["--out", "json", "status"], "status"),  # argparse takes abbreviations
+    (["--nexus=127.0.0.1:1", "rotate"], "rotate"),
+    (["--nex", "status", "policy", "list"], "policy"),  # 'status' is --nexus's value
+    (["--version"], None), (["--help"], None), ([], None), (["bogus"], None),
+    (["--", "status"], None),
+])
+def test_named_command(argv: list[str], command: str | None) -> None:
+    assert pilot_main.named_command(argv) == command
