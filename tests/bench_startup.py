@@ -31,6 +31,7 @@ import compileall
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -70,11 +71,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+CPU: dict[tuple[str, ...], list[float]] = {}  # CPU seconds (user + sys) of each run, by command
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_to_exit(args: Sequence[str], env: Mapping[str, str]) -> float:
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     done = subprocess.run(args, env=dict(env), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, timeout=TIMEOUT, check=False)
     elapsed = time.perf_counter() - t0
+    CPU.setdefault(tuple(args[-1:]), []).append(_children_cpu() - cpu0)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} exited {done.returncode}: {done.stderr[-2000:]}")
     return elapsed
@@ -213,6 +224,8 @@ def report(samples: dict[str, list[float]], n: int) -> dict[str, Any]:
               f"  {'met' if t['met'] else 'NOT met'}")
     print(f"python -c pass: {med['baseline']:.3f} s (status round), "
           f"{med['baseline_nexus']:.3f} s (nexus round)")
+    cpu = {" ".join(k): statistics.median(v) for k, v in CPU.items()}
+    print("CPU (user + sys) medians: " + ", ".join(f"{k} {v:.3f} s" for k, v in cpu.items()))
     return {
         "benchmark": "startup",
         "runs": n,
@@ -222,6 +235,9 @@ def report(samples: dict[str, list[float]], n: int) -> dict[str, Any]:
         "medians": {k: round(v, 4) for k, v in med.items()},
         "over_baseline": over_baseline,
         "samples": {k: [round(x, 4) for x in v] for k, v in samples.items()},
+        # CPU time of the processes run to exit (warm-up included): on a busy machine wall
+        # times grow, these much less.
+        "cpu_medians": {" ".join(k): round(statistics.median(v), 4) for k, v in CPU.items()},
         "targets": targets,
     }
 
