@@ -1,22 +1,14 @@
-"""The one version of SPIKE's three programs: the installed distribution's, from pyproject.toml.
+"""The one version of SPIKE's three programs: pyproject.toml's ``[project] version``.
 
 ``spike --version``, ``spike-nexus --version``, ``spike-dev-agent --version`` and the
-``version`` field of Nexus's status all read it from here.
+``version`` field of Nexus's status all read it from here. It is written here rather than read
+from the installed distribution's metadata at run time (``importlib.metadata`` costs tens of
+milliseconds at every start of every program); tests/test_cli_explains.py and
+tests/test_startup_imports.py check that it is pyproject.toml's.
 """
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _distribution_version
-
 DISTRIBUTION = "spike-python"
 
-
-def _installed() -> str:
-    try:
-        return _distribution_version(DISTRIBUTION)
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "0+unknown"
-
-
-VERSION = _installed()
+VERSION = "0.1.0"

@@ -25,9 +25,6 @@ import string
 import unicodedata
 from functools import lru_cache
 
-from zxcvbn import zxcvbn
-from zxcvbn.frequency_lists import FREQUENCY_LISTS
-
 __all__ = [
     "MAX_PASSWORD_CHARS",
     "MIN_GUESSES",
@@ -58,6 +55,8 @@ class PasswordRejected(ValueError):
 
 @lru_cache(maxsize=1)
 def _common_passwords() -> frozenset[str]:
+    from zxcvbn.frequency_lists import FREQUENCY_LISTS  # loaded on first use (slow import)
+
     return frozenset(FREQUENCY_LISTS["passwords"])
 
 
@@ -131,6 +130,8 @@ def _pieces(text: str, size: int = _PIECE) -> list[str]:
 def _guesses_log10(text: str, enough: float) -> float:
     """log10 of zxcvbn's guesses for ``text`` of any length, as the product of its pieces'
     guesses; stops once ``enough`` is reached."""
+    from zxcvbn import zxcvbn
+
     total = 0.0
     for piece in _pieces(text):
         total += float(zxcvbn(piece)["guesses_log10"])
@@ -179,6 +180,8 @@ def _blocklist_reason(text: str) -> PasswordRejected | None:
     if rejection is not None:
         return rejection
     if len(text) <= _ZXCVBN_MAX:
+        from zxcvbn import zxcvbn
+
         result = zxcvbn(text)
         if float(result["guesses"]) < MIN_GUESSES:
             warning = str(result.get("feedback", {}).get("warning") or "").strip()
