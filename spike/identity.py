@@ -8,7 +8,6 @@ that follows SVID rotation; Pilot fetches once per invocation
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import threading
@@ -16,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -25,7 +24,7 @@ from spike.errors import IdentityError
 from spike.svid import SvidRuleError, check_svid_chain, leaf_spiffe_id
 
 if TYPE_CHECKING:
-    from spike.workload import X509Svid, X509Watch
+    from spiffe import X509Source
 
 ENDPOINT_ENV = "SPIFFE_ENDPOINT_SOCKET"
 
@@ -96,18 +95,24 @@ def material_from_pem(chain_pem: bytes, key_pem: bytes, bundle_pem: bytes) -> Sv
     )
 
 
-def _pem(label: str, der: bytes) -> bytes:
-    body = base64.encodebytes(der).replace(b"\n", b"")
-    lines = b"\n".join(body[i:i + 64] for i in range(0, len(body), 64))
-    return b"-----BEGIN " + label.encode() + b"-----\n" + lines + b"\n-----END " \
-        + label.encode() + b"-----\n"
-
-
-def _material_from_svid(svid: X509Svid) -> SvidMaterial:
-    """Convert the Workload API's default SVID (with its trust domain's bundle)."""
-    return material_from_pem(b"".join(_pem("CERTIFICATE", c) for c in svid.chain_der),
-                             _pem("PRIVATE KEY", svid.key_der),
-                             b"".join(_pem("CERTIFICATE", c) for c in svid.bundle_der))
+def _material_from_context(context: Any) -> SvidMaterial:
+    """Convert a py-spiffe ``X509Context`` (default SVID + own trust domain bundle)."""
+    svid = context.default_svid
+    if svid is None:
+        raise IdentityError("the Workload API returned no X.509-SVID for this workload")
+    bundle = context.x509_bundle_set.get_bundle_for_trust_domain(svid.spiffe_id.trust_domain)
+    if bundle is None:
+        raise IdentityError("the Workload API returned no trust bundle for our trust domain")
+    chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svid.cert_chain)
+    key_pem = svid.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    bundle_pem = b"".join(
+        c.public_bytes(serialization.Encoding.PEM) for c in bundle.x509_authorities
+    )
+    return material_from_pem(chain_pem, key_pem, bundle_pem)
 
 
 def endpoint_socket(explicit: str | None = None) -> str:
@@ -132,15 +137,21 @@ def endpoint_socket(explicit: str | None = None) -> str:
 def fetch_svid(socket: str | None = None, timeout: float = 5.0) -> SvidMaterial:
     """Fetch the current SVID once (for short-lived programs such as Pilot)."""
     addr = endpoint_socket(socket)
-    from spike.workload import WorkloadApiError, fetch_x509
+    from spiffe import WorkloadApiClient
 
     try:
-        svid = fetch_x509(addr, timeout)
-    except (WorkloadApiError, ValueError) as exc:
+        client = WorkloadApiClient(socket_path=addr, default_timeout=timeout)
+    except Exception as exc:
+        raise IdentityError(f"cannot reach the Workload API at {addr}: {exc}") from None
+    try:
+        context = client.fetch_x509_context()
+    except Exception as exc:
         raise IdentityError(
             f"the Workload API at {addr} did not answer with an SVID: {exc}"
         ) from None
-    return _material_from_svid(svid)
+    finally:
+        client.close()
+    return _material_from_context(context)
 
 
 def load_pem_files(cert: Path, key: Path, bundle: Path) -> SvidMaterial:
@@ -168,7 +179,7 @@ class IdentitySource:
     ) -> None:
         self._lock = threading.Lock()
         self._subscribers: list[Callable[[], None]] = []
-        self._watch: X509Watch | None = None
+        self._x509_source: X509Source | None = None
         self._pem_files = pem_files
         self._poll_seconds = poll_seconds
         self._pem_mtimes: tuple[float, ...] = ()
@@ -178,19 +189,14 @@ class IdentitySource:
             self._pem_mtimes = self._mtimes()
             return
         addr = endpoint_socket(socket)
-        from spike.workload import WorkloadApiError, X509Watch
+        from spiffe import X509Source
 
         try:
-            self._watch = X509Watch(addr)
-            first = self._watch.first(timeout)
-        except (WorkloadApiError, ValueError) as exc:
+            self._x509_source = X509Source(socket_path=addr, timeout_in_seconds=timeout)
+        except Exception as exc:
             raise IdentityError(f"no SVID from the Workload API at {addr}: {exc}") from None
-        try:
-            self._material = _material_from_svid(first)
-        except IdentityError:
-            self._watch.close()
-            raise
-        self._watch.on_update = self._on_update
+        self._material = _material_from_context(self._x509_source.get_x509_context())
+        self._x509_source.subscribe_for_updates(self._on_update)
 
     def _mtimes(self) -> tuple[float, ...]:
         assert self._pem_files is not None
@@ -199,9 +205,10 @@ class IdentitySource:
         except OSError:
             return self._pem_mtimes
 
-    def _on_update(self, svid: X509Svid) -> None:
+    def _on_update(self) -> None:
+        assert self._x509_source is not None
         try:
-            material = _material_from_svid(svid)
+            material = _material_from_context(self._x509_source.get_x509_context())
         except Exception:  # keep serving the last good SVID
             return
         self._set(material)
@@ -234,5 +241,5 @@ class IdentitySource:
             self._subscribers.append(callback)
 
     def close(self) -> None:
-        if self._watch is not None:
-            self._watch.close()
+        if self._x509_source is not None:
+            self._x509_source.close()
