@@ -63,6 +63,8 @@ class NexusConfig:
     max_connections: int = 0
     # Concurrent streams (calls) per connection.
     max_concurrent_streams: int = 100
+    # SQLite: concurrent puts share one commit (one fsync); off = one commit per put.
+    group_commit: bool = True
 
     @property
     def backup_path(self) -> Path:
@@ -195,6 +197,8 @@ _HELP: dict[str, tuple[str, str]] = {
     "max_connections": ("N", "connections accepted at once; 0 = the open-file limit less a "
                         "reserve for the store, the audit trail and the backup"),
     "max_concurrent_streams": ("N", "concurrent calls per connection"),
+    "group_commit": ("on|off", "SQLite: concurrent puts share one durable commit (one "
+                     "fsync); off commits each put on its own"),
 }
 # Defaults that are derived at start, or that mean "off".
 _DEFAULT_SHOWN = {
@@ -207,6 +211,7 @@ _DEFAULT_SHOWN = {
     "svid_key": "none",
     "trust_bundle": "none",
     "node_name": "hostname:data-dir",
+    "group_commit": "on",
 }
 EPILOG = ("example: spike-nexus --listen 0.0.0.0:8553 --data-dir /var/lib/spike-nexus "
           "--metrics-listen 127.0.0.1:9553")
