@@ -7,7 +7,8 @@ one with ``--group-commit off`` (every put its own transaction and fsync, as bef
 commit existed) and one with the default ``--group-commit on``. The client is as in
 ``tests.bench_secrets``: gRPC threads, one mTLS channel each, Pilot's SVID from the dev
 agent; every put writes a new path (so each is a real insert, not a CAS retry). Each round
-runs every load (each thread count, then one thread for latency) against both servers,
+runs every load (one thread first, for latency, before any concurrent load has left work
+behind in a server; then each thread count) against both servers and the echo server,
 the order alternating from round to round (off first in even rounds, on first in odd ones),
 so a drift of this shared machine favours neither. Throughputs and latencies are medians
 over the rounds; each ratio is the median of the per-round ratios.
@@ -271,9 +272,9 @@ def print_table(out: dict[str, Any], loads: list[int]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     counts = sorted({int(x) for x in args.threads.split(",") if x.strip()} - {1})
-    requests = args.requests or (60 if args.quick else 400)
+    requests = args.requests or (60 if args.quick else 200)
     rounds = args.rounds or (2 if args.quick else 6)
-    samples = Samples([*counts, 1])
+    samples = Samples([1, *counts])
     measure(samples, rounds, requests)
     out = summary(samples)
     print(f"\n{'quick' if args.quick else 'full'} run: {rounds} rounds, {requests} puts per "

@@ -18,7 +18,12 @@ Design:
 - Group commit for puts (:class:`_PutQueue`): concurrent :meth:`SqliteStore.put_secret` calls
   coalesce into one transaction and therefore one fsync of the WAL; each call still returns only
   after the commit that holds its own version is durable. Off (``group_commit=False``): every
-  put is its own transaction, as every other write is.
+  put is its own transaction, as every other write is. Every other write (deletes, policies,
+  rotation batches, state rows, the import's ``put_secrets`` batches) takes the same writer
+  lock as a group commit, so they stay serialised with the put batches. PostgreSQL needs no
+  such queue: there each connection commits on its own and the server already makes
+  concurrent commits share a WAL flush (``commit_delay`` tunes it), so
+  :mod:`nexus.store.postgres` is unchanged.
 - The database file (and therefore its ``-wal``/``-shm`` companions, which SQLite creates with
   the main file's permissions) is mode 0600.
 
