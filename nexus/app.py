@@ -66,7 +66,8 @@ def open_configured_store(config: NexusConfig) -> Store:
     try:
         if config.store == "postgres":
             return open_store("postgres", dsn=config.dsn)
-        return open_store("sqlite", path=config.sqlite_path)
+        return open_store("sqlite", path=config.sqlite_path,
+                          group_commit=config.group_commit)
     except StoreError as exc:
         raise SpikeError(f"cannot open the {config.store} store: {exc}") from None
 

@@ -65,6 +65,8 @@ class NexusConfig:
     max_connections: int = 0
     # Concurrent streams (calls) per connection.
     max_concurrent_streams: int = 100
+    # SQLite: concurrent puts share one commit (one fsync); off = one commit per put.
+    group_commit: bool = True
 
     @property
     def backup_path(self) -> Path:
@@ -199,6 +201,8 @@ _HELP: dict[str, tuple[str, str]] = {
     "max_connections": ("N", "connections accepted at once; 0 = the open-file limit less a "
                         "reserve for the store, the audit trail and the backup"),
     "max_concurrent_streams": ("N", "concurrent calls per connection"),
+    "group_commit": ("on|off", "SQLite: concurrent puts share one durable commit (one "
+                     "fsync); off commits each put on its own"),
 }
 # Defaults that are derived at start, or that mean "off".
 _DEFAULT_SHOWN = {
@@ -212,6 +216,7 @@ _DEFAULT_SHOWN = {
     "trust_bundle": "none",
     "node_name": "hostname:data-dir",
     "advertise_address": "the listen address",
+    "group_commit": "on",
 }
 EPILOG = ("example: spike-nexus --listen 0.0.0.0:8553 --data-dir /var/lib/spike-nexus "
           "--metrics-listen 127.0.0.1:9553")

@@ -36,8 +36,11 @@ STORE_KINDS = ("sqlite", "postgres")
 
 
 def open_store(kind: str, *, path: str | os.PathLike[str] | None = None,
-               dsn: str | None = None) -> Store:
+               dsn: str | None = None, group_commit: bool = True) -> Store:
     """Open a store of ``kind``: ``"sqlite"`` needs ``path``, ``"postgres"`` needs ``dsn``.
+
+    ``group_commit`` (SQLite) lets concurrent puts share one commit; PostgreSQL's server
+    already flushes concurrent commits together, so it ignores the switch.
 
     Pending schema migrations are applied; :class:`SchemaTooNew` is raised when the database
     is newer than this code, :class:`StoreUnavailable` when it cannot be reached.
@@ -49,7 +52,7 @@ def open_store(kind: str, *, path: str | os.PathLike[str] | None = None,
             raise ValueError("the sqlite store takes a path, not a DSN")
         from nexus.store.sqlite import SqliteStore
 
-        return SqliteStore.open(path)
+        return SqliteStore.open(path, group_commit=group_commit)
     if kind == "postgres":
         if not dsn:
             raise ValueError("the postgres store needs a DSN (for example 'host=... dbname=...')")

@@ -306,8 +306,11 @@ class Store(Protocol):
 
         ``cas=None`` writes unconditionally; otherwise the current version must equal ``cas``
         (``0`` = the path must not exist yet) or :class:`CasMismatch` is raised. The new
-        version is ``current + 1``; ``seal(version)`` returns ``(generation, blob)``. Versions
-        older than the newest ``max_versions`` (>= 1) are deleted for good.
+        version is ``current + 1``; ``seal(version)`` returns ``(generation, blob)``, called
+        inside the transaction. Versions older than the newest ``max_versions`` (>= 1) are
+        deleted for good. Returns only once the commit holding the new version is durable;
+        concurrent puts may share that commit (SQLite's group commit), each still with its
+        own outcome.
         """
         ...
 

@@ -15,6 +15,15 @@ Design:
   out, so a cached row is never older than the last commit. It exists because each sqlite3
   call releases the GIL: under concurrent requests those hand-offs, not SQLite, were the cost
   of a hot read (docs/benchmarks.md).
+- Group commit for puts (:class:`_PutQueue`): concurrent :meth:`SqliteStore.put_secret` calls
+  coalesce into one transaction and therefore one fsync of the WAL; each call still returns only
+  after the commit that holds its own version is durable. Off (``group_commit=False``): every
+  put is its own transaction, as every other write is. Every other write (deletes, policies,
+  rotation batches, state rows, the import's ``put_secrets`` batches) takes the same writer
+  lock as a group commit, so they stay serialised with the put batches. PostgreSQL needs no
+  such queue: there each connection commits on its own and the server already makes
+  concurrent commits share a WAL flush (``commit_delay`` tunes it), so
+  :mod:`nexus.store.postgres` is unchanged.
 - The database file (and therefore its ``-wal``/``-shm`` companions, which SQLite creates with
   the main file's permissions) is mode 0600.
 
@@ -33,6 +42,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from nexus.store import base
 from nexus.store import sql as shared
 from nexus.store.base import BlobUpdate, SecretRow, StoreError, StoreUnavailable
 
@@ -110,6 +120,96 @@ class RowCache:
         return len(self._rows)
 
 
+class _Pending:
+    """One put waiting for its group commit: its request, then its outcome.
+
+    ``_wake`` is a lock held from the start; releasing it wakes the caller, either because
+    its outcome is settled or because it has been handed the lead.
+    """
+
+    __slots__ = ("_wake", "done", "outcome", "request")
+
+    def __init__(self, request: base.PutRequest) -> None:
+        self.request = request
+        self.outcome: int | BaseException = 0
+        self.done = False
+        self._wake = threading.Lock()
+        self._wake.acquire()
+
+    def settle(self, outcome: int | BaseException) -> None:
+        self.outcome = outcome
+        self.done = True
+
+    def wake(self) -> None:
+        self._wake.release()
+
+    def sleep(self) -> None:
+        self._wake.acquire()
+
+    def result(self) -> int:
+        outcome = self.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+class _PutQueue:
+    """Leader/follower group commit of puts.
+
+    A put joins the queue. If no commit is being led, its caller becomes the leader at once
+    (a lone writer waits for nobody); otherwise it sleeps. The leader takes every put queued
+    so far, has ``commit`` apply them in one transaction (settling each one's outcome),
+    then hands the lead to the first put that queued meanwhile and wakes each put of its
+    batch, which returns its own version or raises its own exception. So while one batch
+    is being made durable, the next one gathers; nothing waits on a timer.
+
+    A leader interrupted by a ``BaseException`` (not a store error: those are outcomes)
+    puts the followers it had not settled back at the head of the queue for the next
+    leader; its own put is dropped (its transaction was rolled back).
+    """
+
+    def __init__(self, commit: Callable[[list[_Pending]], None]) -> None:
+        self._commit = commit
+        self._lock = threading.Lock()
+        self._waiting: list[_Pending] = []
+        self._leading = False
+
+    def put(self, request: base.PutRequest) -> int:
+        own = _Pending(request)
+        with self._lock:
+            self._waiting.append(own)
+            follow = self._leading
+            self._leading = True
+        if follow:
+            own.sleep()
+            if own.done:
+                return own.result()
+        self._lead(own)
+        return own.result()
+
+    def waiting(self) -> int:
+        """Puts queued behind the commit in flight (for tests)."""
+        with self._lock:
+            return len(self._waiting)
+
+    def _lead(self, own: _Pending) -> None:
+        with self._lock:
+            batch, self._waiting = self._waiting, []
+        try:
+            self._commit(batch)
+        finally:
+            again = [p for p in batch if not p.done and p is not own]
+            with self._lock:
+                self._waiting[:0] = again
+                successor = self._waiting[0] if self._waiting else None
+                self._leading = successor is not None
+            for pending in batch:
+                if pending.done and pending is not own:
+                    pending.wake()
+            if successor is not None:
+                successor.wake()
+
+
 def _secure_file(path: str, *, create: bool = True) -> None:
     """Create ``path`` with mode 0600 if missing; tighten it (and WAL companions) otherwise.
 
@@ -159,7 +259,8 @@ class SqliteStore(shared.SqlStore):
     dialect = DIALECT
     sql = STATEMENTS
 
-    def __init__(self, path: str, writer: sqlite3.Connection, lock_fd: int = -1) -> None:
+    def __init__(self, path: str, writer: sqlite3.Connection, lock_fd: int = -1, *,
+                 group_commit: bool = True) -> None:
         """Use :meth:`open`; this constructor takes an open writer connection (and the
         descriptor holding the database's lock file, closed by :meth:`close`)."""
         self._path = path
@@ -172,13 +273,18 @@ class SqliteStore(shared.SqlStore):
         self._readers: list[sqlite3.Connection] = []
         self._local = threading.local()
         self._closed = False
+        self._puts = _PutQueue(self._commit_puts) if group_commit else None
+        # Tests: called with the number of puts inside each put transaction, before its
+        # COMMIT (holding it there lets followers queue, whatever the machine's speed).
+        self.put_commit_hook: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> SqliteStore:
+    def open(cls, path: str | os.PathLike[str], *, group_commit: bool = True) -> SqliteStore:
         """Open (creating if needed) the database at ``path`` and apply pending migrations.
 
+        ``group_commit=False`` commits every put on its own (see :class:`_PutQueue`).
         Raises :class:`SchemaTooNew` if the file was written by a newer release.
         """
         spath = os.fspath(path)
@@ -186,13 +292,13 @@ class SqliteStore(shared.SqlStore):
             raise ValueError("SqliteStore needs a file path (no :memory: or URI)")
         lock_fd = _lock_database(spath)
         try:
-            return cls._open_locked(spath, lock_fd)
+            return cls._open_locked(spath, lock_fd, group_commit)
         except BaseException:
             os.close(lock_fd)
             raise
 
     @classmethod
-    def _open_locked(cls, spath: str, lock_fd: int) -> SqliteStore:
+    def _open_locked(cls, spath: str, lock_fd: int, group_commit: bool) -> SqliteStore:
         with shared.translated(DRIVER_ERRORS):
             _secure_file(spath)
             writer = cls._connect(spath)
@@ -200,7 +306,7 @@ class SqliteStore(shared.SqlStore):
                 mode = writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise StoreError(f"sqlite: cannot switch {spath} to WAL (got {mode})")
-                store = cls(spath, writer, lock_fd)
+                store = cls(spath, writer, lock_fd, group_commit=group_commit)
                 store._write(lambda conn: shared.migrate(conn, STATEMENTS, MIGRATIONS))
             except BaseException:
                 writer.close()
@@ -310,3 +416,88 @@ class SqliteStore(shared.SqlStore):
         found = super().get_secret(path, version)
         self._rows.put(key, epoch, found)
         return found
+
+    # ------------------------------------------------------------------ group commit
+
+    def put_secret(self, path: str, *, cas: int | None, max_versions: int, now: float,
+                   seal: base.Seal) -> int:
+        """See :meth:`nexus.store.base.Store.put_secret`; with group commit, concurrent calls
+        share one transaction and one fsync (:class:`_PutQueue`, :meth:`_commit_puts`)."""
+        if self._puts is None:
+            return self._commit_one(base.PutRequest(path, cas, max_versions, now, seal))
+        request = base.PutRequest(path, cas, max_versions, now, seal)
+        base.check_put(request)
+        self._check_open()
+        return self._puts.put(request)
+
+    def _commit_one(self, request: base.PutRequest) -> int:
+        """One put in its own transaction (group commit off, a batch of one, a retry)."""
+        base.check_put(request)
+
+        def tx(conn: sqlite3.Connection) -> int:
+            version = self._put_in(conn, request)
+            if self.put_commit_hook is not None:
+                self.put_commit_hook(1)
+            return version
+
+        return self._write(tx)
+
+    def _commit_puts(self, batch: list[_Pending]) -> None:
+        """Apply a batch of puts, settling each one's outcome (called by the leader).
+
+        Each put is all-or-nothing in its own savepoint, and *any* exception it raises
+        (its ``seal`` callback's, a refusal, a constraint) rolls back that savepoint only and
+        becomes its own outcome, so no put fails because of another's. The only errors left
+        are those of the transaction as a whole (it could not begin, a savepoint could not
+        be rolled back because the database aborted the transaction, the COMMIT failed):
+        then nothing of the batch was written, and each put runs again alone, in order, in
+        its own transaction, getting exactly the outcome it would have had without group
+        commit. A retried put seals again, so its caller counts both encryptions: correct,
+        since the key's usage counter counts encryptions made, not versions stored.
+        """
+        if len(batch) == 1:
+            self._settle_alone(batch[0])
+            return
+        requests = [p.request for p in batch]
+        try:
+            outcomes = self._write(lambda conn: self._put_group(conn, requests))
+        except Exception:  # the batch as a whole failed: each put alone
+            for pending in batch:
+                self._settle_alone(pending)
+            return
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            pending.settle(outcome)
+
+    def _settle_alone(self, pending: _Pending) -> None:
+        try:
+            pending.settle(self._commit_one(pending.request))
+        except Exception as exc:  # the caller's own outcome, raised in its thread
+            pending.settle(exc)
+
+    def _put_group(self, conn: sqlite3.Connection,
+                   requests: Sequence[base.PutRequest]) -> list[int | BaseException]:
+        outcomes: list[int | BaseException] = []
+        for request in requests:
+            conn.execute("SAVEPOINT put_one")
+            try:
+                outcomes.append(self._put_in(conn, request))
+            except Exception as exc:  # this put's own outcome
+                conn.execute("ROLLBACK TO SAVEPOINT put_one")  # raises: the batch failed
+                outcomes.append(_own_error(exc))
+            conn.execute("RELEASE SAVEPOINT put_one")
+        if self.put_commit_hook is not None:
+            self.put_commit_hook(len(requests))
+        return outcomes
+
+    def pending_puts(self) -> int:
+        """Puts queued for the next group commit (0 with group commit off); for tests."""
+        return 0 if self._puts is None else self._puts.waiting()
+
+
+def _own_error(exc: Exception) -> BaseException:
+    """A put's exception as its caller would have seen it alone: driver errors translated."""
+    if isinstance(exc, DRIVER_ERRORS.every):
+        error = shared.store_error(exc, DRIVER_ERRORS)
+        error.__cause__ = exc
+        return error
+    return exc
