@@ -165,6 +165,11 @@ def decrypt(
         raise DecryptionError() from None
 
 
+class SealCheckFailed(Exception):
+    """A ciphertext just made does not open under the key that made it (key memory damaged
+    or a broken cipher): nothing may be written with that key."""
+
+
 class Resealer:
     """Re-encrypts records to one target generation, and checks them under it: the hot
     loops of key rotation, a million rows at a time.
@@ -208,6 +213,35 @@ class Resealer:
         nonce = self._urandom(NONCE_SIZE)
         header = self._target_header + nonce
         return header + self._seal.encrypt(nonce, plain, header + identity)
+
+    def reseal_checked(self, path: str, version: int, blob: bytes) -> bytes | None:
+        """:meth:`reseal`, and the new ciphertext is opened again under the target key and
+        must give back the same plaintext before it is returned (key rotation's proof, in
+        memory, that what it writes decrypts under the new key). ``None`` if ``blob`` does
+        not decrypt; :class:`SealCheckFailed` (no data in it) if the new one does not."""
+        identity = _identity(self._prefix, path, version)
+        if len(blob) < OVERHEAD:
+            return None
+        fmt, generation = _HEADER.unpack_from(blob, 0)
+        aead = self._openers.get(generation)
+        if aead is None or fmt != ENVELOPE_VERSION:
+            return None
+        header = blob[:HEADER_SIZE]
+        try:
+            plain = aead.decrypt(header[_HEADER.size:], memoryview(blob)[HEADER_SIZE:],
+                                 header + identity)
+        except InvalidTag:
+            return None
+        nonce = self._urandom(NONCE_SIZE)
+        header = self._target_header + nonce
+        associated = header + identity
+        sealed = self._seal.encrypt(nonce, plain, associated)
+        try:
+            if self._seal.decrypt(nonce, sealed, associated) != plain:
+                raise SealCheckFailed()
+        except InvalidTag:
+            raise SealCheckFailed() from None
+        return header + sealed
 
     def opens_under_target(self, path: str, version: int, blob: bytes) -> bool:
         """True when ``blob``'s header names the target generation and it decrypts under
