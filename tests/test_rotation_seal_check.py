@@ -126,3 +126,15 @@ def test_a_cell_naming_the_new_generation_over_an_old_header_fails_validation(
     gens = world.generations()
     assert gens["memory"] == gens["backup"] == gens["file"] == {1, 2}
     world.read_all(expected)
+
+
+def test_every_resealed_record_gets_its_own_nonce() -> None:
+    """Nonces come from a pool drawn NONCE_POOL at a time: across refills none repeats."""
+    r = Resealer("secret", {5: OLD}, NEW, 6)
+    blob = encrypt(OLD, 5, b"value", IDENTITY)
+    count = 3 * envelope.NONCE_POOL + 7
+    made = [r.reseal_checked(PATH, VERSION, blob) if i % 2 else r.reseal(PATH, VERSION, blob)
+            for i in range(count)]
+    nonces = {m[5:envelope.HEADER_SIZE] for m in made if m is not None}
+    assert len(nonces) == count
+    assert all(decrypt(NEW, m, IDENTITY) == b"value" for m in made if m is not None)

@@ -165,6 +165,9 @@ def decrypt(
         raise DecryptionError() from None
 
 
+NONCE_POOL = 256
+
+
 class SealCheckFailed(Exception):
     """A ciphertext just made does not open under the key that made it (key memory damaged
     or a broken cipher): nothing may be written with that key."""
@@ -182,7 +185,8 @@ class Resealer:
     a malformed blob or a failed tag all come back as ``None`` / ``False``.
     """
 
-    __slots__ = ("_openers", "_prefix", "_seal", "_target_header", "_urandom")
+    __slots__ = ("_at", "_nonces", "_openers", "_prefix", "_seal", "_target_header",
+                 "_urandom")
 
     def __init__(self, kind: str, openers: dict[int, AeadKey], sealer: AeadKey,
                  target: int) -> None:
@@ -193,6 +197,17 @@ class Resealer:
         self._seal = sealer.aead
         self._target_header = _HEADER.pack(ENVELOPE_VERSION, target)
         self._urandom = os.urandom
+        # Fresh random nonces drawn NONCE_POOL at a time (one getrandom call instead of one
+        # per record); each is used once.
+        self._nonces = b""
+        self._at = 0
+
+    def _nonce(self) -> bytes:
+        at = self._at
+        if at >= len(self._nonces):
+            self._nonces, at = self._urandom(NONCE_SIZE * NONCE_POOL), 0
+        self._at = at + NONCE_SIZE
+        return self._nonces[at:at + NONCE_SIZE]
 
     def reseal(self, path: str, version: int, blob: bytes) -> bytes | None:
         """``blob`` decrypted under the generation its header names and encrypted under
@@ -210,7 +225,7 @@ class Resealer:
             plain = aead.decrypt(header[_HEADER.size:], view[HEADER_SIZE:], header + identity)
         except InvalidTag:
             return None
-        nonce = self._urandom(NONCE_SIZE)
+        nonce = self._nonce()
         header = self._target_header + nonce
         return header + self._seal.encrypt(nonce, plain, header + identity)
 
@@ -219,7 +234,8 @@ class Resealer:
         must give back the same plaintext before it is returned (key rotation's proof, in
         memory, that what it writes decrypts under the new key). ``None`` if ``blob`` does
         not decrypt; :class:`SealCheckFailed` (no data in it) if the new one does not."""
-        identity = _identity(self._prefix, path, version)
+        path_b = path.encode("utf-8")
+        identity = self._prefix + _U32.pack(len(path_b)) + path_b + _U64.pack(version)
         if len(blob) < OVERHEAD:
             return None
         fmt, generation = _HEADER.unpack_from(blob, 0)
@@ -232,7 +248,7 @@ class Resealer:
                                  header + identity)
         except InvalidTag:
             return None
-        nonce = self._urandom(NONCE_SIZE)
+        nonce = self._nonce()
         header = self._target_header + nonce
         associated = header + identity
         sealed = self._seal.encrypt(nonce, plain, associated)
