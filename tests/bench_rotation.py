@@ -7,13 +7,15 @@ Part 1, in-process (no gRPC), on one SQLite database populated directly (bulk IN
 secrets sealed by the real keyring under generation 1, ~256-byte JSON plaintexts):
 
 - ``raw limit``: the same rows read in keyset order, AES-GCM decrypted and re-encrypted with
-  ``cryptography``'s ``AESGCM`` (fresh nonce, same header and associated data layout), written
-  back by a plain ``sqlite3`` ``executemany`` UPDATE by primary key, one ``BEGIN IMMEDIATE``
-  transaction per batch, same WAL / ``synchronous=FULL`` settings, same batch size. It
+  ``cryptography``'s ``AESGCM`` (fresh nonces, drawn a batch at a time as Nexus draws them;
+  same header and associated data layout), written back by a plain ``sqlite3``
+  ``executemany`` UPDATE by primary key, one ``BEGIN IMMEDIATE`` transaction per batch,
+  same WAL / ``synchronous=FULL`` settings, same batch size. It
   re-encrypts in place under the key that is active, so the data stay valid for the next step.
 - ``nexus rotation``: ``RotationEngine.start(emergency=True)`` (unthrottled) to COMPLETED:
-  precheck, new key sealed into the backup, re-encrypt, validate (every record decrypted
-  again), finalize. The re-encrypt phase alone is timed from the engine's own events.
+  precheck, new key sealed into the backup, re-encrypt (each new ciphertext opened under the
+  new key in memory), validate (a count and a cell/header scan in the store), finalize.
+  The re-encrypt phase alone is timed from the engine's own events.
 - Peak RSS growth during the rotation (VmHWM reset through /proc/self/clear_refs, plus a
   VmRSS sampler), against VmRSS just before the start.
 
@@ -181,12 +183,14 @@ def raw_pass(conn: sqlite3.Connection, keyring: Keyring, batch: int) -> tuple[in
         if not rows:
             break
         params = []
-        for kind, path, version, blob in rows:
+        # A batch's nonces in one getrandom call, as Nexus draws them (envelope.NONCE_POOL).
+        nonces = urandom(12 * len(rows))
+        for i, (kind, path, version, blob) in enumerate(rows):
             path_b = path.encode()
             identity = id_prefix + pack_len(len(path_b)) + path_b + pack_ver(version)
             view = memoryview(blob)
             plain = aesgcm.decrypt(blob[5:17], view[17:], blob[:17] + identity)
-            nonce = urandom(12)
+            nonce = nonces[12 * i:12 * i + 12]
             header = header_pack(1, generation) + nonce
             params.append((generation, header + aesgcm.encrypt(nonce, plain, header + identity),
                            kind, path, version))

@@ -1,8 +1,8 @@
 """Pacing of a rotation's background work, and the rate it reports.
 
 One :class:`Pacer` holds a loop over records to at most ``rate`` records per second (0: as fast
-as it goes). Re-encryption, rollback and validation all use it; validation, which only
-decrypts (about half the work), runs it at twice the rate.
+as it goes). Re-encryption and rollback use it; validation reads no records one by one (two
+aggregate scans in the store, see ``nexus.core.rotation``), so it has nothing to pace.
 """
 
 from __future__ import annotations

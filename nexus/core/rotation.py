@@ -10,7 +10,11 @@ operator):
 3. ``reencrypt`` batches of records not yet under g+1: decrypt, encrypt under g+1,
                  conditional write (a user write that landed meanwhile wins);
                  paced (``nexus.core.pacing``); the cursor is persisted after every batch;
-4. ``validate``  nothing left outside g+1, every record decrypts under g+1;
+4. ``validate``  nothing left outside g+1, every record decrypts under g+1: each new
+                 ciphertext was opened under g+1 in memory before it was written
+                 (``Resealer.reseal_checked``), and the store shows no record whose
+                 generation or ciphertext header names another generation (two aggregate
+                 scans in the store, no second pass of decryption; docs/benchmarks.md);
 5. ``finalize``  g is dropped from the backup first, then wiped from memory.
 
 ``rollback`` (abort) moves records back under g and drops g+1. The job's state
@@ -69,9 +73,9 @@ DEFAULT_MAX_RATE = 2_000  # records/s when throttled (tests/bench_rotation.py: g
 # Unthrottled rotations amortize each durable commit over more records.
 EMERGENCY_BATCH_SIZE = 2000
 MAX_BATCH_SIZE = 10_000
-# Validation only reads, so its batch is about scan speed alone: 500 rows per SELECT
-# scanned ~25 % faster than 2,000 or 10,000 here (smaller result lists stay in cache).
-VALIDATE_BATCH_SIZE = 500
+# Validation pages through the records whose generation cell and header disagree (none,
+# normally) this many at a time.
+MISMATCH_PAGE = 500
 MIN_FREE_BYTES = 64 * 1024 * 1024
 # Seconds between recording a new generation and dropping the old one when several
 # nodes share the store (see finalize): twice KeyManager.assert_current's refresh.
@@ -148,10 +152,6 @@ class RotationState:
             doc["failed_in_phase"] = RotationPhase(doc["failed_in_phase"])
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in doc.items() if k in known})
-
-
-# Generation numbers start at 1: "every record not under generation 0" is every record.
-EVERY_GENERATION = 0
 
 
 def purpose_for(kind: str) -> Purpose:
@@ -555,6 +555,11 @@ class RotationEngine:
             self._drive()
         except _Interrupted:
             log.info("rotation checkpointed for shutdown")
+        except _SealCheckFailed as exc:
+            state = self._state
+            log.error("rotation stopped: a new ciphertext does not open under the new key")
+            if state is not None and not state.terminal:
+                self._fail(state, str(exc), FailureKind.VALIDATION)
         except Exception as exc:  # never leave a rotation silently half-done
             state = self._state
             kind, message = _describe_failure(exc, state.phase if state else "")
@@ -655,19 +660,35 @@ class RotationEngine:
         # its ciphertext header (an edited database) is set right first (and logged).
         reconcile_generation_cells(self._store, self._keys.require_unsealed().generations)
         state = self._move_records(state, target=state.to_generation, forward=True)
-        # Validation counts its own progress: done (validated) of total (every record).
-        total = sum(self._store.count_by_generation().values())
+        # Validation counts its own records (every one in the store) and says so when done.
         self._publish(replace(state, phase=RotationPhase.VALIDATE, cursor=None, done=0,
-                              total=total, message="validating"))
+                              total=state.total, message="validating"))
 
     def _step_validate(self, state: RotationState) -> None:
-        """One pass over every record: each must be under the new generation and decrypt
-        with the new key. A record still under another generation sends the rotation back
-        to re-encryption (a write that raced the key switch) or, if some records failed
-        their integrity check, stops it with both keys kept."""
+        """Every record must be under the new generation and decrypt with the new key.
+
+        Each ciphertext the re-encryption wrote was opened under the new key in memory
+        before it was written (``_reseal_rows``); every other record under the new
+        generation was sealed by it (a write under the active key, or a batch of this
+        rotation before a restart, checked the same way then). What is left to prove is in
+        the store: no record whose generation cell names another generation (one count),
+        none whose cell says the new one while its authenticated header names another or is
+        malformed (one scan for cell/header disagreements). A record still under another
+        generation sends the rotation back to re-encryption (a write that raced the key
+        switch) or, if some records failed their integrity check, stops it with both keys
+        kept; a record that claims the new generation without its header stops it too."""
         testpoints.reached(Point.ROTATION_VALIDATE)
+        self._check_interrupt(allow_abort=True)
         target = state.to_generation
-        checked, leftover, unreadable = self._validate_pass(state)
+        started = time.monotonic()
+        counts = self._store.count_by_generation()
+        checked = sum(counts.values())
+        leftover = checked - counts.get(target, 0)
+        unreadable = self._claims_target_wrongly(target)
+        elapsed = max(time.monotonic() - started, 1e-6)
+        self._announce_progress(replace(
+            state, done=checked, total=checked, rate=checked / elapsed, eta=0.0,
+            message=f"validated {checked} of {checked} record(s)"))
         state = _reencryption_counts(state)
         if unreadable:
             self._fail(state, unreadable, FailureKind.VALIDATION)
@@ -688,43 +709,21 @@ class RotationEngine:
                               message=f"validated {checked} record(s) under generation {target}"))
         testpoints.reached(Point.ROTATION_VALIDATED)
 
-    def _validate_pass(self, state: RotationState) -> tuple[int, int, str]:
-        """(records checked, records under another generation, what does not decrypt
-        under the new key or "") after one pass, which stops at the first such record."""
-        target = state.to_generation
-        keyring = self._keys.require_unsealed()
+    def _claims_target_wrongly(self, target: int) -> str:
+        """What does not decrypt under generation ``target`` although its cell names it
+        (its header names another generation, or is not valid), or "": such a record is
+        skipped by re-encryption and only an older key may open it."""
         after: RecordKey | None = None
-        checked = leftover = 0
-        # Paced like re-encryption (decrypting is about half the work, so twice the
-        # rate): an unpaced pass over every record held the GIL long enough to push
-        # foreground p99 to ~50 ms in the benchmark.
-        pacer = Pacer(2 * state.max_rate, self._sleep)
-        batch = min(state.batch_size, VALIDATE_BATCH_SIZE)
-        checkers: dict[str, envelope.Resealer] = {}
-        progress = _ValidateProgress(self, state)
         while True:
-            self._check_interrupt(allow_abort=True)
-            started = time.monotonic()
-            rows = self._store.scan_not_in_generation(EVERY_GENERATION, after, batch)
+            rows = self._store.generation_mismatches(after, MISMATCH_PAGE)
             if not rows:
-                return checked, leftover, ""
-            for kind, path, version, generation, blob in pacer.paced(rows):
-                if generation != target:
-                    leftover += 1
-                    continue
-                checker = checkers.get(kind)
-                if checker is None:
-                    checker = checkers[kind] = _resealer(keyring, kind, target)
-                # Under the new key only, and the header must name it too: a row whose
-                # column says the new generation but whose header says otherwise fails.
-                if not checker.opens_under_target(path, version, blob):
-                    return checked, leftover, (f"validation: {kind} {path} v{version} does "
-                                               f"not decrypt under generation {target}; "
-                                               "both keys kept")
-            checked += len(rows)
+                return ""
+            for row in rows:
+                if row.cell == target:
+                    return (f"validation: {row.kind} {row.path} v{row.version} does not "
+                            f"decrypt under generation {target}; both keys kept")
             after = rows[-1].key
-            pacer.rest(len(rows), started)
-            progress.batch(checked, len(rows), started)
+            self._check_interrupt(allow_abort=True)
 
     def _step_finalize(self, state: RotationState) -> None:
         target = state.to_generation
@@ -869,7 +868,13 @@ class RotationEngine:
             resealer = resealers.get(kind)
             if resealer is None:
                 resealer = resealers[kind] = _resealer(keyring, kind, target)
-            new_blob = resealer.reseal(path, version, blob)
+            try:
+                new_blob = resealer.reseal_checked(path, version, blob)
+            except envelope.SealCheckFailed:
+                raise _SealCheckFailed(
+                    f"validation: the new ciphertext of {kind} {path} v{version} does not "
+                    f"decrypt under generation {target}; nothing written with it, both keys "
+                    "kept") from None
             if new_blob is None:
                 bad.append(RecordKey(kind, path, version))
                 log.error("record failed its integrity check during rotation",
@@ -1117,27 +1122,13 @@ class _AbortRequested(Exception):
     """Raised inside the forward batch loop when an abort was requested."""
 
 
+class _SealCheckFailed(Exception):
+    """A ciphertext just made does not open under its key: the rotation stops (FAILED,
+    validation) before the batch is written."""
+
+
 def _reencryption_counts(state: RotationState) -> RotationState:
     """``state`` with done/total back to re-encryption's (validation counted its own in
     them): every record a batch handled was re-encrypted, skipped or failed."""
     done = state.reencrypted + state.skipped + state.failed
     return replace(state, done=done, total=done)
-
-
-class _ValidateProgress:
-    """Validation's done/total/rate, announced after every batch (not stored): ``done``
-    counts the records validated of ``total``, every record in the store when the phase
-    began (a restart validates again from the start)."""
-
-    def __init__(self, engine: RotationEngine, state: RotationState) -> None:
-        self._engine = engine
-        self._state = state
-        self._meter = RateMeter()
-
-    def batch(self, checked: int, count: int, started: float) -> None:
-        total = max(self._state.total, checked)
-        rate = self._meter.observe(count, started)
-        self._engine._announce_progress(replace(
-            self._state, done=checked, total=total, rate=rate,
-            eta=(total - checked) / rate if rate > 0 else 0.0,
-            message=f"validated {checked} of {total} record(s)"))

@@ -165,6 +165,14 @@ def decrypt(
         raise DecryptionError() from None
 
 
+NONCE_POOL = 256
+
+
+class SealCheckFailed(Exception):
+    """A ciphertext just made does not open under the key that made it (key memory damaged
+    or a broken cipher): nothing may be written with that key."""
+
+
 class Resealer:
     """Re-encrypts records to one target generation, and checks them under it: the hot
     loops of key rotation, a million rows at a time.
@@ -177,7 +185,8 @@ class Resealer:
     a malformed blob or a failed tag all come back as ``None`` / ``False``.
     """
 
-    __slots__ = ("_openers", "_prefix", "_seal", "_target_header", "_urandom")
+    __slots__ = ("_at", "_nonces", "_openers", "_prefix", "_seal", "_target_header",
+                 "_urandom")
 
     def __init__(self, kind: str, openers: dict[int, AeadKey], sealer: AeadKey,
                  target: int) -> None:
@@ -188,6 +197,17 @@ class Resealer:
         self._seal = sealer.aead
         self._target_header = _HEADER.pack(ENVELOPE_VERSION, target)
         self._urandom = os.urandom
+        # Fresh random nonces drawn NONCE_POOL at a time (one getrandom call instead of one
+        # per record); each is used once.
+        self._nonces = b""
+        self._at = 0
+
+    def _nonce(self) -> bytes:
+        at = self._at
+        if at >= len(self._nonces):
+            self._nonces, at = self._urandom(NONCE_SIZE * NONCE_POOL), 0
+        self._at = at + NONCE_SIZE
+        return self._nonces[at:at + NONCE_SIZE]
 
     def reseal(self, path: str, version: int, blob: bytes) -> bytes | None:
         """``blob`` decrypted under the generation its header names and encrypted under
@@ -205,9 +225,39 @@ class Resealer:
             plain = aead.decrypt(header[_HEADER.size:], view[HEADER_SIZE:], header + identity)
         except InvalidTag:
             return None
-        nonce = self._urandom(NONCE_SIZE)
+        nonce = self._nonce()
         header = self._target_header + nonce
         return header + self._seal.encrypt(nonce, plain, header + identity)
+
+    def reseal_checked(self, path: str, version: int, blob: bytes) -> bytes | None:
+        """:meth:`reseal`, and the new ciphertext is opened again under the target key and
+        must give back the same plaintext before it is returned (key rotation's proof, in
+        memory, that what it writes decrypts under the new key). ``None`` if ``blob`` does
+        not decrypt; :class:`SealCheckFailed` (no data in it) if the new one does not."""
+        path_b = path.encode("utf-8")
+        identity = self._prefix + _U32.pack(len(path_b)) + path_b + _U64.pack(version)
+        if len(blob) < OVERHEAD:
+            return None
+        fmt, generation = _HEADER.unpack_from(blob, 0)
+        aead = self._openers.get(generation)
+        if aead is None or fmt != ENVELOPE_VERSION:
+            return None
+        header = blob[:HEADER_SIZE]
+        try:
+            plain = aead.decrypt(header[_HEADER.size:], memoryview(blob)[HEADER_SIZE:],
+                                 header + identity)
+        except InvalidTag:
+            return None
+        nonce = self._nonce()
+        header = self._target_header + nonce
+        associated = header + identity
+        sealed = self._seal.encrypt(nonce, plain, associated)
+        try:
+            if self._seal.decrypt(nonce, sealed, associated) != plain:
+                raise SealCheckFailed()
+        except InvalidTag:
+            raise SealCheckFailed() from None
+        return header + sealed
 
     def opens_under_target(self, path: str, version: int, blob: bytes) -> bool:
         """True when ``blob``'s header names the target generation and it decrypts under
