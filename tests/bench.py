@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-KNOWN = ("bench_keys", "bench_secrets", "bench_rotation")
+KNOWN = ("bench_startup", "bench_keys", "bench_secrets", "bench_puts", "bench_import",
+         "bench_rotation_e2e", "bench_rotation")
 
 
 def discover() -> list[str]:

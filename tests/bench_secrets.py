@@ -34,6 +34,7 @@ import grpc
 from spike.identity import SvidMaterial, fetch_svid
 from spike.tls import client_channel
 from spike.v1 import policies_pb2, policies_pb2_grpc, secrets_pb2, secrets_pb2_grpc
+from tests.benchkit import target
 from tests.harness import PY, TEST_PASSWORD, DevAgent, Nexus, base_env, pilot, short_tmpdir
 
 TLS_NAME = "nexus.spike.internal"
@@ -292,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "get_echo_ratio_rounds": [round(r, 3) for r in ratios],
         "rounds": rounds, "target_ratio": 0.7,
         "target_met": {"get_echo_ratio": ratio >= 0.7},
+        "targets": [target("secret get / bare gRPC echo, 4 threads", ratio, ">=", 0.7)],
     }, sort_keys=True))
     return 0
 
