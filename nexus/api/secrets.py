@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import grpc
 
@@ -48,21 +49,20 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         audited when it ends, with its outcome."""
         with rpc_call(context, self._audit, "secret.import") as caller:
             for request in request_iterator:
-                entries = [ImportEntry(e.line, e.path, e.data) for e in request.entries]
+                entries = [ImportEntry(e.line, e.path, dict(e.data)) for e in request.entries]
                 result = self._secrets.import_batch(caller, entries,
                                                     skip_existing=request.skip_existing)
                 self._audit_batch(caller, result)
                 yield import_response(result)
 
     def _audit_batch(self, caller: str, result: ImportResult) -> None:
-        record = self._audit.record
-        for path in result.imported:
-            record("secret.import", caller=caller, target=path, outcome="ok")
-        for path in result.skipped:
-            record("secret.import", caller=caller, target=path, outcome="ok", result="skipped")
-        for failure in result.failures:
-            record("secret.import", caller=caller, target=failure.path, outcome=failure.kind,
-                   line=failure.line)
+        """One event per entry, as a put's (written, skipped or refused), in one append."""
+        skipped = {"result": "skipped"}
+        events: list[tuple[str, str, Mapping[str, Any] | None]] = [
+            (path, "ok", None) for path in result.imported]
+        events += [(path, "ok", skipped) for path in result.skipped]
+        events += [(f.path, f.kind, {"line": f.line}) for f in result.failures]
+        self._audit.record_many("secret.import", caller=caller, events=events)
 
     def Get(self, request: pb.GetSecretRequest,
             context: grpc.ServicerContext) -> pb.GetSecretResponse:

@@ -128,9 +128,12 @@ class SecretVersion:
     created: float
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def encode_data(data: Mapping[str, str]) -> bytes:
-    return json.dumps(dict(data), sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode()
+    """Canonical JSON of the map (sorted keys, no spaces, UTF-8)."""
+    return _CANONICAL.encode(data if isinstance(data, dict) else dict(data)).encode()
 
 
 class SecretsService:
