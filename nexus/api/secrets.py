@@ -10,6 +10,7 @@ import grpc
 from nexus.api.calls import rpc_call
 from nexus.api.convert import stored_time
 from nexus.audit import AuditLog
+from nexus.core.errors import NexusError
 from nexus.core.secrets import ImportEntry, ImportResult, SecretsService
 from spike.v1 import secrets_pb2 as pb
 from spike.v1 import secrets_pb2_grpc as pb_grpc
@@ -45,15 +46,25 @@ class SecretsServicer(pb_grpc.SecretsServicer):
     def Import(self, request_iterator: Iterator[pb.ImportSecretsRequest],
                context: grpc.ServicerContext) -> Iterator[pb.ImportSecretsResponse]:
         """One durable commit and one answer per request. Every entry is audited as a put
-        is (after its batch committed: written, skipped or refused); the call itself is
-        audited when it ends, with its outcome."""
-        with rpc_call(context, self._audit, "secret.import") as caller:
-            for request in request_iterator:
-                entries = [ImportEntry(e.line, e.path, dict(e.data)) for e in request.entries]
-                result = self._secrets.import_batch(caller, entries,
-                                                    skip_existing=request.skip_existing)
-                self._audit_batch(caller, result)
-                yield import_response(result)
+        is (after its batch committed: written, skipped or refused); a call that fails as a
+        whole (sealed, stale, a batch too large, the store) is audited with its outcome."""
+        with rpc_call(context) as caller:
+            try:
+                for request in request_iterator:
+                    entries = [ImportEntry(e.line, e.path, dict(e.data))
+                               for e in request.entries]
+                    result = self._secrets.import_batch(caller, entries,
+                                                        skip_existing=request.skip_existing)
+                    self._audit_batch(caller, result)
+                    yield import_response(result)
+            except grpc.RpcError:
+                # The caller went away (cancelled, or its connection closed): nothing is
+                # left to answer. Every batch taken before is committed and audited.
+                self._audit.record("secret.import", caller=caller, outcome="cancelled")
+            except Exception as exc:
+                outcome = exc.kind.value if isinstance(exc, NexusError) else "internal_error"
+                self._audit.record("secret.import", caller=caller, outcome=outcome)
+                raise
 
     def _audit_batch(self, caller: str, result: ImportResult) -> None:
         """One event per entry, as a put's (written, skipped or refused), in one append."""
