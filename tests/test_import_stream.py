@@ -258,7 +258,9 @@ def test_killed_half_way_then_rerun_imports_each_line_once(agent: DevAgent, tmp:
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         out = summary(rerun)
         assert out["failed"] == 0 and out["imported"] + out["skipped"] == n, out
-        assert out["skipped"] == written, (out, written)
+        # At least what was committed before the re-run began is skipped (Nexus may still
+        # have committed batches of a killed Pilot it had received).
+        assert out["skipped"] >= written >= n // 4, (out, written)
     finally:
         if importer.poll() is None:
             importer.kill()
