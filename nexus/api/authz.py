@@ -80,7 +80,7 @@ def rpc_rules(td: str) -> dict[str, Rule]:
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": admin,
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": admin,
     }
-    for name in ("Put", "Get", "List", "Delete", "Undelete", "Destroy", "Metadata"):
+    for name in ("Put", "Get", "List", "Delete", "Undelete", "Destroy", "Metadata", "Import"):
         table[f"/spike.v1.Secrets/{name}"] = member
     for name in ("Put", "Get", "List", "Delete"):
         table[f"/spike.v1.Policies/{name}"] = su

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import Any
+
 import grpc
 
 from nexus.api.calls import rpc_call
 from nexus.api.convert import stored_time
 from nexus.audit import AuditLog
-from nexus.core.secrets import SecretsService
+from nexus.core.errors import NexusError
+from nexus.core.secrets import ImportEntry, ImportResult, SecretsService
 from spike.v1 import secrets_pb2 as pb
 from spike.v1 import secrets_pb2_grpc as pb_grpc
+
+MAX_LISTED_FAILURES = 1000
+"""Failures detailed in one import response (a path is at most 2 KiB of UTF-8, a message
+a few hundred bytes: the response stays well below the 4 MiB message limit); the rest are
+counted."""
+
+
+def import_response(result: ImportResult) -> pb.ImportSecretsResponse:
+    listed = result.failures[:MAX_LISTED_FAILURES]
+    return pb.ImportSecretsResponse(
+        imported=len(result.imported), skipped=len(result.skipped),
+        failed=len(result.failures),
+        failures=[pb.ImportFailure(line=f.line, path=f.path, kind=f.kind, message=f.message)
+                  for f in listed],
+        failures_not_listed=len(result.failures) - len(listed))
 
 
 class SecretsServicer(pb_grpc.SecretsServicer):
@@ -23,6 +42,38 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         with rpc_call(context, self._audit, "secret.put", request.path) as caller:
             version = self._secrets.put(caller, request.path, dict(request.data), cas)
             return pb.PutSecretResponse(path=request.path, version=version)
+
+    def Import(self, request_iterator: Iterator[pb.ImportSecretsRequest],
+               context: grpc.ServicerContext) -> Iterator[pb.ImportSecretsResponse]:
+        """One durable commit and one answer per request. Every entry is audited as a put
+        is (after its batch committed: written, skipped or refused); a call that fails as a
+        whole (sealed, stale, a batch too large, the store) is audited with its outcome."""
+        with rpc_call(context) as caller:
+            try:
+                for request in request_iterator:
+                    entries = [ImportEntry(e.line, e.path, dict(e.data))
+                               for e in request.entries]
+                    result = self._secrets.import_batch(caller, entries,
+                                                        skip_existing=request.skip_existing)
+                    self._audit_batch(caller, result)
+                    yield import_response(result)
+            except grpc.RpcError:
+                # The caller went away (cancelled, or its connection closed): nothing is
+                # left to answer. Every batch taken before is committed and audited.
+                self._audit.record("secret.import", caller=caller, outcome="cancelled")
+            except Exception as exc:
+                outcome = exc.kind.value if isinstance(exc, NexusError) else "internal_error"
+                self._audit.record("secret.import", caller=caller, outcome=outcome)
+                raise
+
+    def _audit_batch(self, caller: str, result: ImportResult) -> None:
+        """One event per entry, as a put's (written, skipped or refused), in one append."""
+        skipped = {"result": "skipped"}
+        events: list[tuple[str, str, Mapping[str, Any] | None]] = [
+            (path, "ok", None) for path in result.imported]
+        events += [(path, "ok", skipped) for path in result.skipped]
+        events += [(f.path, f.kind, {"line": f.line}) for f in result.failures]
+        self._audit.record_many("secret.import", caller=caller, events=events)
 
     def Get(self, request: pb.GetSecretRequest,
             context: grpc.ServicerContext) -> pb.GetSecretResponse:

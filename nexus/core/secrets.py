@@ -11,9 +11,9 @@ import base64
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import structlog
 
@@ -24,6 +24,7 @@ from nexus.core.errors import (
     IntegrityError,
     InvalidInput,
     MetadataIntegrityError,
+    NexusError,
     NotFound,
     NotReady,
 )
@@ -41,7 +42,14 @@ from nexus.core.validation import (
 from nexus.crypto.envelope import DecryptionError, peek_generation, record_identity
 from nexus.crypto.keyring import Keyring
 from nexus.crypto.keys import Purpose
-from nexus.store.base import KIND_SECRET, CasMismatch, InconsistentMetadata, SecretMeta, Store
+from nexus.store.base import (
+    KIND_SECRET,
+    CasMismatch,
+    InconsistentMetadata,
+    PutRequest,
+    SecretMeta,
+    Store,
+)
 from nexus.store.base import NotFound as StoreNotFound
 from spike.errors import ErrorKind
 
@@ -78,6 +86,38 @@ def _metadata_refused(exc: InconsistentMetadata, outcome: str) -> MetadataIntegr
         f"{outcome}; repair the database or restore it (see the Nexus log)")
 
 
+MAX_IMPORT_ENTRIES = 5000
+"""Most entries in one import batch (one durable commit)."""
+
+
+class ImportEntry(NamedTuple):
+    """One line of an import (a tuple: a hundred thousand of these are made per import)."""
+
+    line: int
+    path: str
+    data: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class ImportFailure:
+    """One entry that was written nowhere: its line, path and why (never its value)."""
+
+    line: int
+    path: str
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What one batch did: the paths written and skipped (in entry order) and the
+    failures."""
+
+    imported: list[str]
+    skipped: list[str]
+    failures: list[ImportFailure]
+
+
 @dataclass(frozen=True)
 class PathPage:
     paths: list[str]
@@ -92,9 +132,12 @@ class SecretVersion:
     created: float
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def encode_data(data: Mapping[str, str]) -> bytes:
-    return json.dumps(dict(data), sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False).encode()
+    """Canonical JSON of the map (sorted keys, no spaces, UTF-8)."""
+    return _CANONICAL.encode(data if isinstance(data, dict) else dict(data)).encode()
 
 
 class SecretsService:
@@ -168,6 +211,75 @@ class SecretsService:
             if exc.kind is not ErrorKind.STALE or not self._keys.follow().added:
                 raise
         return fn()
+
+    def import_batch(self, caller: str, entries: Sequence[ImportEntry], *,
+                     skip_existing: bool = False) -> ImportResult:
+        """Write a batch of entries in one durable commit, each as :meth:`put` would (same
+        checks; with ``skip_existing``, check-and-set 0 and a path that exists is skipped).
+        An entry refused for any reason is written nowhere and reported; the others commit.
+        Anything that is not about one entry (sealed, stale, the store failing) fails the
+        whole batch, and nothing of it is written."""
+        if len(entries) > MAX_IMPORT_ENTRIES:
+            raise InvalidInput(f"an import batch holds at most {MAX_IMPORT_ENTRIES} entries")
+        self._keys.require_unsealed()
+        failures: list[ImportFailure] = []
+        accepted: list[ImportEntry] = []
+        requests: list[PutRequest] = []
+        used: dict[int, int] = {}
+        cas = 0 if skip_existing else None
+        now = self._clock()
+        max_bytes, max_versions = self._max_value_bytes, self._max_versions
+        allowed = self._policies.allowed
+        for entry in entries:
+            path = entry.path
+            try:
+                check_path(path)
+                check_data(entry.data, max_bytes)
+                if not allowed(caller, path, "write"):
+                    self._policies.require(caller, path, "write")  # raises Forbidden
+            except NexusError as exc:
+                failures.append(ImportFailure(entry.line, path, exc.kind.value, str(exc)))
+                continue
+            accepted.append(entry)
+            requests.append(PutRequest(path, cas, max_versions, now,
+                                       self._sealer(path, encode_data(entry.data), used)))
+        try:
+            outcomes = (self._catching_up(lambda: self._store.put_secrets(requests))
+                        if requests else [])
+        finally:
+            # Every encryption counts, even those of a batch that was rolled back.
+            for generation, count in used.items():
+                self._counter.add(generation, count)
+        imported: list[str] = []
+        skipped: list[str] = []
+        for entry, outcome in zip(accepted, outcomes, strict=True):
+            if isinstance(outcome, int):
+                imported.append(entry.path)
+            elif isinstance(outcome, CasMismatch):
+                skipped.append(entry.path)
+            else:
+                refused = _metadata_refused(outcome, "nothing was written")
+                failures.append(ImportFailure(entry.line, entry.path, refused.kind.value,
+                                              str(refused)))
+        failures.sort(key=lambda f: f.line)
+        return ImportResult(imported, skipped, failures)
+
+    def _sealer(self, path: str, plaintext: bytes,
+                used: dict[int, int]) -> Callable[[int], tuple[int, bytes]]:
+        """``seal`` for one import entry, as :meth:`put`'s: the keyring is taken inside the
+        transaction. ``used`` counts encryptions per generation (for the counter)."""
+        keys = self._keys
+
+        def seal(version: int) -> tuple[int, bytes]:
+            keyring = keys.require_unsealed()
+            keys.assert_current(keyring)
+            generation = keyring.active_generation
+            assert generation is not None
+            used[generation] = used.get(generation, 0) + 1
+            return generation, keyring.encrypt(
+                Purpose.SECRETS, plaintext, record_identity(KIND_SECRET, path, version))
+
+        return seal
 
     def get(self, caller: str, path: str, version: int | None = None) -> SecretVersion:
         return self._catching_up(lambda: self._get(caller, path, version))

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pilot.errors import PilotError, Unreachable, UsageError
+from pilot.errors import PilotError, UsageError
 from pilot.output import info, iso_time, render
 
 if TYPE_CHECKING:
@@ -69,6 +68,13 @@ def register(sub: Subcommands, parent: argparse.ArgumentParser) -> None:
                         help='bulk load: one JSON object per line {"path":...,"data":{...}}')
     p.add_argument("--file", type=Path, required=True, metavar="F",
                    help="JSON lines to load; '-' for stdin (required)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="skip a line whose path already holds a secret (check-and-set 0): "
+                        "makes a re-run after an interruption safe (default: write a new "
+                        "version)")
+    p.add_argument("--batch-size", type=int, default=1000, metavar="N",
+                   help="lines per batch, each batch one durable commit (default: "
+                        "%(default)s)")
     p.set_defaults(func=run_import)
 
 
@@ -216,39 +222,20 @@ def run_metadata(args: argparse.Namespace, client: NexusClient) -> int:
 
 
 def run_import(args: argparse.Namespace, client: NexusClient) -> int:
-    from spike.v1 import secrets_pb2 as pb
+    from pilot.commands.importing import MAX_BATCH, import_file, summary
+    from pilot.output import json_mode
 
-    stub = client.secrets
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise UsageError(f"--batch-size must be between 1 and {MAX_BATCH}")
     try:
         stream = sys.stdin if str(args.file) == "-" else args.file.open(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
-    ok = failed = 0
+    bar = not json_mode(args) and sys.stderr.isatty()
     with stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-                path, data = doc["path"], doc["data"]
-                if not isinstance(path, str) or not isinstance(data, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in data.items()
-                ):
-                    raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError):
-                failed += 1
-                info(f"line {number}: expected {{\"path\": str, \"data\": {{str: str}}}}")
-                continue
-            try:
-                # Retried when Nexus closed the connection (by age) under it: a long import
-                # outlives many connections. A repeat writes at most one identical version.
-                client.call(stub.Put, pb.PutSecretRequest(path=path, data=data), retry=True)
-                ok += 1
-            except PilotError as exc:
-                if exc.exit_code == Unreachable.exit_code:
-                    raise
-                failed += 1
-                info(f"line {number}: {path}: {exc}")
-    render(args, {"imported": ok, "failed": failed},
-           lambda: info(f"imported {ok} secret(s), {failed} failed"))
-    return 0 if failed == 0 else 1
+        tally = import_file(client, stream, batch_size=args.batch_size,
+                            skip_existing=args.skip_existing, bar=bar)
+    skipped = f", {tally.skipped} skipped (already there)" if args.skip_existing else ""
+    render(args, summary(tally, args.skip_existing),
+           lambda: info(f"imported {tally.imported} secret(s), {tally.failed} failed{skipped}"))
+    return 0 if tally.failed == 0 else 1

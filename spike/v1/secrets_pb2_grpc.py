@@ -69,6 +69,11 @@ class SecretsStub:
                 request_serializer=spike_dot_v1_dot_secrets__pb2.SecretMetadataRequest.SerializeToString,
                 response_deserializer=spike_dot_v1_dot_secrets__pb2.SecretMetadataResponse.FromString,
                 _registered_method=True)
+        self.Import = channel.stream_stream(
+                '/spike.v1.Secrets/Import',
+                request_serializer=spike_dot_v1_dot_secrets__pb2.ImportSecretsRequest.SerializeToString,
+                response_deserializer=spike_dot_v1_dot_secrets__pb2.ImportSecretsResponse.FromString,
+                _registered_method=True)
 
 
 class SecretsServicer:
@@ -118,6 +123,16 @@ class SecretsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Import(self, request_iterator, context):
+        """Bulk load: each request carries a batch of entries, committed together (one
+        durable commit per batch, each entry all-or-nothing on its own); each batch is
+        answered, in order, by one response. A caller that lost the stream knows which
+        batches were acknowledged and sends the others again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SecretsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +170,11 @@ def add_SecretsServicer_to_server(servicer, server):
                     servicer.Metadata,
                     request_deserializer=spike_dot_v1_dot_secrets__pb2.SecretMetadataRequest.FromString,
                     response_serializer=spike_dot_v1_dot_secrets__pb2.SecretMetadataResponse.SerializeToString,
+            ),
+            'Import': grpc.stream_stream_rpc_method_handler(
+                    servicer.Import,
+                    request_deserializer=spike_dot_v1_dot_secrets__pb2.ImportSecretsRequest.FromString,
+                    response_serializer=spike_dot_v1_dot_secrets__pb2.ImportSecretsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -346,6 +366,33 @@ class Secrets:
             '/spike.v1.Secrets/Metadata',
             spike_dot_v1_dot_secrets__pb2.SecretMetadataRequest.SerializeToString,
             spike_dot_v1_dot_secrets__pb2.SecretMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Import(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/spike.v1.Secrets/Import',
+            spike_dot_v1_dot_secrets__pb2.ImportSecretsRequest.SerializeToString,
+            spike_dot_v1_dot_secrets__pb2.ImportSecretsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,12 @@ class SecretsStub:
     Destroy: _grpc.UnaryUnaryMultiCallable[_secrets_pb2.DestroySecretRequest, _secrets_pb2.DestroySecretResponse]
     """Permanent."""
     Metadata: _grpc.UnaryUnaryMultiCallable[_secrets_pb2.SecretMetadataRequest, _secrets_pb2.SecretMetadataResponse]
+    Import: _grpc.StreamStreamMultiCallable[_secrets_pb2.ImportSecretsRequest, _secrets_pb2.ImportSecretsResponse]
+    """Bulk load: each request carries a batch of entries, committed together (one
+    durable commit per batch, each entry all-or-nothing on its own); each batch is
+    answered, in order, by one response. A caller that lost the stream knows which
+    batches were acknowledged and sends the others again.
+    """
 
 @_typing.type_check_only
 class SecretsAsyncStub(SecretsStub):
@@ -55,6 +61,12 @@ class SecretsAsyncStub(SecretsStub):
     Destroy: _aio.UnaryUnaryMultiCallable[_secrets_pb2.DestroySecretRequest, _secrets_pb2.DestroySecretResponse]  # type: ignore[assignment]
     """Permanent."""
     Metadata: _aio.UnaryUnaryMultiCallable[_secrets_pb2.SecretMetadataRequest, _secrets_pb2.SecretMetadataResponse]  # type: ignore[assignment]
+    Import: _aio.StreamStreamMultiCallable[_secrets_pb2.ImportSecretsRequest, _secrets_pb2.ImportSecretsResponse]  # type: ignore[assignment]
+    """Bulk load: each request carries a batch of entries, committed together (one
+    durable commit per batch, each entry all-or-nothing on its own); each batch is
+    answered, in order, by one response. A caller that lost the stream knows which
+    batches were acknowledged and sends the others again.
+    """
 
 class SecretsServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -107,5 +119,17 @@ class SecretsServicer(metaclass=_abc_1.ABCMeta):
         request: _secrets_pb2.SecretMetadataRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_secrets_pb2.SecretMetadataResponse, _abc.Awaitable[_secrets_pb2.SecretMetadataResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Import(
+        self,
+        request_iterator: _MaybeAsyncIterator[_secrets_pb2.ImportSecretsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_secrets_pb2.ImportSecretsResponse], _abc.AsyncIterator[_secrets_pb2.ImportSecretsResponse]]:
+        """Bulk load: each request carries a batch of entries, committed together (one
+        durable commit per batch, each entry all-or-nothing on its own); each batch is
+        answered, in order, by one response. A caller that lost the stream knows which
+        batches were acknowledged and sends the others again.
+        """
 
 def add_SecretsServicer_to_server(servicer: SecretsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
