@@ -67,11 +67,12 @@ def targets_of(report: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 
 def print_targets(rows: list[tuple[str, dict[str, Any]]]) -> None:
-    print(f"\n{'module':16} {'measurement':52} {'value':>9} {'target':>9}  result")
+    print(f"\n{'module':18} {'measurement':52} {'value':>9} {'target':>9}  result")
     for module, entry in rows:
         verdict = "met" if entry["met"] else "NOT MET"
-        print(f"{module:16} {entry['name']:52} {entry['value']:>9} {entry['target']:>9}  "
-              f"{verdict}")
+        value = entry["value"]
+        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+        print(f"{module:18} {entry['name']:52} {shown:>9} {entry['target']:>9}  {verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -233,6 +233,37 @@ def test_put_secrets_one_commit_each_request_on_its_own(store: Store,
     assert store.put_secrets([]) == []
 
 
+def test_put_secrets_a_large_batch_of_new_and_old_paths(store: Store, backend: Backend) -> None:
+    """A batch big enough for SQLite's bulk write of new paths: new paths get version 1 in
+    order with everything else, and every other case still has its own outcome."""
+    put(store, "old")
+    requests = [PutRequest(f"new/{i}", None if i % 2 else 0, 3, 9.0, sealer(tag=b"n"))
+                for i in range(20)]
+    requests += [
+        PutRequest("old", None, 3, 9.0, sealer(tag=b"o")),       # exists: version 2
+        PutRequest("twice", None, 3, 9.0, sealer(tag=b"t1")),    # named twice in the batch
+        PutRequest("twice", 1, 3, 9.0, sealer(tag=b"t2")),
+        PutRequest("ghost", 4, 3, 9.0, sealer()),                # CAS 4 on a new path
+    ]
+    outcomes = store.put_secrets(requests)
+    assert outcomes[:20] == [1] * 20
+    assert outcomes[20:23] == [2, 1, 2]
+    refused = outcomes[23]
+    assert isinstance(refused, CasMismatch) and (refused.expected, refused.actual) == (4, 0)
+    assert store.list_secret_paths("ghost") == []
+    for i in range(20):
+        row = store.get_secret(f"new/{i}")
+        assert (row.version, row.blob, row.created_at) == (1, b"n:1", 9.0)
+        meta = store.secret_meta(f"new/{i}")
+        assert (meta.current_version, meta.oldest_version) == (1, 1)
+        assert (meta.created_at, meta.updated_at) == (9.0, 9.0)
+    assert store.get_secret("twice").blob == b"t2:2"
+    assert store.get_secret("old").blob == b"o:2"
+    assert backend.secret_versions("new/3") == [1]
+    again = store.put_secrets([PutRequest(f"new/{i}", 0, 3, 10.0, sealer()) for i in range(20)])
+    assert all(isinstance(o, CasMismatch) for o in again)
+
+
 def test_put_secrets_failure_rolls_back_the_whole_batch(store: Store,
                                                         backend: Backend) -> None:
     def boom(version: int) -> tuple[int, bytes]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import sqlite3
 import stat
@@ -58,6 +59,12 @@ SCHEMA_VERSION = shared.SCHEMA_VERSION
 
 # Numbered parameters in BlobUpdate's field order: the updates bind as they are, with no
 # per-row tuple built (this runs for every row of a rotation).
+# A batch of puts to paths that do not exist yet (an import) is written in bulk.
+_BULK_MIN = 8
+_BULK_CHUNK = 500
+_EXISTING_META = "SELECT path FROM secret_meta WHERE path IN (SELECT value FROM json_each(?))"
+_EXISTING_RECORDS = ("SELECT DISTINCT path FROM records WHERE kind = ?"
+                     " AND path IN (SELECT value FROM json_each(?))")
 _REPLACE_BLOB = ("UPDATE records SET generation = ?6, blob = ?7 WHERE kind = ?1 AND path = ?2"
                  " AND version = ?3 AND generation = ?4 AND blob = ?5")
 _BUSY_TIMEOUT_S = 10.0
@@ -401,6 +408,27 @@ class SqliteStore(shared.SqlStore):
 
     def _replace_rows(self, conn: shared.Connection, updates: Sequence[BlobUpdate]) -> int:
         return shared.executemany(conn, _REPLACE_BLOB, updates)
+
+    def _fresh_paths(self, conn: shared.Connection,
+                     requests: Sequence[base.PutRequest]) -> frozenset[str]:
+        """One writer holds the file (and its lock for the whole transaction), so a path
+        with no metadata row and no record cannot gain one before this batch commits: it is
+        written in bulk. Two queries per batch instead of four statements per put."""
+        if len(requests) < _BULK_MIN:
+            return frozenset()
+        counts: dict[str, int] = {}
+        for request in requests:
+            # A check-and-set above 0 on a new path is refused: _put_in says so.
+            bump = 1 if request.cas in (None, 0) else 2
+            counts[request.path] = counts.get(request.path, 0) + bump
+        once = [p for p, n in counts.items() if n == 1]
+        taken: set[str] = set()
+        for start in range(0, len(once), _BULK_CHUNK):
+            chunk = json.dumps(once[start:start + _BULK_CHUNK])
+            taken.update(row[0] for row in conn.execute(_EXISTING_META, (chunk,)).fetchall())
+            taken.update(row[0] for row in conn.execute(_EXISTING_RECORDS,
+                                                        (base.KIND_SECRET, chunk)).fetchall())
+        return frozenset(once) - taken
 
     # ------------------------------------------------------------------ cached reads
 
