@@ -87,7 +87,8 @@ def build_keys(config: NexusConfig, store: Store, *,
 
 def build_services(config: NexusConfig, store: Store, keys: KeyManager, audit: AuditLog, *,
                    clock: Callable[[], float] = time.time,
-                   sleep: Callable[[float], None] = time.sleep) -> NodeServices:
+                   sleep: Callable[[float], None] = time.sleep,
+                   registry: NodeRegistry | None = None) -> NodeServices:
     """The node's services, built in the order their unseal listeners must run (the secrets'
     generation-cell check before the rotation engine resumes)."""
     counter = EncryptionCounter(store)
@@ -100,6 +101,7 @@ def build_services(config: NexusConfig, store: Store, keys: KeyManager, audit: A
                               data_dir=config.data_dir if config.store == "sqlite" else None,
                               node_name=config.node_name or default_node_name(config),
                               stale_node_grace=STALE_NODE_GRACE if shared else 0.0,
+                              peers=registry.live_peers if shared and registry else None,
                               sleep=sleep)
     scheduler = Scheduler(store, keys, rotation, counter, clock=clock,
                           check_every=max(config.scheduler_check_seconds, 1.0))
@@ -187,9 +189,10 @@ def build(
     store = store if store is not None else open_configured_store(config)
     audit = audit if audit is not None else AuditLog(config.audit_target)
     keys = build_keys(config, store, clock=clock)
-    services = build_services(config, store, keys, audit, clock=clock, sleep=sleep)
     registry = NodeRegistry(store, keys, name=config.node_name or default_node_name(config),
                             address=config.advertise_address or config.listen, clock=clock)
+    services = build_services(config, store, keys, audit, clock=clock, sleep=sleep,
+                              registry=registry)
     node = Node(store, config.store, keys, audit, hardening, str(config.backup_path),
                 services, backup_verify_interval=config.backup_verify_interval_seconds,
                 scheduler_enabled=config.scheduler_check_seconds > 0,

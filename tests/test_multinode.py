@@ -108,3 +108,50 @@ def test_a_node_follows_another_nodes_rotation_without_an_operator(agent: DevAge
             b.stop()
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def test_finalize_waits_for_a_node_that_has_not_taken_the_new_generation(
+        agent: DevAgent, pg_dsn: str) -> None:
+    """Node B is held (a test gate) just before it takes generation 2 from the keyring of
+    record: A's rotation re-encrypts everything but does not drop generation 1 while B's
+    heartbeat still says 1. Released, B takes 2 and A finishes."""
+    su = agent.env("pilot")
+    dirs = [short_tmpdir("mf-a-"), short_tmpdir("mf-b-"), short_tmpdir("mf-g-")]
+    gate = dirs[2]
+    args = ["--store", "postgres", "--dsn", pg_dsn]
+    a = Nexus(dirs[0], agent.env("nexus"), args=args)
+    env_b = agent.env("nexus") | {"SPIKE_NEXUS_TEST_GATE_AT": "keyring_follow",
+                                  "SPIKE_NEXUS_TEST_GATE_DIR": str(gate)}
+    b: Nexus | None = None
+    try:
+        assert pilot(["init", "--password-stdin"], su, a, stdin=PW).returncode == 0
+        b = Nexus(dirs[1], env_b, args=args)
+        assert pilot(["recover", "--password-stdin"], su, b, stdin=PW).returncode == 0
+        for i in range(10):
+            assert pilot(["secret", "put", f"f/s{i}", f"v={i}"], su, a).returncode == 0
+        started = pilot(["rotate", "--detach", "--emergency"], su, a)
+        assert started.returncode == 0, started.stderr
+        held = b
+        eventually(lambda: any(e.get("event") == "test gate reached"
+                               for e in held.log_events()), "B held before taking 2")
+        eventually(lambda: any(e.get("event") == "waiting for the other nodes to write under "
+                               "the new generation" and e.get("nodes")
+                               for e in a.log_events()), "A's finalize waiting for B")
+        status = _generations(agent, a)
+        assert status["rotation"]["phase"] == "finalize"
+        assert status["backup"]["generations"] == [1, 2]  # generation 1 not dropped yet
+        (gate / "all").touch()
+        eventually(lambda: _generations(agent, a)["rotation"]["phase"] == "completed",
+                   "the rotation completed once B caught up")
+        eventually(lambda: _generations(agent, b)["backup"]["generations"] == [2],
+                   "B follows the retirement")
+        assert _generations(agent, b)["root_key_generation"] == 2
+        got = pilot_json(["secret", "get", "f/s3", "--output", "json"], su, b)
+        assert got["data"] == {"v": "3"}
+    finally:
+        (gate / "all").touch()
+        a.stop()
+        if b is not None:
+            b.stop()
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)

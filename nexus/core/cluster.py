@@ -105,6 +105,11 @@ class NodeRegistry:
         while not self._stop.wait(self._interval):
             self.report()
 
+    def live_peers(self) -> list[NodeRecord]:
+        """The other nodes that reported within the lease and are not stopped."""
+        now = self._clock()
+        return [n for n in self.nodes() if n.name != self.name and n.live(now)]
+
     def nodes(self) -> list[NodeRecord]:
         """Every node's last report, by name (unreadable rows are skipped)."""
         rows = self._store.states_with_prefix(NODE_STATE_PREFIX)

@@ -12,7 +12,6 @@ writes that meet a generation the node lacks catch up on the spot as well
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 import structlog
 
@@ -31,10 +30,8 @@ class KeyringFollower:
     """A daemon thread that runs :meth:`KeyManager.follow` whenever the records change."""
 
     def __init__(self, keys: KeyManager, store: Store, *,
-                 interval: float = FOLLOW_INTERVAL,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 interval: float = FOLLOW_INTERVAL) -> None:
         self._keys = keys
-        self._on_change = on_change
         self._store = store
         self._interval = interval
         self._stop = threading.Event()
@@ -73,6 +70,4 @@ class KeyringFollower:
             # The loop outlives any error (a lost database comes back): log, go on.
             log.exception("following the keyring of record failed")
             return None
-        if (self.last.added or self.last.dropped) and self._on_change is not None:
-            self._on_change()
         return self.last

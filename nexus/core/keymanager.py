@@ -101,6 +101,7 @@ class KeyManager:
         self._attempts = PasswordAttempts(backoff_base, backoff_cap,
                                           delay_cap=wrong_password_delay_cap)
         self._unseal_listeners: list[Callable[[], None]] = []
+        self._change_listeners: list[Callable[[], None]] = []
         self._pending_generation = 0
 
     # ------------------------------------------------------------------ state
@@ -152,6 +153,17 @@ class KeyManager:
 
     def on_unsealed(self, listener: Callable[[], None]) -> None:
         self._unseal_listeners.append(listener)
+
+    def on_keys_changed(self, listener: Callable[[], None]) -> None:
+        """``listener()`` after a generation was added, activated, dropped or followed."""
+        self._change_listeners.append(listener)
+
+    def _notify_changed(self) -> None:
+        for listener in self._change_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("key change listener failed")
 
     def require_unsealed(self) -> Keyring:
         keyring = self._keyring
@@ -475,6 +487,7 @@ class KeyManager:
             self._keyring = keyring.with_key(new_generation, key, activate=True)
         log.info("root key generation added", generation=new_generation,
                  fingerprint=info.fingerprint)
+        self._notify_changed()
         return info
 
     # ------------------------------------------------------------------ following the store
@@ -500,6 +513,8 @@ class KeyManager:
         for generation in dropped:
             log.info("root key generation retired by another node: forgotten",
                      generation=generation)
+        if added or dropped:
+            self._notify_changed()
         latest = max(self._ledger.recorded(), default=0)
         return Followed(tuple(added), tuple(dropped),
                         behind=latest not in self._keyring.generations and latest > 0)
@@ -518,6 +533,7 @@ class KeyManager:
             except UnwrapError as exc:
                 log.error("a wrapped root key in the store was refused", reason=str(exc))
                 continue
+            testpoints.reached(testpoints.Point.KEYRING_FOLLOW)
             newest = generation > (keyring.active_generation or 0)
             keyring = keyring.with_key(generation, key, activate=newest)
             added.append(generation)
@@ -582,6 +598,7 @@ class KeyManager:
     def activate(self, generation: int) -> None:
         with self._lock:
             self._keyring = self.require_unsealed().with_active(generation)
+        self._notify_changed()
 
     def drop_generation(self, generation: int) -> None:
         """Remove a generation from the backup first, then from memory (wiped)."""
@@ -605,6 +622,7 @@ class KeyManager:
                                 retire={generation: old_entry.fingerprint_hex})
         old_entry.wipe()
         log.info("root key generation dropped", generation=generation)
+        self._notify_changed()
 
     # ------------------------------------------------------------------ shutdown
 

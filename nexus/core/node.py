@@ -110,10 +110,10 @@ class Node:
             name="backup-verify",
         )
         # Several nodes on one store: follow the others' rotations (nexus/core/follower.py).
-        self.follower = KeyringFollower(keys, store, on_change=self._keys_changed
-                                        ) if follow_keyring else None
+        self.follower = KeyringFollower(keys, store) if follow_keyring else None
         self.registry = registry or NodeRegistry(store, keys, name="nexus")
         keys.on_unsealed(self._on_unsealed)
+        keys.on_keys_changed(self._keys_changed)
 
     def start(self) -> None:
         self._verifier.start()
@@ -156,7 +156,10 @@ class Node:
     def nodes(self) -> list[NodeRecord]:
         """Every node sharing the store, as each last reported (this one included)."""
         try:
-            return self.registry.nodes()
+            # This node's own row as it is now, not as of its last heartbeat.
+            mine = self.registry.mine()
+            others = [n for n in self.registry.nodes() if n.name != mine.name]
+            return sorted([mine, *others], key=lambda n: n.name)
         except Exception as exc:
             log.warning("could not read the node list", error_type=type(exc).__name__)
             return []

@@ -39,10 +39,10 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, assert_never
+from typing import Any, Literal, Protocol, assert_never
 
 import structlog
 
@@ -80,6 +80,20 @@ MIN_FREE_BYTES = 64 * 1024 * 1024
 # Seconds between recording a new generation and dropping the old one when several
 # nodes share the store (see finalize): twice KeyManager.assert_current's refresh.
 STALE_NODE_GRACE = 2.0
+# Finalize waits at most this long (the nodes' heartbeat lease) for every other live node to
+# report the new generation, looking again every PEER_POLL seconds.
+PEER_WAIT = 10.0
+PEER_POLL = 0.2
+
+
+class PeerReport(Protocol):
+    """What finalize reads of another node's heartbeat (nexus.core.cluster.NodeRecord)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def generation(self) -> int: ...
 # A FAILED phase the store refused to save (disk full, store down) is retried this often
 # (doubling from the first) until it is saved or superseded.
 FAILURE_SAVE_FIRST_RETRY = 0.5
@@ -214,6 +228,8 @@ class RotationEngine:
         data_dir: Path | None = None,
         node_name: str = "",
         stale_node_grace: float = 0.0,
+        peers: Callable[[], Sequence[PeerReport]] | None = None,
+        peer_wait: float = PEER_WAIT,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -221,6 +237,11 @@ class RotationEngine:
         self._node_name = node_name
         # Only a store shared by several nodes needs the wait before the old key goes.
         self._stale_node_grace = stale_node_grace
+        # The other live nodes' reports (their heartbeats), and how long finalize waits for
+        # all of them to write under the new generation before it goes on without one.
+        self._peers = peers
+        self._peer_wait = peer_wait
+        self._peer_wait_since: float | None = None
         self._keys = keys
         self._counter = counter
         self._audit = audit
@@ -737,6 +758,8 @@ class RotationEngine:
             wait = info.created + grace - self._clock()
             if wait > 0:
                 self._sleep(min(wait, grace))
+        if not self._peers_hold(target):
+            return  # the worker comes back to finalize (after a short pause)
         counts = self._store.count_by_generation()
         leftover = sum(n for g, n in counts.items() if g != target)
         if leftover:
@@ -756,6 +779,31 @@ class RotationEngine:
                              target=state.rotation_id, from_generation=state.from_generation,
                              to_generation=target, reencrypted=state.reencrypted,
                              skipped=state.skipped)
+
+    def _peers_hold(self, target: int) -> bool:
+        """True once every other live node reports ``target`` as the generation it writes
+        under (its heartbeat), or ``peer_wait`` seconds after the first look: a node that
+        lags past that is swept by the recount that follows and refused by its own stale
+        check, as without heartbeats. False: wait a moment and look again."""
+        if self._peers is None:
+            return True
+        lagging = sorted(p.name for p in self._peers() if p.generation != target)
+        now = self._clock()
+        if not lagging:
+            self._peer_wait_since = None
+            return True
+        if self._peer_wait_since is None:
+            self._peer_wait_since = now
+            log.info("waiting for the other nodes to write under the new generation",
+                     generation=target, nodes=lagging)
+        if now - self._peer_wait_since >= self._peer_wait:
+            log.warning("finalizing while nodes still report an older generation",
+                        generation=target, nodes=lagging)
+            self._peer_wait_since = None
+            return True
+        self._check_interrupt(allow_abort=False)
+        self._sleep(PEER_POLL)
+        return False
 
     def _enter_rollback(self, state: RotationState, message: str) -> None:
         total = self._store.count_by_generation().get(state.to_generation, 0) \

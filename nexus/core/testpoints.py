@@ -56,6 +56,9 @@ class Point(StrEnum):
     ROTATION_FINALIZED = "rotation_finalized"
     ROTATION_ROLLED_BACK = "rotation_rolled_back"
     ROTATION_ABORT_DROPPED = "rotation_abort_dropped"
+    # On a node following another node's rotation: a generation from the keyring of record
+    # is about to be taken into memory.
+    KEYRING_FOLLOW = "keyring_follow"
 
 
 def _point(environ: Mapping[str, str], variable: str) -> Point | None:
