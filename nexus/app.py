@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 from nexus.audit import AuditLog
 from nexus.config import NexusConfig
-from nexus.core.cluster import NodeRegistry
+from nexus.core.cluster import HEARTBEAT_INTERVAL, NodeRegistry
 from nexus.core.counter import EncryptionCounter
 from nexus.core.keymanager import KeyManager
 from nexus.core.node import Node, NodeServices
 from nexus.core.policies import PolicyEngine
-from nexus.core.rotation import STALE_NODE_GRACE, RotationEngine
+from nexus.core.rotation import PEER_WAIT, STALE_NODE_GRACE, RotationEngine
 from nexus.core.schedule import Scheduler
 from nexus.core.secrets import SecretsService
 from nexus.crypto.hardening import HardeningReport
@@ -102,6 +102,7 @@ def build_services(config: NexusConfig, store: Store, keys: KeyManager, audit: A
                               node_name=config.node_name or default_node_name(config),
                               stale_node_grace=STALE_NODE_GRACE if shared else 0.0,
                               peers=registry.live_peers if shared and registry else None,
+                              peer_wait=registry.lease if registry else PEER_WAIT,
                               sleep=sleep)
     scheduler = Scheduler(store, keys, rotation, counter, clock=clock,
                           check_every=max(config.scheduler_check_seconds, 1.0))
@@ -189,8 +190,11 @@ def build(
     store = store if store is not None else open_configured_store(config)
     audit = audit if audit is not None else AuditLog(config.audit_target)
     keys = build_keys(config, store, clock=clock)
+    shared = config.store == "postgres"
     registry = NodeRegistry(store, keys, name=config.node_name or default_node_name(config),
-                            address=config.advertise_address or config.listen, clock=clock)
+                            address=config.advertise_address or config.listen, clock=clock,
+                            interval=HEARTBEAT_INTERVAL if shared else None,
+                            lease=config.node_lease_seconds)
     services = build_services(config, store, keys, audit, clock=clock, sleep=sleep,
                               registry=registry)
     node = Node(store, config.store, keys, audit, hardening, str(config.backup_path),

@@ -56,6 +56,9 @@ class NexusConfig:
     node_name: str = ""
     # Where the other nodes reach this one (default: the listen address as bound).
     advertise_address: str = ""
+    # A node silent this long counts as gone; a rotation's finalize waits at most this long
+    # for the other nodes to report the new generation.
+    node_lease_seconds: float = 10.0
     max_secret_versions: int = 10
     max_value_bytes: int = 64 * 1024
     workers: int = 32
@@ -193,6 +196,9 @@ _HELP: dict[str, tuple[str, str]] = {
                   "one store)"),
     "advertise_address": ("HOST:PORT", "where the other nodes sharing the store reach this "
                           "one; shown by spike status"),
+    "node_lease_seconds": ("SECONDS", "a node silent this long counts as gone; a rotation "
+                           "waits at most this long for the other nodes before it drops the "
+                           "old key"),
     "max_secret_versions": ("N", "versions kept per secret; older ones are deleted for good"),
     "max_value_bytes": ("BYTES", "bound on a secret's keys and values together"),
     "workers": ("N", "gRPC worker threads (calls served at once)"),
@@ -282,6 +288,8 @@ def validate(config: NexusConfig) -> None:
         bad = not host or not port.isdigit() or int(port) > 65535
         if (address or flag == "--listen") and bad:
             raise ConfigError(f"{flag} must be HOST:PORT, got {address!r}")
+    if config.node_lease_seconds < 4:
+        raise ConfigError("node_lease_seconds must be at least 4 (two heartbeats)")
     if config.max_secret_versions < 1:
         raise ConfigError("max_secret_versions must be at least 1")
     if not 0.1 <= config.handshake_timeout_seconds <= 300:

@@ -231,6 +231,13 @@ def test_advertise_address_must_be_host_port(address: str) -> None:
     assert load_config([], {}).advertise_address == ""  # the listen address, as bound
 
 
+def test_node_lease_is_at_least_two_heartbeats() -> None:
+    assert load_config([], {}).node_lease_seconds == 10.0
+    assert load_config(["--node-lease-seconds", "30"], {}).node_lease_seconds == 30.0
+    with pytest.raises(ConfigError, match="node_lease_seconds must be at least 4"):
+        load_config(["--node-lease-seconds", "3"], {})
+
+
 def test_max_secret_versions_at_least_one() -> None:
     with pytest.raises(ConfigError, match="at least 1"):
         load_config(["--max-secret-versions", "0"], {})

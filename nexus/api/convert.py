@@ -138,16 +138,16 @@ def status_message(report: StatusReport, caller: str) -> op_pb.StatusResponse:
         rotation=rotation_event(report.rotation) if report.rotation else None,
         schedule=schedule_message(report.schedule) if report.schedule else None,
         next_rotation=timestamp(report.next_rotation),
-        nodes=[node_message(n, now) for n in report.nodes],
+        nodes=[node_message(n, now, report.node_lease) for n in report.nodes],
         node=report.this_node,
     )
 
 
-def node_message(node: NodeRecord, now: float) -> op_pb.ClusterNode:
+def node_message(node: NodeRecord, now: float, lease: float) -> op_pb.ClusterNode:
     return op_pb.ClusterNode(
         name=node.name, address=node.address, state=node.state,
         root_key_generation=node.generation, generations=list(node.generations),
-        last_seen=timestamp(node.last_seen), live=node.live(now), version=node.version)
+        last_seen=timestamp(node.last_seen), live=node.live(now, lease), version=node.version)
 
 
 # ---------------------------------------------------------------------- policies

@@ -1,9 +1,11 @@
 """The nodes sharing a store: each one's heartbeat row, and what the others can read from it.
 
-Every node writes ``node/<name>`` (a state document) when it starts, every
-``HEARTBEAT_INTERVAL`` seconds, whenever its keys change, and ``stopped`` when it shuts down:
+Every node writes ``node/<name>`` (a state document) when it starts, whenever its keys change,
+``stopped`` when it shuts down and, on a store shared with other nodes, every
+``HEARTBEAT_INTERVAL`` seconds:
 its address (``--advertise-address``), lifecycle state, active generation, the generations it
-holds and when it last reported. A node silent for longer than ``NODE_LEASE`` counts as gone.
+holds and when it last reported. A node silent for longer than the lease (``NODE_LEASE``,
+``--node-lease-seconds``) counts as gone.
 ``spike status`` lists them; the rows are facts a node states about itself, never keys.
 """
 
@@ -61,24 +63,30 @@ class NodeRegistry:
 
     def __init__(self, store: Store, keys: KeyManager, *, name: str, address: str = "",
                  clock: Callable[[], float] = time.time,
-                 interval: float = HEARTBEAT_INTERVAL) -> None:
+                 interval: float | None = HEARTBEAT_INTERVAL,
+                 lease: float = NODE_LEASE) -> None:
+        """``interval`` None: no periodic beats (a store no other node reads: SQLite)."""
         self._store = store
         self._keys = keys
         self.name = name
         self.address = address
+        self.lease = lease
         self._clock = clock
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="node-heartbeat")
 
     def start(self) -> None:
-        self._thread.start()
+        if self._interval is None:
+            self.report()
+        else:
+            self._thread.start()
 
     def stop(self) -> None:
         """Stop beating and report ``stopped`` (the others need not wait out the lease)."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=self._interval + 5.0)
+            self._thread.join(timeout=(self._interval or 0.0) + 5.0)
         self.report(STOPPED)
 
     def mine(self, state: str = "") -> NodeRecord:
@@ -101,6 +109,7 @@ class NodeRegistry:
             log.warning("node heartbeat failed", error_type=type(exc).__name__)
 
     def _run(self) -> None:
+        assert self._interval is not None
         self.report()
         while not self._stop.wait(self._interval):
             self.report()
@@ -108,7 +117,7 @@ class NodeRegistry:
     def live_peers(self) -> list[NodeRecord]:
         """The other nodes that reported within the lease and are not stopped."""
         now = self._clock()
-        return [n for n in self.nodes() if n.name != self.name and n.live(now)]
+        return [n for n in self.nodes() if n.name != self.name and n.live(now, self.lease)]
 
     def nodes(self) -> list[NodeRecord]:
         """Every node's last report, by name (unreadable rows are skipped)."""

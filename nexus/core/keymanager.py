@@ -533,9 +533,13 @@ class KeyManager:
             except UnwrapError as exc:
                 log.error("a wrapped root key in the store was refused", reason=str(exc))
                 continue
-            testpoints.reached(testpoints.Point.KEYRING_FOLLOW)
-            newest = generation > (keyring.active_generation or 0)
-            keyring = keyring.with_key(generation, key, activate=newest)
+            try:
+                testpoints.reached(testpoints.Point.KEYRING_FOLLOW)
+                newest = generation > (keyring.active_generation or 0)
+                keyring = keyring.with_key(generation, key, activate=newest)
+            except BaseException:
+                key.wipe()
+                raise
             added.append(generation)
         self._keyring = keyring
         return added

@@ -11,7 +11,7 @@ import structlog
 
 from nexus import __version__
 from nexus.audit import AuditLog
-from nexus.core.cluster import NodeRecord, NodeRegistry
+from nexus.core.cluster import NODE_LEASE, NodeRecord, NodeRegistry
 from nexus.core.counter import EncryptionCounter
 from nexus.core.follower import KeyringFollower
 from nexus.core.keymanager import KeyManager
@@ -62,6 +62,7 @@ class StatusReport:
     next_rotation: float | None = None
     nodes: tuple[NodeRecord, ...] = ()
     this_node: str = ""
+    node_lease: float = NODE_LEASE
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,7 @@ class Node:
             next_rotation=self.scheduler.next_rotation() if generation else None,
             nodes=tuple(self.nodes()),
             this_node=self.registry.name,
+            node_lease=self.registry.lease,
         )
 
     def close(self) -> None:

@@ -275,7 +275,7 @@ class ClusterNode(_message.Message):
     """A lifecycle state word (uninitialized, sealed, unsealed) or "stopped"."""
     root_key_generation: _builtins.int
     live: _builtins.bool
-    """Reported within the lease (10 s) and not stopped."""
+    """Reported within the lease (--node-lease-seconds) and not stopped."""
     version: _builtins.str
     @_builtins.property
     def generations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
