@@ -225,3 +225,17 @@ def test_key_manager_logs_no_password_or_key(tmp: Path) -> None:
     # Nothing secret in the data directory either.
     assert not find(files_under(tmp), byte_forms(root_key))
     assert not find(files_under(tmp), password_forms(TEST_PASSWORD) + password_forms(NEW_PASSWORD))
+
+
+def test_secret_values_stay_out_of_reprs() -> None:
+    """A repr ends up in tracebacks and logs: the objects that carry secret values show their
+    shape, never a value."""
+    from nexus.core.secrets import ImportEntry, SecretVersion
+
+    value = "s3cr3t-value-in-a-repr"
+    entry = ImportEntry(7, "apps/db", {"password": value})
+    version = SecretVersion("apps/db", 2, {"password": value}, 1.0)
+    for shown in (repr(entry), str(entry), repr(version), str(version), repr([entry])):
+        assert value not in shown
+        assert "apps/db" in shown
+    assert "line=7" in repr(entry) and "1 keys" in repr(entry)

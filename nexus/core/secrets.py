@@ -12,7 +12,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, TypeVar
 
 import structlog
@@ -97,6 +97,9 @@ class ImportEntry(NamedTuple):
     path: str
     data: Mapping[str, str]
 
+    def __repr__(self) -> str:  # never the values: a repr can end up in a traceback or a log
+        return f"ImportEntry(line={self.line}, path={self.path!r}, data=<{len(self.data)} keys>)"
+
 
 @dataclass(frozen=True)
 class ImportFailure:
@@ -128,7 +131,7 @@ class PathPage:
 class SecretVersion:
     path: str
     version: int
-    data: dict[str, str]
+    data: dict[str, str] = field(repr=False)  # never the values in a repr
     created: float
 
 
